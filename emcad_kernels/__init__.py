@@ -1,0 +1,21 @@
+"""emcad-kernels: fused multi-scale depthwise ops for EMCAD-style decoders.
+
+Public API:
+
+* ``multi_scale_dwconv``, ``upsample_dwconv``, ``grouped_attention_gate``: the fused ops (``functional.py``);
+* ``BatchNormParams``: BatchNorm state passed as explicit tensors;
+* ``use_backend``, ``available_backends``, ``registered_backends``, ``explain``: backend control
+  (``backends.py``; environment variable ``EMCAD_KERNELS_BACKEND``).
+"""
+
+from . import _reference_backend  # noqa: F401  (registers the reference backend)
+from .backends import (BackendUnavailableError, available_backends, registered_backends, use_backend)
+from .functional import (ACTIVATIONS, BatchNormParams, explain, grouped_attention_gate, multi_scale_dwconv,
+                         upsample_dwconv)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS", "BatchNormParams", "BackendUnavailableError", "available_backends", "explain",
+    "grouped_attention_gate", "multi_scale_dwconv", "registered_backends", "upsample_dwconv", "use_backend",
+]

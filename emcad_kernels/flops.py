@@ -1,0 +1,114 @@
+"""FLOP accounting for the fused ops, so fused models count what the plain ones count.
+
+* ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs = 2 × MACs, BatchNorm and activations not counted):
+  a formula is registered for every forward and backward op of every backend. The backward formula follows
+  ``aten.convolution_backward``: each convolution contributes its forward FLOPs once for the input gradient and
+  once for the weight gradient, when those are needed.
+* fvcore (which counts MACs, through TorchScript tracing): ``FVCORE_HANDLES`` maps op names to handles; pass it
+  as ``FlopCountAnalysis(model, inputs).set_op_handle(**FVCORE_HANDLES)``. Only convolution MACs are counted,
+  like fvcore does for the plain convolutions.
+
+The MAC formulas themselves (``msdc_macs`` & co.) are plain functions of shapes, shared by both counters.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch.utils.flop_counter import register_flop_formula
+
+
+def _prod(*xs: int) -> int:
+    out = 1
+    for v in xs:
+        out *= int(v)
+    return out
+
+
+def msdc_macs(x_shape: Sequence[int], weight_shapes: Sequence[Sequence[int]], out_hw: Sequence[int]) -> list[int]:
+    """MACs of each depthwise branch (one per weight)."""
+    n, c = x_shape[0], x_shape[1]
+    return [_prod(n, c, *out_hw, ws[-2], ws[-1]) for ws in weight_shapes]
+
+
+def updw_macs(x_shape: Sequence[int], weight_shape: Sequence[int], scale: int) -> int:
+    n, c, h, w = x_shape
+    return _prod(n, c, h * scale, w * scale, weight_shape[-2], weight_shape[-1])
+
+
+def lgag_macs(g_shape, x_shape, wg_shape, wx_shape, wpsi_shape) -> list[int]:
+    """MACs of (W_g conv, W_x conv, psi conv). Conv biases are not counted (as FlopCounterMode does)."""
+    n, _, h, w = x_shape
+    conv_g = _prod(n, h, w, *wg_shape)  # out_channels * (in/groups) * kh * kw per pixel
+    conv_x = _prod(n, h, w, *wx_shape)
+    conv_psi = _prod(n, h, w, *wpsi_shape)
+    return [conv_g, conv_x, conv_psi]
+
+
+# --------------------------------------------------------------------------------------------------
+# FlopCounterMode formulas (registered per backend op by library.py)
+# --------------------------------------------------------------------------------------------------
+def register_msdc(fwd_op, bwd_op) -> None:
+    @register_flop_formula(fwd_op._opoverload._overloadpacket)
+    def _fwd(x, weights, *args, out_shape=None, **kwargs):
+        return 2 * sum(msdc_macs(x, weights, out_shape[0][2:]))
+
+    @register_flop_formula(bwd_op._opoverload._overloadpacket)
+    def _bwd(grad, x, weights, *args, out_shape=None, **kwargs):
+        # grad has the forward output's shape; weight and input gradients each cost one forward
+        return 2 * 2 * sum(msdc_macs(x, weights, grad[2:]))
+
+
+def register_updw(fwd_op, bwd_op) -> None:
+    @register_flop_formula(fwd_op._opoverload._overloadpacket)
+    def _fwd(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale, out_shape=None,
+             **kwargs):
+        return 2 * updw_macs(x, weight, scale)
+
+    @register_flop_formula(bwd_op._opoverload._overloadpacket)
+    def _bwd(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, training, eps, mode, activation, scale,
+             out_shape=None, **kwargs):
+        return 2 * 2 * updw_macs(x, weight, scale)
+
+
+def register_lgag(fwd_op, bwd_op) -> None:
+    @register_flop_formula(fwd_op._opoverload._overloadpacket)
+    def _fwd(g, x, wg, bg, wx, bx, wpsi, *args, out_shape=None, **kwargs):
+        return 2 * sum(lgag_macs(g, x, wg, wx, wpsi))
+
+    @register_flop_formula(bwd_op._opoverload._overloadpacket)
+    def _bwd(grad, g, x, wg, bg, wx, bx, wpsi, *args, out_shape=None, **kwargs):
+        return 2 * 2 * sum(lgag_macs(g, x, wg, wx, wpsi))
+
+
+# --------------------------------------------------------------------------------------------------
+# fvcore handles (MACs)
+# --------------------------------------------------------------------------------------------------
+def _jit_shape(value):
+    return value.type().sizes()
+
+
+def _fv_msdc(inputs, outputs) -> int:
+    x = _jit_shape(inputs[0])
+    weights = [_jit_shape(v) for v in inputs[1].node().inputs()]
+    return sum(msdc_macs(x, weights, _jit_shape(outputs[0])[2:]))
+
+
+def _fv_updw(inputs, outputs) -> int:
+    x, w = _jit_shape(inputs[0]), _jit_shape(inputs[1])
+    scale = _jit_shape(outputs[0])[2] // x[2]
+    return updw_macs(x, w, scale)
+
+
+def _fv_lgag(inputs, outputs) -> int:
+    shapes = [_jit_shape(inputs[i]) for i in (0, 1, 2, 4, 6)]
+    return sum(lgag_macs(*shapes))
+
+
+def fvcore_handles(backends: Sequence[str]) -> dict:
+    handles = {}
+    for b in backends:
+        handles[f"emcad_kernels::msdc_fwd_{b}"] = _fv_msdc
+        handles[f"emcad_kernels::updw_fwd_{b}"] = _fv_updw
+        handles[f"emcad_kernels::lgag_fwd_{b}"] = _fv_lgag
+    return handles

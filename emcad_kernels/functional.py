@@ -1,0 +1,317 @@
+"""Public functional API of the fused ops.
+
+Each function validates its arguments (errors name the argument), picks a backend (``backends.py``), calls that
+backend's custom op (``library.py``) and, in training mode, updates the BatchNorm running statistics in place
+exactly like ``nn.BatchNorm2d`` (momentum, unbiased running variance). ``num_batches_tracked`` belongs to the
+module and is not touched here, as with ``torch.nn.functional.batch_norm``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends import OpCall
+
+ACTIVATIONS = ("relu", "relu6", "leakyrelu", "gelu", "hswish", "identity")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_KERNEL_SIZE = 9
+
+
+class BatchNormParams(NamedTuple):
+    """BatchNorm state as explicit tensors. ``weight``/``bias`` may be None (affine=False), the running
+    statistics may be None (track_running_stats=False: batch statistics are then always used)."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+
+    @classmethod
+    def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> "BatchNormParams":
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+BatchNormLike = Union[BatchNormParams, Sequence[Optional[Tensor]], torch.nn.modules.batchnorm._BatchNorm]
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checking
+# --------------------------------------------------------------------------------------------------
+def _check_tensor(name: str, t, dim: Optional[int] = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be a {dim}-D tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_input(name: str, x) -> Tensor:
+    _check_tensor(name, x, 4)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def _check_like(name: str, t: Tensor, x: Tensor, *, allow_fp32: bool = False) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+    if t.dtype != x.dtype and not (allow_fp32 and t.dtype == torch.float32):
+        extra = " (or float32)" if allow_fp32 else ""
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {x.dtype}{extra} like the input")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_depthwise_weight(name: str, w, channels: int, x: Tensor) -> int:
+    _check_tensor(name, w, 4)
+    _check_like(name, w, x)
+    c_out, c_in, kh, kw = w.shape
+    if c_out != channels or c_in != 1:
+        raise ValueError(f"{name} must have shape [{channels}, 1, k, k] for a depthwise conv over {channels} "
+                         f"channels, got {tuple(w.shape)}")
+    if kh != kw or kh % 2 == 0 or kh > MAX_KERNEL_SIZE:
+        raise ValueError(f"{name} must have a square odd kernel size <= {MAX_KERNEL_SIZE}, got {kh}x{kw}")
+    return kh
+
+
+def _bn_tensors(name: str, bn: BatchNormLike, channels: int, x: Tensor, training: bool):
+    """Normalises a BatchNorm argument to (weight, bias, mean, var, running_mean, running_var, use_batch_stats)."""
+    if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+        bn = BatchNormParams.from_module(bn)
+    if not isinstance(bn, (tuple, list)) or len(bn) != 4:
+        raise TypeError(f"{name} must be BatchNormParams(weight, bias, running_mean, running_var), "
+                        f"a 4-sequence of tensors, or an nn.BatchNorm2d")
+    weight, bias, running_mean, running_var = bn
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{name}: running_mean and running_var must both be given or both be None")
+    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    parts = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    for part, t in parts.items():
+        if t is not None:
+            _check_tensor(f"{name}.{part}", t, 1)
+            if t.numel() != channels:
+                raise ValueError(f"{name}.{part} has {t.numel()} elements, expected {channels} (the channels)")
+            _check_like(f"{name}.{part}", t, x, allow_fp32=True)
+    if weight is None:
+        weight = torch.ones(channels, dtype=stat_dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(channels, dtype=stat_dtype, device=x.device)
+    use_batch_stats = training or running_mean is None
+    mean = running_mean if running_mean is not None else torch.zeros(channels, dtype=stat_dtype, device=x.device)
+    var = running_var if running_var is not None else torch.ones(channels, dtype=stat_dtype, device=x.device)
+    return weight, bias, mean, var, running_mean, running_var, use_batch_stats
+
+
+def _check_batch_stats_count(count: int, name: str) -> None:
+    if count <= 1:
+        raise ValueError(f"{name}: training-mode BatchNorm needs more than 1 value per channel "
+                         f"(batch × height × width = {count})")
+
+
+def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
+                          var: Tensor, count: int, momentum: float) -> None:
+    """nn.BatchNorm2d's update: exponential average of the mean and of the *unbiased* variance."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        unbiased = var * (count / (count - 1))
+        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def _out_size(size: int, k: int, stride: int) -> int:
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# multi_scale_dwconv
+# --------------------------------------------------------------------------------------------------
+def multi_scale_dwconv(x: Tensor, weights: Sequence[Tensor], bn: Sequence[BatchNormLike], *,
+                       activation: str = "relu6", combine: str = "sum", shuffle_groups: Optional[int] = None,
+                       stride: int = 1, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                       backend: Optional[str] = None) -> Tensor:
+    """Parallel depthwise convolutions (MSDC of EMCAD's MSCB), fused.
+
+    For each weight ``w_i`` of shape ``[C, 1, k_i, k_i]`` (odd ``k_i <= 9``, padding ``k_i // 2``):
+    ``a_i = act(BN_i(dwconv(x, w_i, stride)))``. The branches are summed (``combine="sum"``) or concatenated
+    along channels (``"concat"``), then channel-shuffled with ``shuffle_groups`` groups (ShuffleNet order) if
+    given. ``bn[i]`` is the BatchNorm of branch ``i``. Returns a tensor in ``x``'s memory format.
+    """
+    _check_input("x", x)
+    n, c, h, w = x.shape
+    weights = list(weights)
+    bn = list(bn)
+    if len(weights) == 0:
+        raise ValueError("weights must hold at least one depthwise kernel")
+    if len(bn) != len(weights):
+        raise ValueError(f"bn must hold one BatchNorm per branch: got {len(bn)} for {len(weights)} weights")
+    kernel_sizes = tuple(_check_depthwise_weight(f"weights[{i}]", wt, c, x) for i, wt in enumerate(weights))
+    _check_activation(activation)
+    if combine not in ("sum", "concat"):
+        raise ValueError(f"combine must be 'sum' or 'concat', got {combine!r}")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    out_channels = c * len(weights) if combine == "concat" else c
+    if shuffle_groups is not None and (shuffle_groups < 1 or out_channels % shuffle_groups):
+        raise ValueError(f"shuffle_groups must divide the {out_channels} output channels, got {shuffle_groups}")
+    ho, wo = _out_size(h, max(kernel_sizes), stride), _out_size(w, max(kernel_sizes), stride)
+
+    bns = [_bn_tensors(f"bn[{i}]", b, c, x, training) for i, b in enumerate(bn)]
+    use_batch_stats = bns[0][6]
+    if any(b[6] != use_batch_stats for b in bns):
+        raise ValueError("bn: either all branches track running statistics or none does")
+    count = n * ho * wo
+    if use_batch_stats:
+        _check_batch_stats_count(count, "bn")
+
+    call = OpCall("multi_scale_dwconv", x.device.type, x.dtype, activation, kernel_sizes, stride)
+    ops = backends.select(call, backend).ops
+    y, batch_mean, batch_var = ops.msdc(
+        x, weights, torch.stack([b[0] for b in bns]), torch.stack([b[1] for b in bns]),
+        torch.stack([b[2] for b in bns]), torch.stack([b[3] for b in bns]), use_batch_stats, float(eps), activation,
+        combine == "concat", int(shuffle_groups or 0), stride)
+    if training:
+        for i, b in enumerate(bns):
+            _update_running_stats(b[4], b[5], batch_mean[i], batch_var[i], count, momentum)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# upsample_dwconv
+# --------------------------------------------------------------------------------------------------
+def upsample_dwconv(x: Tensor, weight: Tensor, bn: BatchNormLike, *, scale: int = 2, mode: str = "nearest",
+                    activation: str = "relu", training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                    backend: Optional[str] = None) -> Tensor:
+    """Upsampling by ``scale`` then a depthwise conv (padding k//2, no bias), BatchNorm and activation: EUCB's
+    ``up_dwc``. Semantics are exactly ``nn.Upsample(scale_factor=scale, mode=mode)`` (``align_corners=False``
+    for bilinear) followed by ``nn.Conv2d(C, C, k, padding=k//2, groups=C, bias=False)``. Fused backends never
+    build the upsampled tensor."""
+    _check_input("x", x)
+    n, c, h, w = x.shape
+    k = _check_depthwise_weight("weight", weight, c, x)
+    if mode not in ("nearest", "bilinear"):
+        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    _check_activation(activation)
+    bw, bb, mean, var, rm, rv, use_batch_stats = _bn_tensors("bn", bn, c, x, training)
+    count = n * h * w * scale * scale
+    if use_batch_stats:
+        _check_batch_stats_count(count, "bn")
+    call = OpCall("upsample_dwconv", x.device.type, x.dtype, activation, (k,), 1, mode, scale)
+    ops = backends.select(call, backend).ops
+    y, batch_mean, batch_var = ops.updw(x, weight, bw, bb, mean, var, use_batch_stats, float(eps), mode, activation,
+                                        scale)
+    if training:
+        _update_running_stats(rm, rv, batch_mean, batch_var, count, momentum)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# grouped_attention_gate
+# --------------------------------------------------------------------------------------------------
+def grouped_attention_gate(g: Tensor, x: Tensor, wg: Tensor, bg: Optional[Tensor], bn_g: BatchNormLike,
+                           wx: Tensor, bx: Optional[Tensor], bn_x: BatchNormLike, wpsi: Tensor,
+                           bpsi: Optional[Tensor], bn_psi: BatchNormLike, *, groups: int,
+                           add_gate_input: bool = False, activation: str = "relu", training: bool = False,
+                           momentum: float = 0.1, eps: float = 1e-5, backend: Optional[str] = None) -> Tensor:
+    """EMCAD's large-kernel grouped attention gate (LGAG).
+
+    ``psi = sigmoid(BN_psi(conv1x1(act(BN_g(gconv(g)) + BN_x(gconv(x))))))`` and returns ``x * psi``, or
+    ``g + x * psi`` with ``add_gate_input=True`` (EMCAD's aggregation). ``wg``/``wx`` are grouped ``k×k`` conv
+    weights (padding k//2) with ``groups`` groups, ``wpsi`` is ``[1, F_int, 1, 1]``.
+    """
+    _check_input("g", g)
+    _check_input("x", x)
+    _check_like("g", g, x)
+    if g.shape[0] != x.shape[0] or g.shape[2:] != x.shape[2:]:
+        raise ValueError(f"g and x must have the same batch and spatial size, got {tuple(g.shape)} and "
+                         f"{tuple(x.shape)}")
+    if add_gate_input and g.shape[1] != x.shape[1]:
+        raise ValueError(f"add_gate_input needs g and x with equal channels, got {g.shape[1]} and {x.shape[1]}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    _check_activation(activation)
+    n, _, h, w = x.shape
+    f_int = None
+    for name, wt, inp in (("wg", wg, g), ("wx", wx, x)):
+        _check_tensor(name, wt, 4)
+        _check_like(name, wt, x)
+        cin = inp.shape[1]
+        if cin % groups or wt.shape[0] % groups:
+            raise ValueError(f"groups={groups} must divide the input channels ({cin}) and the output channels "
+                             f"({wt.shape[0]}) of {name}")
+        if wt.shape[1] != cin // groups:
+            raise ValueError(f"{name} must have shape [F_int, {cin // groups}, k, k] for {cin} input channels in "
+                             f"{groups} groups, got {tuple(wt.shape)}")
+        if wt.shape[2] != wt.shape[3] or wt.shape[2] % 2 == 0:
+            raise ValueError(f"{name} must have a square odd kernel, got {wt.shape[2]}x{wt.shape[3]}")
+        f_int = wt.shape[0] if f_int is None else f_int
+    if wx.shape[0] != f_int or wx.shape[2] != wg.shape[2]:
+        raise ValueError(f"wg and wx must have the same number of output channels and kernel size, got "
+                         f"{tuple(wg.shape)} and {tuple(wx.shape)}")
+    _check_tensor("wpsi", wpsi, 4)
+    _check_like("wpsi", wpsi, x)
+    if tuple(wpsi.shape) != (1, f_int, 1, 1):
+        raise ValueError(f"wpsi must have shape [1, {f_int}, 1, 1], got {tuple(wpsi.shape)}")
+    biases = []
+    for name, b, size in (("bg", bg, f_int), ("bx", bx, f_int), ("bpsi", bpsi, 1)):
+        if b is None:
+            b = torch.zeros(size, dtype=x.dtype, device=x.device)
+        _check_tensor(name, b, 1)
+        _check_like(name, b, x)
+        if b.numel() != size:
+            raise ValueError(f"{name} must have {size} elements, got {b.numel()}")
+        biases.append(b)
+    norm_g = _bn_tensors("bn_g", bn_g, f_int, x, training)
+    norm_x = _bn_tensors("bn_x", bn_x, f_int, x, training)
+    norm_psi = _bn_tensors("bn_psi", bn_psi, 1, x, training)
+    use_batch_stats = norm_g[6]
+    if norm_x[6] != use_batch_stats or norm_psi[6] != use_batch_stats:
+        raise ValueError("bn_g, bn_x, bn_psi: either all track running statistics or none does")
+    count = n * h * w
+    if use_batch_stats:
+        _check_batch_stats_count(count, "bn_g")
+
+    call = OpCall("grouped_attention_gate", x.device.type, x.dtype, activation, (wg.shape[-1],), 1, groups=groups)
+    ops = backends.select(call, backend).ops
+    out, *stats = ops.lgag(g, x, wg, biases[0], wx, biases[1], wpsi, biases[2], *norm_g[:4], *norm_x[:4],
+                           *norm_psi[:4], use_batch_stats, float(eps), groups, activation, bool(add_gate_input))
+    if training:
+        for i, norm in enumerate((norm_g, norm_x, norm_psi)):
+            _update_running_stats(norm[4], norm[5], stats[2 * i], stats[2 * i + 1], count, momentum)
+    return out
+
+
+def explain(op: str, *args, backend: Optional[str] = None, **kwargs) -> str:
+    """Which backend runs ``op(*args, **kwargs)`` and why the others would not. Nothing is computed."""
+    fn = {"multi_scale_dwconv": multi_scale_dwconv, "upsample_dwconv": upsample_dwconv,
+          "grouped_attention_gate": grouped_attention_gate}.get(op)
+    if fn is None:
+        raise ValueError(f"op must be one of {backends.OPS}, got {op!r}")
+    captured = {}
+
+    class _Captured(Exception):
+        pass
+
+    original = backends.select
+
+    def capture(call, explicit=None):
+        captured["call"] = call
+        raise _Captured
+
+    backends.select = capture
+    try:
+        fn(*args, backend=backend, **kwargs)
+    except _Captured:
+        pass
+    finally:
+        backends.select = original
+    return backends.explain_call(captured["call"], backend)

@@ -1,0 +1,237 @@
+"""torch.library registration of the fused ops, one op set per backend.
+
+Each backend supplies plain forward/backward functions with the *kernel interface* below; ``define_op_set``
+wraps them into ``torch.library.custom_op``s named ``emcad_kernels::<op>_fwd_<backend>`` and
+``emcad_kernels::<op>_bwd_<backend>``, with fake (meta) implementations for ``torch.compile``, autograd
+(the backward is itself an op, so it is opaque to the compiler too) and FLOP formulas (``flops.py``).
+
+Kernel interface (all backends implement exactly this; BatchNorm arrives as explicit tensors):
+
+``msdc_fwd(x, weights[nb], bn_weight[nb,C], bn_bias[nb,C], mean[nb,C], var[nb,C], training, eps, activation,
+concat, shuffle_groups, stride) -> (y, save_mean[nb,C], save_var[nb,C])``
+    ``training`` means "normalise with batch statistics" (``mean``/``var`` are then ignored); the returned
+    statistics are the ones used (batch statistics with the *biased* variance, or copies of the inputs).
+    ``shuffle_groups == 0`` means no shuffle.
+``updw_fwd(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale)
+-> (y, save_mean, save_var)``
+``lgag_fwd(g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g(4), bn_x(4), bn_psi(4), training, eps, groups, activation,
+add_gate_input) -> (out, mean_g, var_g, mean_x, var_x, mean_psi, var_psi)``
+
+The backward functions receive the upstream gradient, the inputs and the saved statistics, and return the
+gradients of every differentiable input (see ``reference.py`` for the exact signatures). Outputs always have
+the memory format of the input (``reference.output_memory_format``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import flops
+from .reference import output_memory_format, stats_dtype
+
+NAMESPACE = "emcad_kernels"
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The custom ops of one backend, called by ``functional.py``."""
+
+    msdc: Callable
+    updw: Callable
+    lgag: Callable
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Plain Python callables implementing the kernel interface for one backend."""
+
+    msdc_forward: Callable
+    msdc_backward: Callable
+    updw_forward: Callable
+    updw_backward: Callable
+    lgag_forward: Callable
+    lgag_backward: Callable
+
+
+def _empty_like_out(x: Tensor, shape) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+def _stats_like(x: Tensor, *shape: int) -> Tensor:
+    return x.new_empty(shape, dtype=stats_dtype(x.dtype))
+
+
+def _conv_out(size: int, k: int, stride: int) -> int:
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
+def define_op_set(backend: str, kernels: Kernels, device_types: Optional[Sequence[str]] = None) -> OpSet:
+    return OpSet(
+        msdc=_define_msdc(backend, kernels, device_types),
+        updw=_define_updw(backend, kernels, device_types),
+        lgag=_define_lgag(backend, kernels, device_types),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# multi_scale_dwconv
+# --------------------------------------------------------------------------------------------------
+def _define_msdc(backend: str, k: Kernels, device_types):
+    @torch.library.custom_op(f"{NAMESPACE}::msdc_fwd_{backend}", mutates_args=(), device_types=device_types)
+    def msdc_fwd(x: Tensor, weights: list[Tensor], bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var: Tensor,
+                 training: bool, eps: float, activation: str, concat: bool, shuffle_groups: int,
+                 stride: int) -> tuple[Tensor, Tensor, Tensor]:
+        return k.msdc_forward(x, list(weights), bn_weight, bn_bias, mean, var, training, eps, activation, concat,
+                              shuffle_groups, stride)
+
+    @msdc_fwd.register_fake
+    def _(x, weights, bn_weight, bn_bias, mean, var, training, eps, activation, concat, shuffle_groups, stride):
+        n, c, h, w = x.shape
+        kmax = max(wt.shape[-1] for wt in weights)
+        ho, wo = _conv_out(h, kmax, stride), _conv_out(w, kmax, stride)
+        nb = len(weights)
+        return (_empty_like_out(x, (n, c * nb if concat else c, ho, wo)), _stats_like(x, nb, c),
+                _stats_like(x, nb, c))
+
+    @torch.library.custom_op(f"{NAMESPACE}::msdc_bwd_{backend}", mutates_args=(), device_types=device_types)
+    def msdc_bwd(grad: Tensor, x: Tensor, weights: list[Tensor], bn_weight: Tensor, bn_bias: Tensor,
+                 save_mean: Tensor, save_var: Tensor, training: bool, eps: float, activation: str, concat: bool,
+                 shuffle_groups: int, stride: int) -> list[Tensor]:
+        gx, gws, gbw, gbb = k.msdc_backward(grad, x, list(weights), bn_weight, bn_bias, save_mean, save_var,
+                                            training, eps, activation, concat, shuffle_groups, stride)
+        return [gx, gbw, gbb, *gws]
+
+    @msdc_bwd.register_fake
+    def _(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, training, eps, activation, concat,
+          shuffle_groups, stride):
+        return [_empty_like_out(x, x.shape), torch.empty_like(bn_weight), torch.empty_like(bn_bias),
+                *(torch.empty_like(w) for w in weights)]
+
+    def setup_context(ctx, inputs, output):
+        x, weights, bn_weight, bn_bias, mean, var, training, eps, activation, concat, shuffle_groups, stride = inputs
+        _, save_mean, save_var = output
+        ctx.save_for_backward(x, bn_weight, bn_bias, save_mean, save_var, *weights)
+        ctx.config = (training, eps, activation, concat, shuffle_groups, stride)
+        ctx.mark_non_differentiable(save_mean, save_var)
+
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        x, bn_weight, bn_bias, save_mean, save_var, *weights = ctx.saved_tensors
+        # kernels want a dense gradient in the output's layout (autograd may hand over expanded views)
+        grad = grad.contiguous(memory_format=output_memory_format(x))
+        gx, gbw, gbb, *gws = msdc_bwd(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, *ctx.config)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, gws if need[1] else None, gbw if need[2] else None,
+                gbb if need[3] else None, None, None, None, None, None, None, None, None)
+
+    msdc_fwd.register_autograd(backward, setup_context=setup_context)
+    flops.register_msdc(msdc_fwd, msdc_bwd)
+    return msdc_fwd
+
+
+# --------------------------------------------------------------------------------------------------
+# upsample_dwconv
+# --------------------------------------------------------------------------------------------------
+def _define_updw(backend: str, k: Kernels, device_types):
+    @torch.library.custom_op(f"{NAMESPACE}::updw_fwd_{backend}", mutates_args=(), device_types=device_types)
+    def updw_fwd(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var: Tensor,
+                 training: bool, eps: float, mode: str, activation: str, scale: int) -> tuple[Tensor, Tensor, Tensor]:
+        return k.updw_forward(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale)
+
+    @updw_fwd.register_fake
+    def _(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale):
+        n, c, h, w = x.shape
+        return _empty_like_out(x, (n, c, h * scale, w * scale)), _stats_like(x, c), _stats_like(x, c)
+
+    @torch.library.custom_op(f"{NAMESPACE}::updw_bwd_{backend}", mutates_args=(), device_types=device_types)
+    def updw_bwd(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, save_mean: Tensor,
+                 save_var: Tensor, training: bool, eps: float, mode: str, activation: str,
+                 scale: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return k.updw_backward(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, training, eps, mode,
+                               activation, scale)
+
+    @updw_bwd.register_fake
+    def _(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, training, eps, mode, activation, scale):
+        return (_empty_like_out(x, x.shape), torch.empty_like(weight), torch.empty_like(bn_weight),
+                torch.empty_like(bn_bias))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale = inputs
+        _, save_mean, save_var = output
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, save_mean, save_var)
+        ctx.config = (training, eps, mode, activation, scale)
+        ctx.mark_non_differentiable(save_mean, save_var)
+
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        x, weight, bn_weight, bn_bias, save_mean, save_var = ctx.saved_tensors
+        gx, gw, gbw, gbb = updw_bwd(grad.contiguous(memory_format=output_memory_format(x)), x, weight, bn_weight,
+                                    bn_bias, save_mean, save_var, *ctx.config)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, gw if need[1] else None, gbw if need[2] else None,
+                gbb if need[3] else None) + (None,) * 7
+
+    updw_fwd.register_autograd(backward, setup_context=setup_context)
+    flops.register_updw(updw_fwd, updw_bwd)
+    return updw_fwd
+
+
+# --------------------------------------------------------------------------------------------------
+# grouped_attention_gate
+# --------------------------------------------------------------------------------------------------
+def _define_lgag(backend: str, k: Kernels, device_types):
+    @torch.library.custom_op(f"{NAMESPACE}::lgag_fwd_{backend}", mutates_args=(), device_types=device_types)
+    def lgag_fwd(g: Tensor, x: Tensor, wg: Tensor, bg: Tensor, wx: Tensor, bx: Tensor, wpsi: Tensor, bpsi: Tensor,
+                 bn_g_weight: Tensor, bn_g_bias: Tensor, mean_g: Tensor, var_g: Tensor,
+                 bn_x_weight: Tensor, bn_x_bias: Tensor, mean_x: Tensor, var_x: Tensor,
+                 bn_psi_weight: Tensor, bn_psi_bias: Tensor, mean_psi: Tensor, var_psi: Tensor,
+                 training: bool, eps: float, groups: int, activation: str,
+                 add_gate_input: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return k.lgag_forward(g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, mean_g, var_g, bn_x_weight,
+                              bn_x_bias, mean_x, var_x, bn_psi_weight, bn_psi_bias, mean_psi, var_psi, training, eps,
+                              groups, activation, add_gate_input)
+
+    @lgag_fwd.register_fake
+    def _(g, x, wg, bg, wx, bx, wpsi, bpsi, *rest):
+        f_int = wg.shape[0]
+        return (_empty_like_out(x, x.shape), _stats_like(x, f_int), _stats_like(x, f_int), _stats_like(x, f_int),
+                _stats_like(x, f_int), _stats_like(x, 1), _stats_like(x, 1))
+
+    @torch.library.custom_op(f"{NAMESPACE}::lgag_bwd_{backend}", mutates_args=(), device_types=device_types)
+    def lgag_bwd(grad: Tensor, g: Tensor, x: Tensor, wg: Tensor, bg: Tensor, wx: Tensor, bx: Tensor, wpsi: Tensor,
+                 bpsi: Tensor, bn_g_weight: Tensor, bn_g_bias: Tensor, bn_x_weight: Tensor, bn_x_bias: Tensor,
+                 bn_psi_weight: Tensor, bn_psi_bias: Tensor, save_stats: list[Tensor], training: bool, eps: float,
+                 groups: int, activation: str, add_gate_input: bool) -> list[Tensor]:
+        return list(k.lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, bn_x_weight,
+                                    bn_x_bias, bn_psi_weight, bn_psi_bias, list(save_stats), training, eps, groups,
+                                    activation, add_gate_input))
+
+    @lgag_bwd.register_fake
+    def _(grad, g, x, *params_and_rest):
+        params = params_and_rest[:12]
+        return [_empty_like_out(g, g.shape), _empty_like_out(x, x.shape), *(torch.empty_like(p) for p in params)]
+
+    # positions of differentiable inputs of lgag_fwd and of the matching entries of lgag_bwd's result
+    diff_inputs = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 17)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in diff_inputs), *output[1:])
+        ctx.config = inputs[20:]
+        ctx.mark_non_differentiable(*output[1:])
+
+    def backward(ctx, grad, *_grad_stats):
+        saved = ctx.saved_tensors
+        params, stats = saved[:14], list(saved[14:])
+        grad = grad.contiguous(memory_format=output_memory_format(params[1]))
+        grads = lgag_bwd(grad, *params, stats, *ctx.config)
+        result = [None] * 25
+        for slot, gr in zip(diff_inputs, grads):
+            if ctx.needs_input_grad[slot]:
+                result[slot] = gr
+        return tuple(result)
+
+    lgag_fwd.register_autograd(backward, setup_context=setup_context)
+    flops.register_lgag(lgag_fwd, lgag_bwd)
+    return lgag_fwd
