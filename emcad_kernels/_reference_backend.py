@@ -19,4 +19,4 @@ def _supports_everything(call: OpCall) -> list[str]:
 
 register_backend(Backend(
     name="reference", priority=0, load=lambda: define_op_set("reference", REFERENCE_KERNELS),
-    check=_supports_everything, description="pure PyTorch compositions (oracle and fallback)"))
+    check=_supports_everything, description="pure PyTorch compositions (oracle and fallback)"), load_now=True)

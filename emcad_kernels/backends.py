@@ -88,10 +88,15 @@ _REGISTRY: dict[str, Backend] = {}
 _forced: list[str] = []
 
 
-def register_backend(backend: Backend) -> None:
+def register_backend(backend: Backend, *, load_now: bool = False) -> None:
+    """Adds a backend. ``load_now`` loads it immediately; do that when loading is cheap, because
+    ``FlopCounterMode`` copies the FLOP-formula registry when it is created, so ops defined later are not counted
+    by counters that already exist."""
     if backend.name in _REGISTRY:
         raise ValueError(f"backend {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
+    if load_now:
+        backend.unavailable_reason()
 
 
 def registered_backends() -> list[str]:

@@ -1,9 +1,10 @@
 """FLOP accounting for the fused ops, so fused models count what the plain ones count.
 
 * ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs = 2 × MACs, BatchNorm and activations not counted):
-  a formula is registered for every forward and backward op of every backend. The backward formula follows
-  ``aten.convolution_backward``: each convolution contributes its forward FLOPs once for the input gradient and
-  once for the weight gradient, when those are needed.
+  a formula is registered for every forward and backward op of every backend. Both delegate to torch's own
+  convolution formulas for the convolutions the op fuses, so fused and plain modules count the same, in forward
+  and in backward (assuming, as in training, that input and weight gradients are both needed). Note that
+  FlopCounterMode copies the formula registry when it is created: ops of a backend loaded later are not seen.
 * fvcore (which counts MACs, through TorchScript tracing): ``FVCORE_HANDLES`` maps op names to handles; pass it
   as ``FlopCountAnalysis(model, inputs).set_op_handle(**FVCORE_HANDLES)``. Only convolution MACs are counted,
   like fvcore does for the plain convolutions.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import conv_backward_flop, conv_flop_count, register_flop_formula
 
 
 def _prod(*xs: int) -> int:
@@ -48,37 +49,73 @@ def lgag_macs(g_shape, x_shape, wg_shape, wx_shape, wpsi_shape) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # FlopCounterMode formulas (registered per backend op by library.py)
 # --------------------------------------------------------------------------------------------------
+def _conv_fwd(x_shape, w_shape, out_shape) -> int:
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
+
+
+def _conv_bwd(x_shape, w_shape, out_shape, stride, groups) -> int:
+    """What FlopCounterMode counts for the ``aten.convolution_backward`` of the plain module (input and weight
+    gradients), computed by torch's own formula so that fused and plain counts agree exactly."""
+    k = w_shape[-1]
+    return conv_backward_flop(list(out_shape), list(x_shape), list(w_shape), None, [stride] * 2, [k // 2] * 2,
+                              [1, 1], False, [0, 0], groups, [True, True, False],
+                              out_val=(list(x_shape), list(w_shape), None))
+
+
+def _out_hw(size: Sequence[int], k: int, stride: int) -> list[int]:
+    return [(s + 2 * (k // 2) - k) // stride + 1 for s in size]
+
+
+def _msdc_convs(x, weights, stride):
+    """(input shape, weight shape, output shape) of every depthwise branch."""
+    return [(x, w, [x[0], x[1], *_out_hw(x[2:], w[-1], stride)]) for w in weights]
+
+
 def register_msdc(fwd_op, bwd_op) -> None:
     @register_flop_formula(fwd_op._opoverload._overloadpacket)
-    def _fwd(x, weights, *args, out_shape=None, **kwargs):
-        return 2 * sum(msdc_macs(x, weights, out_shape[0][2:]))
+    def _fwd(x, weights, bn_weight, bn_bias, mean, var, training, eps, activation, concat, shuffle_groups, stride,
+             out_shape=None, **kwargs):
+        return sum(_conv_fwd(*conv) for conv in _msdc_convs(x, weights, stride))
 
     @register_flop_formula(bwd_op._opoverload._overloadpacket)
-    def _bwd(grad, x, weights, *args, out_shape=None, **kwargs):
-        # grad has the forward output's shape; weight and input gradients each cost one forward
-        return 2 * 2 * sum(msdc_macs(x, weights, grad[2:]))
+    def _bwd(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, training, eps, activation, concat,
+             shuffle_groups, stride, out_shape=None, **kwargs):
+        return sum(_conv_bwd(*conv, stride, x[1]) for conv in _msdc_convs(x, weights, stride))
+
+
+def _updw_conv(x, weight, scale):
+    up = [x[0], x[1], x[2] * scale, x[3] * scale]
+    return up, weight, up
 
 
 def register_updw(fwd_op, bwd_op) -> None:
     @register_flop_formula(fwd_op._opoverload._overloadpacket)
     def _fwd(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale, out_shape=None,
              **kwargs):
-        return 2 * updw_macs(x, weight, scale)
+        return _conv_fwd(*_updw_conv(x, weight, scale))
 
     @register_flop_formula(bwd_op._opoverload._overloadpacket)
     def _bwd(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, training, eps, mode, activation, scale,
              out_shape=None, **kwargs):
-        return 2 * 2 * updw_macs(x, weight, scale)
+        return _conv_bwd(*_updw_conv(x, weight, scale), 1, x[1])
+
+
+def _lgag_convs(g, x, wg, wx, wpsi):
+    """(input, weight, output, groups) of the W_g, W_x and psi convolutions."""
+    n, _, h, w = x
+    f_int = wg[0]
+    return [(g, wg, [n, f_int, h, w], g[1] // wg[1]), (x, wx, [n, f_int, h, w], x[1] // wx[1]),
+            ([n, f_int, h, w], wpsi, [n, 1, h, w], 1)]
 
 
 def register_lgag(fwd_op, bwd_op) -> None:
     @register_flop_formula(fwd_op._opoverload._overloadpacket)
     def _fwd(g, x, wg, bg, wx, bx, wpsi, *args, out_shape=None, **kwargs):
-        return 2 * sum(lgag_macs(g, x, wg, wx, wpsi))
+        return sum(_conv_fwd(i, w, o) for i, w, o, _ in _lgag_convs(g, x, wg, wx, wpsi))
 
     @register_flop_formula(bwd_op._opoverload._overloadpacket)
     def _bwd(grad, g, x, wg, bg, wx, bx, wpsi, *args, out_shape=None, **kwargs):
-        return 2 * 2 * sum(lgag_macs(g, x, wg, wx, wpsi))
+        return sum(_conv_bwd(i, w, o, 1, groups) for i, w, o, groups in _lgag_convs(g, x, wg, wx, wpsi))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ module and is not touched here, as with ``torch.nn.functional.batch_norm``.
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -144,6 +145,15 @@ def multi_scale_dwconv(x: Tensor, weights: Sequence[Tensor], bn: Sequence[BatchN
     along channels (``"concat"``), then channel-shuffled with ``shuffle_groups`` groups (ShuffleNet order) if
     given. ``bn[i]`` is the BatchNorm of branch ``i``. Returns a tensor in ``x``'s memory format.
     """
+    call, args, update = _prepare_msdc(x, weights, bn, activation, combine, shuffle_groups, stride, training, eps)
+    y, batch_mean, batch_var = backends.select(call, backend).ops.msdc(*args)
+    if training:
+        update(batch_mean, batch_var, momentum)
+    return y
+
+
+def _prepare_msdc(x, weights, bn, activation, combine, shuffle_groups, stride, training, eps):
+    """Validates a multi_scale_dwconv call; returns (OpCall, op arguments, running-stats updater)."""
     _check_input("x", x)
     n, c, h, w = x.shape
     weights = list(weights)
@@ -172,15 +182,15 @@ def multi_scale_dwconv(x: Tensor, weights: Sequence[Tensor], bn: Sequence[BatchN
         _check_batch_stats_count(count, "bn")
 
     call = OpCall("multi_scale_dwconv", x.device.type, x.dtype, activation, kernel_sizes, stride)
-    ops = backends.select(call, backend).ops
-    y, batch_mean, batch_var = ops.msdc(
-        x, weights, torch.stack([b[0] for b in bns]), torch.stack([b[1] for b in bns]),
-        torch.stack([b[2] for b in bns]), torch.stack([b[3] for b in bns]), use_batch_stats, float(eps), activation,
-        combine == "concat", int(shuffle_groups or 0), stride)
-    if training:
+    args = (x, weights, torch.stack([b[0] for b in bns]), torch.stack([b[1] for b in bns]),
+            torch.stack([b[2] for b in bns]), torch.stack([b[3] for b in bns]), use_batch_stats, float(eps),
+            activation, combine == "concat", int(shuffle_groups or 0), stride)
+
+    def update(batch_mean, batch_var, momentum):
         for i, b in enumerate(bns):
             _update_running_stats(b[4], b[5], batch_mean[i], batch_var[i], count, momentum)
-    return y
+
+    return call, args, update
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,6 +203,14 @@ def upsample_dwconv(x: Tensor, weight: Tensor, bn: BatchNormLike, *, scale: int 
     ``up_dwc``. Semantics are exactly ``nn.Upsample(scale_factor=scale, mode=mode)`` (``align_corners=False``
     for bilinear) followed by ``nn.Conv2d(C, C, k, padding=k//2, groups=C, bias=False)``. Fused backends never
     build the upsampled tensor."""
+    call, args, update = _prepare_updw(x, weight, bn, scale, mode, activation, training, eps)
+    y, batch_mean, batch_var = backends.select(call, backend).ops.updw(*args)
+    if training:
+        update(batch_mean, batch_var, momentum)
+    return y
+
+
+def _prepare_updw(x, weight, bn, scale, mode, activation, training, eps):
     _check_input("x", x)
     n, c, h, w = x.shape
     k = _check_depthwise_weight("weight", weight, c, x)
@@ -206,12 +224,12 @@ def upsample_dwconv(x: Tensor, weight: Tensor, bn: BatchNormLike, *, scale: int 
     if use_batch_stats:
         _check_batch_stats_count(count, "bn")
     call = OpCall("upsample_dwconv", x.device.type, x.dtype, activation, (k,), 1, mode, scale)
-    ops = backends.select(call, backend).ops
-    y, batch_mean, batch_var = ops.updw(x, weight, bw, bb, mean, var, use_batch_stats, float(eps), mode, activation,
-                                        scale)
-    if training:
+    args = (x, weight, bw, bb, mean, var, use_batch_stats, float(eps), mode, activation, scale)
+
+    def update(batch_mean, batch_var, momentum):
         _update_running_stats(rm, rv, batch_mean, batch_var, count, momentum)
-    return y
+
+    return call, args, update
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,6 +246,16 @@ def grouped_attention_gate(g: Tensor, x: Tensor, wg: Tensor, bg: Optional[Tensor
     ``g + x * psi`` with ``add_gate_input=True`` (EMCAD's aggregation). ``wg``/``wx`` are grouped ``k×k`` conv
     weights (padding k//2) with ``groups`` groups, ``wpsi`` is ``[1, F_int, 1, 1]``.
     """
+    call, args, update = _prepare_lgag(g, x, wg, bg, bn_g, wx, bx, bn_x, wpsi, bpsi, bn_psi, groups,
+                                       add_gate_input, activation, training, eps)
+    out, *stats = backends.select(call, backend).ops.lgag(*args)
+    if training:
+        update(stats, momentum)
+    return out
+
+
+def _prepare_lgag(g, x, wg, bg, bn_g, wx, bx, bn_x, wpsi, bpsi, bn_psi, groups, add_gate_input, activation,
+                  training, eps):
     _check_input("g", g)
     _check_input("x", x)
     _check_like("g", g, x)
@@ -281,37 +309,36 @@ def grouped_attention_gate(g: Tensor, x: Tensor, wg: Tensor, bg: Optional[Tensor
         _check_batch_stats_count(count, "bn_g")
 
     call = OpCall("grouped_attention_gate", x.device.type, x.dtype, activation, (wg.shape[-1],), 1, groups=groups)
-    ops = backends.select(call, backend).ops
-    out, *stats = ops.lgag(g, x, wg, biases[0], wx, biases[1], wpsi, biases[2], *norm_g[:4], *norm_x[:4],
-                           *norm_psi[:4], use_batch_stats, float(eps), groups, activation, bool(add_gate_input))
-    if training:
+    args = (g, x, wg, biases[0], wx, biases[1], wpsi, biases[2], *norm_g[:4], *norm_x[:4], *norm_psi[:4],
+            use_batch_stats, float(eps), groups, activation, bool(add_gate_input))
+
+    def update(stats, momentum):
         for i, norm in enumerate((norm_g, norm_x, norm_psi)):
             _update_running_stats(norm[4], norm[5], stats[2 * i], stats[2 * i + 1], count, momentum)
-    return out
+
+    return call, args, update
 
 
 def explain(op: str, *args, backend: Optional[str] = None, **kwargs) -> str:
-    """Which backend runs ``op(*args, **kwargs)`` and why the others would not. Nothing is computed."""
-    fn = {"multi_scale_dwconv": multi_scale_dwconv, "upsample_dwconv": upsample_dwconv,
-          "grouped_attention_gate": grouped_attention_gate}.get(op)
-    if fn is None:
-        raise ValueError(f"op must be one of {backends.OPS}, got {op!r}")
-    captured = {}
+    """Which backend would run ``op(*args, **kwargs)`` and why the others would not. Nothing is computed.
 
-    class _Captured(Exception):
-        pass
+    ``op`` is a function name of this module; the arguments are those of that function, e.g.
+    ``explain("multi_scale_dwconv", x, weights, bn, training=True)``.
+    """
+    if op not in _PREPARE:
+        raise ValueError(f"op must be one of {tuple(_PREPARE)}, got {op!r}")
+    fn, prepare = _PREPARE[op]
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    params = dict(bound.arguments)
+    params.pop("momentum", None)
+    params.pop("backend", None)
+    call = prepare(**params)[0]
+    return backends.explain_call(call, backend)
 
-    original = backends.select
 
-    def capture(call, explicit=None):
-        captured["call"] = call
-        raise _Captured
-
-    backends.select = capture
-    try:
-        fn(*args, backend=backend, **kwargs)
-    except _Captured:
-        pass
-    finally:
-        backends.select = original
-    return backends.explain_call(captured["call"], backend)
+_PREPARE = {
+    "multi_scale_dwconv": (multi_scale_dwconv, _prepare_msdc),
+    "upsample_dwconv": (upsample_dwconv, _prepare_updw),
+    "grouped_attention_gate": (grouped_attention_gate, _prepare_lgag),
+}

@@ -1,9 +1,11 @@
 """Pure-PyTorch reference backend: the test oracle and the universal fallback.
 
 Every function here takes the *kernel interface* arguments of one op (the same arguments every backend
-receives, see ``library.py``) and computes the result with ordinary PyTorch ops. The backward passes are
-``torch.func.vjp`` of the very same forward compositions, so the reference gradients are exactly the
-autograd gradients of the documented semantics.
+receives, see ``library.py``) and computes the result with ordinary PyTorch ops. The backward passes are written
+out with the aten backward ops and the BatchNorm backward formula (KERNELS.md §6.3): they recompute the forward
+from the saved input and statistics, which is the scheme every fused backend follows. (Autograd cannot be used
+inside a custom op's implementation: autograd dispatch keys are excluded there.) The tests check these
+gradients against autograd of the plain nn modules and with float64 ``gradcheck``.
 
 Low-precision inputs (fp16, bf16) are computed in fp32 and cast back on return; BatchNorm statistics are
 returned in fp32 for them (like ``nn.BatchNorm2d`` does internally).
@@ -11,7 +13,7 @@ returned in fp32 for them (like ``nn.BatchNorm2d`` does internally).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,56 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+def activate_backward(grad: Tensor, a: Tensor, activation: str) -> Tensor:
+    """Gradient through ``activate`` given its input ``a`` (PyTorch's conventions at the kinks)."""
+    if activation == "relu":
+        return grad * (a > 0)
+    if activation == "relu6":
+        return grad * ((a > 0) & (a < 6))
+    if activation == "leakyrelu":
+        return torch.where(a > 0, grad, grad * 0.2)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, a)
+    if activation == "hswish":
+        return torch.ops.aten.hardswish_backward(grad, a)
+    if activation == "identity":
+        return grad
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def batch_norm_backward(grad: Tensor, z: Tensor, weight: Tensor, mean: Tensor, var: Tensor, training: bool,
+                        eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad wrt the BN input z, grad weight, grad bias). In training mode the batch statistics depend
+    on z: dz = γ·r/M · (M·g − Σg − ẑ·Σ(g·ẑ)) with r = 1/sqrt(σ² + ε)."""
+    shape = (1, -1, 1, 1)
+    invstd = torch.rsqrt(var + eps)
+    zhat = (z - mean.view(shape)) * invstd.view(shape)
+    grad_bias = grad.sum((0, 2, 3))
+    grad_weight = (grad * zhat).sum((0, 2, 3))
+    scale = (weight * invstd).view(shape)
+    if training:
+        count = z.numel() // z.shape[1]
+        grad_z = scale * (grad - grad_bias.view(shape) / count - zhat * (grad_weight.view(shape) / count))
+    else:
+        grad_z = grad * scale
+    return grad_z, grad_weight, grad_bias
+
+
+def conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, groups: int,
+                  bias: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(grad input, grad weight, grad bias) of ``F.conv2d(inp, weight, bias, stride, k//2, 1, groups)``."""
+    k = weight.shape[-1]
+    return torch.ops.aten.convolution_backward(
+        grad, inp, weight, [weight.shape[0]] if bias else None, [stride, stride], [k // 2, k // 2], [1, 1], False,
+        [0, 0], groups, [True, True, bias])
+
+
+def channel_unshuffle(x: Tensor, groups: int) -> Tensor:
+    """Inverse of ``channel_shuffle``."""
+    n, c, h, w = x.shape
+    return x.view(n, c // groups, groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
 def _upcast(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return [t.to(dtype) for t in tensors]
 
@@ -81,6 +133,11 @@ def _finish(y: Tensor, x: Tensor) -> Tensor:
 
 def _stats(values: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     return torch.stack([v.to(stats_dtype(dtype)) for v in values]).contiguous()
+
+
+def _stat(value: Tensor, dtype: torch.dtype) -> Tensor:
+    # a copy: in eval mode the statistics are the op's own inputs, and custom-op outputs must not alias inputs
+    return value.to(stats_dtype(dtype), copy=True).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,24 +175,37 @@ def msdc_backward(grad: Tensor, x: Tensor, weights: list[Tensor], bn_weight: Ten
                   shuffle_groups: int, stride: int) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     dt = _compute_dtype(x)
     xs, bw, bb, sm, sv, g = _upcast([x, bn_weight, bn_bias, save_mean, save_var, grad], dt)
-
-    def f(x_, ws_, bw_, bb_):
-        return _msdc_math(x_, ws_, bw_, bb_, sm, sv, training, eps, activation, concat, shuffle_groups, stride)[0]
-
-    _, vjp = torch.func.vjp(f, xs, _upcast(weights, dt), bw, bb)
-    gx, gws, gbw, gbb = vjp(g)
-    return (gx.to(x.dtype).contiguous(memory_format=output_memory_format(x)),
-            [gw.to(w.dtype) for gw, w in zip(gws, weights)], gbw.to(bn_weight.dtype), gbb.to(bn_bias.dtype))
+    if shuffle_groups > 0:
+        g = channel_unshuffle(g, shuffle_groups)
+    channels = x.shape[1]
+    grad_x = torch.zeros_like(xs)
+    grad_ws, grad_bw, grad_bb = [], [], []
+    for i, w in enumerate(_upcast(weights, dt)):
+        z = F.conv2d(xs, w, None, stride, w.shape[-1] // 2, 1, channels)
+        a = batch_norm(z, bw[i], bb[i], sm[i], sv[i], False, eps)[0]
+        g_branch = g[:, i * channels:(i + 1) * channels] if concat else g
+        g_z, g_gamma, g_beta = batch_norm_backward(activate_backward(g_branch, a, activation), z, bw[i], sm[i], sv[i],
+                                                   training, eps)
+        g_x, g_w, _ = conv_backward(g_z, xs, w, stride, channels)
+        grad_x += g_x
+        grad_ws.append(g_w.to(weights[i].dtype))
+        grad_bw.append(g_gamma)
+        grad_bb.append(g_beta)
+    return (grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x)), grad_ws,
+            torch.stack(grad_bw).to(bn_weight.dtype), torch.stack(grad_bb).to(bn_bias.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
 # upsample + depthwise conv (EUCB front)
 # --------------------------------------------------------------------------------------------------
-def _updw_math(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale):
+def _upsample(x: Tensor, mode: str, scale: int) -> Tensor:
     if mode == "nearest":
-        u = F.interpolate(x, scale_factor=scale, mode="nearest")
-    else:
-        u = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        return F.interpolate(x, scale_factor=scale, mode="nearest")
+    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
+def _updw_math(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale):
+    u = _upsample(x, mode, scale)
     k = weight.shape[-1]
     z = F.conv2d(u, weight, None, 1, k // 2, 1, x.shape[1])
     a, m, v = batch_norm(z, bn_weight, bn_bias, mean, var, training, eps)
@@ -147,8 +217,7 @@ def updw_forward(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, 
     dt = _compute_dtype(x)
     xs, w, bw, bb, rm, rv = _upcast([x, weight, bn_weight, bn_bias, mean, var], dt)
     y, m, v = _updw_math(xs, w, bw, bb, rm, rv, training, eps, mode, activation, scale)
-    sd = stats_dtype(x.dtype)
-    return _finish(y, x), m.to(sd).contiguous(), v.to(sd).contiguous()
+    return _finish(y, x), _stat(m, x.dtype), _stat(v, x.dtype)
 
 
 def updw_backward(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, save_mean: Tensor,
@@ -156,14 +225,20 @@ def updw_backward(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, bn
                   scale: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dt = _compute_dtype(x)
     xs, w, bw, bb, sm, sv, g = _upcast([x, weight, bn_weight, bn_bias, save_mean, save_var, grad], dt)
-
-    def f(x_, w_, bw_, bb_):
-        return _updw_math(x_, w_, bw_, bb_, sm, sv, training, eps, mode, activation, scale)[0]
-
-    _, vjp = torch.func.vjp(f, xs, w, bw, bb)
-    gx, gw, gbw, gbb = vjp(g)
-    return (gx.to(x.dtype).contiguous(memory_format=output_memory_format(x)), gw.to(weight.dtype),
-            gbw.to(bn_weight.dtype), gbb.to(bn_bias.dtype))
+    u = _upsample(xs, mode, scale)
+    z = F.conv2d(u, w, None, 1, w.shape[-1] // 2, 1, x.shape[1])
+    a = batch_norm(z, bw, bb, sm, sv, False, eps)[0]
+    g_z, g_gamma, g_beta = batch_norm_backward(activate_backward(g, a, activation), z, bw, sm, sv, training, eps)
+    g_u, g_w, _ = conv_backward(g_z, u, w, 1, x.shape[1])
+    n, c, h, wd = x.shape
+    if mode == "nearest":
+        g_x = torch.ops.aten.upsample_nearest2d_backward(g_u, [h * scale, wd * scale], [n, c, h, wd], float(scale),
+                                                         float(scale))
+    else:
+        g_x = torch.ops.aten.upsample_bilinear2d_backward(g_u, [h * scale, wd * scale], [n, c, h, wd], False,
+                                                          float(scale), float(scale))
+    return (g_x.to(x.dtype).contiguous(memory_format=output_memory_format(x)), g_w.to(weight.dtype),
+            g_gamma.to(bn_weight.dtype), g_beta.to(bn_bias.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,8 +270,7 @@ def lgag_forward(g: Tensor, x: Tensor, wg: Tensor, bg: Tensor, wx: Tensor, bx: T
                  bn_psi_bias, mean_g, var_g, mean_x, var_x, mean_psi, var_psi], dt)
     out, stats = _lgag_math(*t[:8], t[8:10], t[10:12], t[12:14], t[14:20], training, eps, groups, activation,
                             add_gate_input)
-    sd = stats_dtype(x.dtype)
-    return (_finish(out, x), *(s.to(sd).contiguous() for s in stats))
+    return (_finish(out, x), *(_stat(s, x.dtype) for s in stats))
 
 
 def lgag_backward(grad: Tensor, g: Tensor, x: Tensor, wg: Tensor, bg: Tensor, wx: Tensor, bx: Tensor, wpsi: Tensor,
@@ -207,14 +281,31 @@ def lgag_backward(grad: Tensor, g: Tensor, x: Tensor, wg: Tensor, bg: Tensor, wx
     dt = _compute_dtype(x)
     params = [g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, bn_x_weight, bn_x_bias, bn_psi_weight,
               bn_psi_bias]
-    stats = _upcast(save_stats, dt)
-
-    def f(*p):
-        return _lgag_math(*p[:8], p[8:10], p[10:12], p[12:14], stats, training, eps, groups, activation,
-                          add_gate_input)[0]
-
-    _, vjp = torch.func.vjp(f, *_upcast(params, dt))
-    grads = vjp(grad.to(dt))
+    g_, x_, wg_, bg_, wx_, bx_, wpsi_, bpsi_, gam_g, bet_g, gam_x, bet_x, gam_p, bet_p = _upcast(params, dt)
+    mg, vg, mx, vx, mp, vp = _upcast(save_stats, dt)
+    grad = grad.to(dt)
+    pad = wg.shape[-1] // 2
+    # recompute the forward from the inputs and the saved statistics
+    zg = F.conv2d(g_, wg_, bg_, 1, pad, 1, groups)
+    zx = F.conv2d(x_, wx_, bx_, 1, pad, 1, groups)
+    s = batch_norm(zg, gam_g, bet_g, mg, vg, False, eps)[0] + batch_norm(zx, gam_x, bet_x, mx, vx, False, eps)[0]
+    h = activate(s, activation)
+    zp = F.conv2d(h, wpsi_, bpsi_)
+    psi = torch.sigmoid(batch_norm(zp, gam_p, bet_p, mp, vp, False, eps)[0])
+    # out = x * psi (+ g)
+    grad_ap = (grad * x_).sum(1, keepdim=True) * psi * (1 - psi)
+    grad_zp, grad_gam_p, grad_bet_p = batch_norm_backward(grad_ap, zp, gam_p, mp, vp, training, eps)
+    grad_h, grad_wpsi, grad_bpsi = conv_backward(grad_zp, h, wpsi_, 1, 1, bias=True)
+    grad_s = activate_backward(grad_h, s, activation)
+    grad_zg, grad_gam_g, grad_bet_g = batch_norm_backward(grad_s, zg, gam_g, mg, vg, training, eps)
+    grad_zx, grad_gam_x, grad_bet_x = batch_norm_backward(grad_s, zx, gam_x, mx, vx, training, eps)
+    grad_g, grad_wg, grad_bg = conv_backward(grad_zg, g_, wg_, 1, groups, bias=True)
+    grad_x, grad_wx, grad_bx = conv_backward(grad_zx, x_, wx_, 1, groups, bias=True)
+    grad_x = grad_x + grad * psi
+    if add_gate_input:
+        grad_g = grad_g + grad
+    grads = [grad_g, grad_x, grad_wg, grad_bg, grad_wx, grad_bx, grad_wpsi, grad_bpsi, grad_gam_g, grad_bet_g,
+             grad_gam_x, grad_bet_x, grad_gam_p, grad_bet_p]
     out = [gr.to(p.dtype) for gr, p in zip(grads, params)]
     out[0] = out[0].contiguous(memory_format=output_memory_format(g))
     out[1] = out[1].contiguous(memory_format=output_memory_format(x))
