@@ -2,6 +2,10 @@
 
     emcad info                         versions, backends (and why one is unavailable), models
     emcad flops --model emcad_b2       parameters and MACs in the paper's convention (EMCAD.md §6)
+    emcad train                        train (default: EMCAD-B0 on the built-in synthetic data, ~1-2 min on CPU)
+    emcad evaluate --checkpoint DIR    Dice, IoU and HD95 per class and per case
+    emcad predict IMAGES --checkpoint DIR   masks and overlay PNGs
+    emcad bench --model emcad_b0       forward / training-step time and memory per backend and torch.compile
 """
 
 from __future__ import annotations
@@ -77,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=int, default=3, choices=(1, 3))
     p.add_argument("--decoder-only", action="store_true", help="count the EMCAD decoder alone (paper: 0.381 G)")
     p.set_defaults(func=_cmd_flops)
+
+    from emcad.training.commands import add_commands  # train, evaluate, predict, bench (lazy heavy imports)
+
+    add_commands(sub)
     return parser
 
 

@@ -1,0 +1,364 @@
+"""The ``emcad train``, ``evaluate``, ``predict`` and ``bench`` subcommands (registered by :mod:`emcad.cli`).
+
+Exit codes: 0 success; 1 a run-time error (bad data, unreadable checkpoint, ...; one ``error:`` line on stderr);
+2 a usage error (argparse); 130 / 143 when SIGINT / SIGTERM stopped training (a checkpoint was saved first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+__all__ = ["add_commands"]
+
+EXIT_ERROR = 1
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _known_errors():
+    from emcad.checkpoint import CheckpointError
+    from emcad.data import DatasetError, ImageReadError
+    from emcad.training.checkpoint import CheckpointReadError
+    from emcad.training.trainer import TrainError
+    return (DatasetError, ImageReadError, CheckpointError, CheckpointReadError, TrainError, FileNotFoundError,
+            ValueError)
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------
+# flags that may change when resuming (everything else comes from the checkpoint)
+_RESUME_OVERRIDES = {"steps", "epochs", "progress", "threads", "num_workers", "checkpoint_every", "log_every",
+                     "val_every", "plots", "output"}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from emcad.training.trainer import TrainConfig, TrainError, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
+    if "size" in given:
+        given["size"] = tuple(given["size"])
+    try:
+        if args.resume:
+            from emcad.training.checkpoint import load_training_checkpoint
+            ckpt = load_training_checkpoint(args.resume)
+            base = ckpt["config"]
+            changed = sorted(k for k, v in given.items() if k not in _RESUME_OVERRIDES
+                             and (list(v) if isinstance(v, tuple) else v) != base.get(k))
+            if changed:
+                raise TrainError(f"--resume continues the run with its saved settings; these flags differ from it: "
+                                 f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
+            cfg = TrainConfig.from_dict({**base, **given})
+            del ckpt
+        else:
+            if "size" not in given and given.get("data", "synthetic") != "synthetic":
+                given["size"] = (224, 224)
+            cfg = TrainConfig(**given)
+        result = train(cfg, resume=args.resume)
+    except _known_errors() as e:
+        return _error(str(e))
+    if result.interrupted:
+        return 143 if result.stop_signal == signal.SIGTERM else 130
+    return 0
+
+
+def _add_train(sub) -> None:
+    S = argparse.SUPPRESS
+    p = sub.add_parser(
+        "train", help="train a model (default: EMCAD-B0 on the built-in synthetic data)",
+        description="Train an EMCAD model. With no arguments: EMCAD-B0 on the built-in synthetic dataset (64x64, "
+                    "3 classes), 300 steps; outputs (checkpoints, CSV/JSON metrics, PNG curves and overlays) go to "
+                    "runs/<model>-<data>-<time>/ (printed). Distributed: torchrun --nproc_per_node N -m emcad.cli "
+                    "train ...",
+        argument_default=S, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="a name from `emcad info` [emcad_b0]")
+    g.add_argument("--encoder-weights", metavar="FILE", help="local pretrained encoder weights")
+    g.add_argument("--backend", help="torch, auto or an emcad_kernels backend for the decoder blocks [auto]")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=("synthetic", "folder", "synapse"), help="dataset kind [synthetic]")
+    g.add_argument("--data-dir", metavar="DIR", help="folder: DIR/images + DIR/masks; synapse: the .npz slices")
+    g.add_argument("--val-dir", metavar="DIR", help="a separate validation set (default: a split of the training "
+                                                    "data; never the test set)")
+    g.add_argument("--list-file", metavar="FILE", help="synapse: names of the training slices (train.txt)")
+    g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="training size, multiples of 32 [64 64 synthetic, 224 224 otherwise]")
+    g.add_argument("--num-classes", type=int, help="classes (default: from the data; binary masks give 1)")
+    g.add_argument("--train-samples", type=int, help="synthetic training images [1024]")
+    g.add_argument("--val-samples", type=int, help="synthetic validation images [64]")
+    g.add_argument("--val-fraction", type=float, help="validation share carved from the training data [0.1]")
+    g.add_argument("--mask-suffix", help="folder: mask of NAME.png is NAME<suffix>.png ['']")
+    g.add_argument("--normalize", choices=("none", "imagenet"), help="folder: input normalisation [none]")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/rotations")
+    g.add_argument("--workers", dest="num_workers", type=int, help="DataLoader workers [0]")
+    g = p.add_argument_group("loss")
+    g.add_argument("--supervision", choices=("auto", "mutation", "heads_and_sum", "deep_supervision", "last_layer"),
+                   help="how the 4 heads are supervised [auto: mutation multi-class, heads_and_sum binary]")
+    g.add_argument("--criterion", choices=("auto", "ce_dice", "structure"),
+                   help="per-head loss [auto: 0.3 CE + 0.7 Dice multi-class, structure loss binary]")
+    g.add_argument("--structure-bce-reduction", choices=("none", "mean"),
+                   help="structure loss BCE: none = weighted (intended), mean = the original code's collapsed "
+                        "unweighted BCE (reproduction only) [none]")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="optimisation steps [300]")
+    g.add_argument("--epochs", type=int, help="epochs instead of --steps")
+    g.add_argument("--batch-size", type=int, help="global batch size [16]")
+    g.add_argument("--lr", type=float, help="AdamW learning rate [1e-4, the paper's]")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay [1e-4]")
+    g.add_argument("--lr-schedule", choices=("constant", "poly", "cosine"), help="[constant, as the paper]")
+    g.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps [0]")
+    g.add_argument("--clip-grad-norm", type=float, metavar="MAX", help="clip the gradient norm")
+    g.add_argument("--clip-grad-value", type=float, metavar="V", help="clamp gradients to [-V, V] (CASCADE: 0.5)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    g.add_argument("--seed", type=int, help="[0]")
+    g.add_argument("--device", help="auto, cpu or cuda [auto]")
+    g.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    g.add_argument("--sync-bn", action="store_true", help="DDP: synchronise BatchNorm statistics")
+    g.add_argument("--reproduce-eval-mode-quirk", action="store_true",
+                   help="reproduce the original code's training in eval mode after the first validation "
+                        "(comparison studies only)")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-head", choices=("last", "sum"), help="prediction: last head (p1) or sum of heads [last]")
+    g.add_argument("--val-every", type=int, help="validate every N steps [50]")
+    g.add_argument("--checkpoint-every", type=int, help="write checkpoints/last.pt every N steps [100]")
+    g.add_argument("--log-every", type=int, help="log the loss every N steps [10]")
+    g.add_argument("-o", "--output", metavar="DIR", help="output directory [runs/<model>-<data>-<time>]")
+    g.add_argument("--resume", metavar="CKPT", default=None,
+                   help="continue a run exactly from its checkpoints/last.pt")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG figures")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from emcad.training.evaluation import evaluate_dataset, evaluate_volumes, format_summary
+    from emcad.training.inference import load_for_inference
+
+    try:
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model, pre = load_for_inference(args.checkpoint, backend=args.backend, device=device,
+                                        model_name=args.model, num_classes=args.num_classes)
+        num_classes = int(pre.get("num_classes") or model.num_classes)
+        size = tuple(args.size) if args.size else tuple(pre.get("size") or (224, 224))
+        head = args.head or pre.get("eval_head", "last")
+        class_names = pre.get("class_names")
+        t0 = time.perf_counter()
+        if args.data == "synapse_volumes":
+            from emcad.data import SynapseVolumes
+            from emcad.data.synapse import SYNAPSE_CLASSES
+            vols = SynapseVolumes(args.data_dir, list_file=args.list_file, num_classes=num_classes)
+            summary, cases = evaluate_volumes(model, vols, num_classes, size, device=device, head=head,
+                                              convention=args.convention, batch_size=args.batch_size,
+                                              spacing=args.spacing)
+            class_names = class_names or list(SYNAPSE_CLASSES)
+            what = f"{len(vols)} Synapse volumes"
+        else:
+            if args.data == "synthetic":
+                from emcad.data import SyntheticSegmentation
+                ds = SyntheticSegmentation(args.samples, size, seed=args.seed, split="test")
+            elif args.data == "folder":
+                from emcad.data import ImageMaskFolder
+                if not args.data_dir:
+                    return _error("--data folder needs --data-dir")
+                ds = ImageMaskFolder(args.data_dir, size, mask_suffix=args.mask_suffix,
+                                     num_classes=num_classes if num_classes > 1 else None,
+                                     channels=int(pre.get("in_channels") or 1),
+                                     normalize=pre.get("normalize", "none"))
+                if pre.get("value_range"):
+                    from emcad.training.inference import _ValueRange
+                    ds = _ValueRange(ds, pre["value_range"])
+            else:
+                from emcad.data import SynapseSlices
+                if not args.data_dir:
+                    return _error("--data synapse needs --data-dir")
+                ds = SynapseSlices(args.data_dir, size, list_file=args.list_file, num_classes=num_classes)
+            summary, cases, _ = evaluate_dataset(model, ds, num_classes, batch_size=args.batch_size, device=device,
+                                                 head=head, convention=args.convention, spacing=args.spacing)
+            what = f"{len(ds)} images ({args.data})"
+    except _known_errors() as e:
+        return _error(str(e))
+    print(f"evaluated {args.checkpoint} on {what} in {time.perf_counter() - t0:.1f} s "
+          f"(convention: {args.convention}; HD95 in pixels{' x spacing' if args.spacing else ''})")
+    print(format_summary(summary, class_names))
+    if args.output:
+        from emcad.training.trainer import _write_csv, _write_json
+        os.makedirs(args.output, exist_ok=True)
+        rows = [{"case": c.name, "class": k, **v} for c in cases for k, v in c.per_class.items()]
+        _write_csv(os.path.join(args.output, "per_case.csv"), rows)
+        _write_json(os.path.join(args.output, "summary.json"), {
+            "checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "convention": args.convention,
+            "class_names": class_names, **summary})
+        print(f"per-case metrics: {os.path.join(args.output, 'per_case.csv')}, summary: "
+              f"{os.path.join(args.output, 'summary.json')}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="Dice, IoU and HD95 per class and per case",
+                       description="Evaluate a checkpoint (a checkpoints/best or final directory, a "
+                                   "checkpoints/last.pt, or an original .pth) on test data.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="save_pretrained directory, last.pt or original .pth")
+    p.add_argument("--data", default="synthetic", choices=("synthetic", "folder", "synapse", "synapse_volumes"),
+                   help="test data kind (synthetic: its held-out test split)")
+    p.add_argument("--data-dir", help="folder: DIR/images + DIR/masks; synapse: .npz slices; synapse_volumes: "
+                                      ".npy.h5 (needs h5py) or .npz volumes")
+    p.add_argument("--list-file", help="synapse: list of names")
+    p.add_argument("--mask-suffix", default="")
+    p.add_argument("--samples", type=int, default=64, help="synthetic test images")
+    p.add_argument("--seed", type=int, default=0, help="synthetic seed")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: training)")
+    p.add_argument("--convention", default="standard", choices=("standard", "transunet"),
+                   help="empty-mask convention (see emcad.metrics); transunet = the original code's, for "
+                        "comparisons only")
+    p.add_argument("--spacing", type=float, nargs="+", help="pixel/voxel spacing for HD95 (e.g. 1 1 or 3 1 1)")
+    p.add_argument("--head", choices=("last", "sum"), help="prediction head (default: as trained)")
+    p.add_argument("--model", help="original .pth only: the model name if it cannot be inferred")
+    p.add_argument("--num-classes", type=int, help="original .pth only: expected classes")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("-o", "--output", help="write per_case.csv and summary.json here")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+# --------------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------------
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from emcad.data.io import IMAGE_EXTENSIONS, read_image, write_png
+    from emcad.training.evaluation import labels_from_logits, predict_logits
+    from emcad.training.inference import load_for_inference, prepare_image
+    from emcad.training.plotting import overlay
+
+    try:
+        files = []
+        for item in args.inputs:
+            if os.path.isdir(item):
+                found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                               if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith("."))
+                sub = os.path.join(item, "images")
+                if not found and os.path.isdir(sub):
+                    found = sorted(os.path.join(sub, f) for f in os.listdir(sub)
+                                   if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+                if not found:
+                    return _error(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in '{item}'")
+                files += found
+            elif os.path.isfile(item):
+                files.append(item)
+            else:
+                return _error(f"'{item}' is neither an image file nor a directory")
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model, pre = load_for_inference(args.checkpoint, backend=args.backend, device=device)
+        size = tuple(args.size) if args.size else tuple(pre.get("size") or (224, 224))
+        head = args.head or pre.get("eval_head", "last")
+        out = args.output or os.path.join("runs", f"predict-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(out, exist_ok=True)
+        num_classes = int(pre.get("num_classes") or model.num_classes)
+        stems: set[str] = set()
+        for path in files:
+            arr = read_image(path)
+            x = prepare_image(arr, pre)[None].to(device)
+            logits = predict_logits(model, x, mode=args.mode, size=size if args.mode != "pad" else None,
+                                    overlap=args.overlap, head=head)
+            labels = labels_from_logits(logits.float())[0].cpu().numpy().astype(np.uint8)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            while stem in stems:
+                stem += "_"
+            stems.add(stem)
+            mask = labels * 255 if num_classes == 1 else labels
+            write_png(os.path.join(out, f"{stem}_mask.png"), mask.astype(np.uint8))
+            if args.overlay:
+                write_png(os.path.join(out, f"{stem}_overlay.png"), overlay(x[0].cpu(), labels))
+            print(f"{path}: {arr.shape[1]}x{arr.shape[0]} -> {stem}_mask.png "
+                  f"(classes present: {sorted(int(v) for v in np.unique(labels))})")
+    except _known_errors() as e:
+        return _error(str(e))
+    print(f"{len(files)} image(s) -> {os.path.abspath(out)} (masks: "
+          f"{'0/255' if num_classes == 1 else 'class indices'}; overlays: *_overlay.png)")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment images or folders; write masks and overlay PNGs",
+                       description="Segment images (PNG/JPG/TIFF) with a trained checkpoint. Sizes that are not "
+                                   "multiples of 32 are handled by --mode: resize (to the training size and back), "
+                                   "pad (reflect-pad to a multiple of 32) or sliding (windows of the training size).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files and/or directories")
+    p.add_argument("--checkpoint", required=True, help="save_pretrained directory, last.pt or original .pth")
+    p.add_argument("-o", "--output", help="output directory [runs/predict-<time>]")
+    p.add_argument("--mode", default="resize", choices=("resize", "pad", "sliding"))
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="model input / window size "
+                                                                       "(default: the training size)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--head", choices=("last", "sum"))
+    p.add_argument("--no-overlay", dest="overlay", action="store_false", help="write masks only")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto")
+    p.set_defaults(func=_cmd_predict)
+
+
+# --------------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------------
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from emcad.training.bench import format_table, run_bench
+
+    try:
+        rows = run_bench(args.model, size=tuple(args.size), batch_size=args.batch_size,
+                         num_classes=args.num_classes, in_channels=args.in_channels, backends=args.backends,
+                         compile=args.compile, iters=args.iters, warmup=args.warmup, device=args.device,
+                         train_step=not args.forward_only, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except _known_errors() as e:
+        return _error(str(e))
+    print(format_table(rows))
+    if args.output:
+        from emcad.training.trainer import _write_csv
+        _write_csv(args.output, rows)
+        print(f"written: {args.output}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="forward and training-step time/memory per backend and torch.compile",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="emcad_b0")
+    p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-classes", type=int, default=9)
+    p.add_argument("--in-channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--backends", nargs="+", help="default: torch, every available kernel backend, auto")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    p.add_argument("--forward-only", action="store_true", help="skip the training-step measurements")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--output", help="also write the table as CSV")
+    p.set_defaults(func=_cmd_bench)
+
+
+def add_commands(sub) -> None:
+    """Register train, evaluate, predict and bench on an argparse subparsers object."""
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_bench(sub)

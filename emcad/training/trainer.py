@@ -1,0 +1,706 @@
+"""The training loop behind ``emcad train``.
+
+:class:`TrainConfig` holds every setting (the CLI flags map onto it one to one); :func:`train` (or
+:class:`Trainer`) runs it and returns a :class:`TrainResult`.
+
+Behaviour worth knowing:
+
+* AdamW with the paper's defaults (lr 1e-4, weight decay 1e-4, PyTorch betas/eps); constant LR unless
+  ``lr_schedule`` is ``poly`` (power 0.9) or ``cosine``, both with optional linear warm-up; optional gradient
+  clipping by norm or by value (CASCADE's ±0.5 clamp).
+* ``model.train()`` at the start of every epoch and after every validation (the original code trained in eval
+  mode after epoch 1, quirk #1; ``reproduce_eval_mode_quirk=True`` brings that back for comparison studies).
+* The best checkpoint is chosen by the mean foreground Dice on a **validation split** (the synthetic ``val`` split,
+  ``val_dir``, or a seeded fraction of the training data, by case for Synapse), never on test data.
+* Checkpoints (``checkpoints/last.pt``) are written atomically every ``checkpoint_every`` steps, at the end and
+  when SIGINT/SIGTERM arrives (the current step finishes first). ``resume`` continues exactly: the same batches
+  (seeded, position-aware sampler; augmentation seeded per sample and epoch), the optimizer, scheduler and all RNG
+  states, so the loss curve is bitwise identical to an uninterrupted run on the same machine and settings.
+* DDP under ``torchrun``: gloo on CPU, nccl on GPU; each process takes its share of every global batch;
+  logging, validation and checkpoints on rank 0; ``sync_bn`` synchronises BatchNorm statistics (the decoder then
+  uses its torch path, because the fused kernels compute per-process statistics).
+* bf16 autocast with ``amp=True`` on CUDA (ignored with a note on CPU); ``deterministic=True`` sets
+  ``torch.use_deterministic_algorithms`` and the cuDNN flags for the run.
+
+Outputs in ``output`` (printed at the start): ``config.json``, ``train_log.csv``, ``val_log.csv``,
+``metrics.json``, ``checkpoints/last.pt`` (full training state), ``checkpoints/best/`` and ``checkpoints/final/``
+(``save_pretrained`` directories with ``preprocess.json``, for ``emcad evaluate`` / ``emcad predict``),
+``curves.png`` and ``predictions.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from emcad.data.io import atomic_write_bytes
+from emcad.losses import SegmentationLoss
+from emcad.training import distributed as ddp
+from emcad.training.checkpoint import (FORMAT, atomic_save, atomic_write_dir, capture_rng_state,
+                                       load_training_checkpoint, restore_rng_state)
+from emcad.training.evaluation import HEADS, evaluate_dataset, forward_head
+from emcad.training.sampler import ResumableBatchSampler
+
+__all__ = ["DATA_KINDS", "LR_SCHEDULES", "TrainConfig", "TrainError", "TrainResult", "Trainer", "build_datasets",
+           "train"]
+
+DATA_KINDS = ("synthetic", "folder", "synapse")
+LR_SCHEDULES = ("constant", "poly", "cosine")
+PREPROCESS_NAME = "preprocess.json"
+
+
+class TrainError(ValueError):
+    """A training configuration or run cannot proceed; the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "emcad_b0"
+    encoder_weights: Optional[str] = None
+    backend: str = "auto"
+    # data
+    data: str = "synthetic"
+    data_dir: Optional[str] = None
+    val_dir: Optional[str] = None
+    list_file: Optional[str] = None
+    size: tuple[int, int] = (64, 64)
+    num_classes: Optional[int] = None
+    train_samples: int = 1024
+    val_samples: int = 64
+    val_fraction: float = 0.1
+    mask_suffix: str = ""
+    normalize: str = "none"
+    augment: bool = True
+    num_workers: int = 0
+    # loss
+    supervision: str = "auto"
+    criterion: str = "auto"
+    structure_bce_reduction: str = "none"
+    # optimisation
+    steps: int = 300
+    epochs: Optional[int] = None
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    clip_grad_norm: Optional[float] = None
+    clip_grad_value: Optional[float] = None
+    amp: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    device: str = "auto"
+    threads: Optional[int] = None
+    sync_bn: bool = False
+    reproduce_eval_mode_quirk: bool = False
+    # evaluation / output
+    eval_head: str = "last"
+    val_every: int = 50
+    checkpoint_every: int = 100
+    log_every: int = 10
+    output: Optional[str] = None
+    plots: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.data not in DATA_KINDS:
+            raise TrainError(f"data must be one of {DATA_KINDS}, got {self.data!r}")
+        if self.data != "synthetic" and not self.data_dir:
+            raise TrainError(f"data={self.data!r} needs a data directory (--data-dir)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.eval_head not in HEADS:
+            raise TrainError(f"eval_head must be one of {HEADS}, got {self.eval_head!r}")
+        if len(self.size) != 2 or any(int(s) % 32 or int(s) <= 0 for s in self.size):
+            raise TrainError(f"size must be two positive multiples of 32 (EMCADNet's output stride), got "
+                             f"{list(self.size)}")
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every", "train_samples",
+                     "val_samples"):
+            if int(getattr(self, name)) < 1:
+                raise TrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs < 1:
+            raise TrainError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise TrainError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "size" in kwargs:
+            kwargs["size"] = tuple(int(s) for s in kwargs["size"])
+        return cls(**kwargs)
+
+
+@dataclass
+class TrainResult:
+    output: str
+    step: int
+    total_steps: int
+    interrupted: bool
+    best_step: Optional[int]
+    best_dice: float
+    final_val: dict
+    train_rows: list = field(default_factory=list)
+    val_rows: list = field(default_factory=list)
+    stop_signal: Optional[int] = None  # SIGINT / SIGTERM when a signal stopped the run
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+class _Subset(torch.utils.data.Dataset):
+    """A subset that keeps the wrapped dataset's attributes (num_classes, in_channels, ...)."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+        names = getattr(dataset, "names", None)
+        self.names = [names[i] for i in self.indices] if names is not None else [str(i) for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+    def __getattr__(self, name):
+        if name in ("dataset", "indices", "names"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _split_by_case(names: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    from emcad.data import split_indices
+
+    cases = sorted({n.split("_slice")[0] for n in names})
+    if len(cases) < 2:
+        return split_indices(len(names), fraction, seed)
+    _, val_cases = split_indices(len(cases), fraction, seed)
+    val_set = {cases[i] for i in val_cases}
+    tr = [i for i, n in enumerate(names) if n.split("_slice")[0] not in val_set]
+    va = [i for i, n in enumerate(names) if n.split("_slice")[0] in val_set]
+    return tr, va
+
+
+def build_datasets(cfg: TrainConfig):
+    """``(train, val)`` datasets for ``cfg`` (val may be None when no validation split is possible)."""
+    from emcad.data import ImageMaskFolder, SynapseSlices, SyntheticSegmentation, split_indices
+
+    size = tuple(int(s) for s in cfg.size)
+    if cfg.data == "synthetic":
+        if cfg.num_classes not in (None, 3):
+            raise TrainError(f"the synthetic dataset has 3 classes, not {cfg.num_classes}")
+        return (SyntheticSegmentation(cfg.train_samples, size, seed=cfg.seed, split="train"),
+                SyntheticSegmentation(cfg.val_samples, size, seed=cfg.seed, split="val"))
+    if cfg.data == "folder":
+        kw = dict(mask_suffix=cfg.mask_suffix, num_classes=cfg.num_classes, normalize=cfg.normalize)
+        full = ImageMaskFolder(cfg.data_dir, size, **kw)
+        if cfg.val_dir:
+            val = ImageMaskFolder(cfg.val_dir, size, **{**kw, "num_classes": full.num_classes,
+                                                        "channels": full.channels})
+            return full, val
+        tr, va = split_indices(len(full), cfg.val_fraction, cfg.seed)
+        return _Subset(full, tr), (_Subset(full, va) if va else None)
+    full = SynapseSlices(cfg.data_dir, size, list_file=cfg.list_file, num_classes=cfg.num_classes or 9)
+    if cfg.val_dir:
+        return full, SynapseSlices(cfg.val_dir, size, num_classes=full.num_classes)
+    tr, va = _split_by_case(full.names, cfg.val_fraction, cfg.seed)
+    return _Subset(full, tr), (_Subset(full, va) if va else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        t = min(max(t, 0.0), 1.0)
+        if cfg.lr_schedule == "poly":
+            return (1.0 - t) ** 0.9
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
+
+
+def _write_csv(path: str, rows: Sequence[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _write_json(path: str, obj: Any) -> None:
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    atomic_write_bytes(path, (json.dumps(clean(obj), indent=2) + "\n").encode())
+
+
+def _resolve_device(name: str, local_rank: int) -> str:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    return name
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool, device: str):
+    if not enabled:
+        yield
+        return
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag (the step in flight finishes, a checkpoint is saved); a second SIGINT aborts."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.signum: Optional[int] = None
+        self._log = log
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self._log(f"\n{signal.Signals(signum).name} received: finishing the current step and saving a checkpoint "
+                  f"(press Ctrl-C again to abort without saving)")
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer
+# --------------------------------------------------------------------------------------------------
+class Trainer:
+    """Runs a :class:`TrainConfig`. ``model``, ``train_set`` and ``val_set`` may be given instead of being built
+    from the config (tests use tiny models). ``resume`` is a ``checkpoints/last.pt`` path.
+    ``callback(trainer, step, loss)`` runs after every optimisation step on every rank; it may call
+    :meth:`request_stop`."""
+
+    def __init__(self, config: TrainConfig, *, model: Optional[nn.Module] = None, train_set=None, val_set=None,
+                 resume: Optional[str] = None, callback: Optional[Callable] = None,
+                 log: Optional[Callable[[str], None]] = None):
+        self.cfg = config
+        self._model_arg, self._train_arg, self._val_arg = model, train_set, val_set
+        self.resume_path = resume
+        self.callback = callback
+        self._log_fn = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._stop_requested = False
+        self.dist = ddp.DistInfo()
+
+    # -- small helpers -------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.dist.is_main:
+            self._log_fn(msg)
+
+    def request_stop(self) -> None:
+        """Stop after the current step, saving a checkpoint (as SIGINT does)."""
+        self._stop_requested = True
+
+    def _save_model_dir(self, path: str) -> None:
+        model = ddp.unwrap(self.model)
+        pre = dict(self.preprocess, num_classes=self.num_classes, class_names=self.class_names,
+                   eval_head=self.cfg.eval_head)
+
+        def write(tmp: str) -> None:
+            from emcad.models import EMCADNet, save_pretrained
+
+            if isinstance(model, EMCADNet):
+                save_pretrained(model, tmp)
+            else:
+                torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
+            with open(os.path.join(tmp, PREPROCESS_NAME), "w") as f:
+                json.dump(pre, f, indent=2)
+                f.write("\n")
+
+        atomic_write_dir(path, write)
+
+    def _checkpoint_state(self, step: int) -> dict:
+        rng = ddp.all_gather_objects(capture_rng_state())
+        model = ddp.unwrap(self.model)
+        return {
+            "format": FORMAT, "config": self.cfg.to_dict(), "model_name": getattr(model, "model_name", None),
+            "model_config": dict(getattr(model, "config", {}) or {}), "model": model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": step, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "world_size": self.dist.world_size, "rng": rng, "train_rows": list(self.train_rows),
+            "val_rows": list(self.val_rows), "best": dict(self.best), "preprocess": dict(self.preprocess),
+            "num_classes": self.num_classes, "class_names": list(self.class_names),
+        }
+
+    def save_checkpoint(self, step: int) -> None:
+        state = self._checkpoint_state(step)  # collective: every rank takes part
+        if self.dist.is_main:
+            atomic_save(state, self.ckpt_path)
+            self._write_logs()
+        ddp.barrier()
+
+    def _write_logs(self) -> None:
+        _write_csv(os.path.join(self.out_dir, "train_log.csv"), self.train_rows)
+        if self.val_rows:
+            _write_csv(os.path.join(self.out_dir, "val_log.csv"), self.val_rows)
+        _write_json(os.path.join(self.out_dir, "metrics.json"), {
+            "model": self.cfg.model, "data": self.cfg.data, "step": self.step, "total_steps": self.total_steps,
+            "best": self.best, "last_val": self.val_rows[-1] if self.val_rows else None,
+            "class_names": list(self.class_names), "selection": "mean foreground Dice on the validation split",
+            "train": self.train_rows, "val": self.val_rows,
+        })
+
+    # -- set-up --------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        cfg.validate()
+        resume_ckpt = None
+        if self.resume_path:
+            resume_ckpt = load_training_checkpoint(self.resume_path)
+        self.device = _resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.dist = ddp.init_distributed(self.device)
+        if self.dist.enabled and self.device.startswith("cuda"):
+            self.device = f"cuda:{self.dist.local_rank}"
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        if cfg.batch_size % self.dist.world_size:
+            raise TrainError(f"batch size {cfg.batch_size} (global) is not divisible by the {self.dist.world_size} "
+                             f"processes")
+        self.amp = bool(cfg.amp and self.device.startswith("cuda"))
+        if cfg.amp and not self.amp:
+            self.log("note: --amp (bf16 autocast) is for CUDA; training in fp32 on the CPU")
+
+        # output directory (rank 0 decides, everyone agrees)
+        out = cfg.output
+        if resume_ckpt is not None and out is None:
+            out = os.path.dirname(os.path.dirname(os.path.abspath(self.resume_path)))
+        if out is None:
+            out = os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.out_dir = os.path.abspath(ddp.all_gather_objects(out)[0])
+        self.ckpt_path = os.path.join(self.out_dir, "checkpoints", "last.pt")
+        if resume_ckpt is None and os.path.exists(self.ckpt_path):
+            raise TrainError(f"'{self.out_dir}' already holds a run ({self.ckpt_path}); continue it with "
+                             f"--resume {self.ckpt_path} or choose another --output")
+
+        torch.manual_seed(cfg.seed)  # model initialisation: identical on every rank
+        import random
+
+        import numpy as np
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % (2 ** 32))
+
+        # data
+        if self._train_arg is not None:
+            self.train_set, self.val_set = self._train_arg, self._val_arg
+        else:
+            self.train_set, self.val_set = build_datasets(cfg)
+        self.num_classes = int(getattr(self.train_set, "num_classes", cfg.num_classes or 1))
+        self.in_channels = int(getattr(self.train_set, "in_channels", 1))
+        names = getattr(self.train_set, "class_names", None)
+        self.class_names = list(names) if names else (["background", "foreground"] if self.num_classes == 1 else
+                                                      ["background"] + [f"class {c}" for c in
+                                                                        range(1, self.num_classes)])
+        pre = getattr(self.train_set, "preprocess_config", None)
+        self.preprocess = pre() if callable(pre) else {"in_channels": self.in_channels}
+        self.preprocess["size"] = list(cfg.size)
+        if cfg.augment:
+            from emcad.data import Augmented
+            self.train_set = Augmented(self.train_set, seed=cfg.seed)
+        self.sampler = ResumableBatchSampler(len(self.train_set), cfg.batch_size, seed=cfg.seed, shuffle=True,
+                                             num_replicas=self.dist.world_size, rank=self.dist.rank)
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = cfg.epochs * self.steps_per_epoch if cfg.epochs else cfg.steps
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+            pin_memory=self.device.startswith("cuda"),
+            generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG out of the loader
+
+        # model
+        if self._model_arg is not None:
+            model = self._model_arg
+        else:
+            from emcad.models import create_model
+            model = create_model(cfg.model, num_classes=self.num_classes, in_channels=self.in_channels,
+                                 encoder_weights=cfg.encoder_weights, backend=cfg.backend)
+        if self.in_channels == 3 and isinstance(getattr(model, "conv", None), nn.Module):
+            model.conv.requires_grad_(False)  # the 1->3 stem is unused with RGB input (and would stall DDP)
+        if cfg.sync_bn and self.dist.enabled:
+            from emcad.models import set_backend
+            if hasattr(model, "backend") and model.backend != "torch":
+                self.log("note: --sync-bn runs the decoder blocks on backend 'torch' (the fused kernels compute "
+                         "per-process BatchNorm statistics)")
+                set_backend(model, "torch")
+            model = ddp.convert_sync_batchnorm(model, self.device)
+        model.to(self.device)
+        self.raw_model = model
+        self.model = (nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
+            if self.dist.enabled else model)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.total_steps))
+        self.criterion = SegmentationLoss(self.num_classes, cfg.supervision, cfg.criterion,
+                                          structure_bce_reduction=cfg.structure_bce_reduction,
+                                          distributed=self.dist.enabled)
+
+        self.step = 0
+        self.train_rows: list[dict] = []
+        self.val_rows: list[dict] = []
+        self.best: dict = {"step": None, "dice_mean": -math.inf}
+        if resume_ckpt is not None:
+            self._restore(resume_ckpt)
+        if self.dist.is_main:
+            os.makedirs(os.path.join(self.out_dir, "checkpoints"), exist_ok=True)
+            _write_json(os.path.join(self.out_dir, "config.json"), self.cfg.to_dict())
+            if resume_ckpt is not None:
+                self._write_logs()  # drop rows logged after the checkpoint by the interrupted run
+        ddp.barrier()
+
+    def _restore(self, ckpt: dict) -> None:
+        if ckpt["steps_per_epoch"] != self.steps_per_epoch:
+            raise TrainError(f"cannot resume from '{self.resume_path}': it has {ckpt['steps_per_epoch']} steps per "
+                             f"epoch, this configuration {self.steps_per_epoch} (dataset or batch size changed)")
+        ddp.unwrap(self.model).load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        self.train_rows, self.val_rows = list(ckpt["train_rows"]), list(ckpt["val_rows"])
+        self.best = dict(ckpt["best"])
+        rng = ckpt["rng"]
+        if len(rng) == self.dist.world_size:
+            restore_rng_state(rng[self.dist.rank])
+        else:
+            self.log(f"note: the checkpoint was written by {len(rng)} processes, this run has "
+                     f"{self.dist.world_size}: RNG streams (DropPath) restart, the resume is not bitwise exact")
+            restore_rng_state(rng[0])
+        self.log(f"resumed from '{self.resume_path}' at step {self.step}/{self.total_steps}")
+
+    # -- validation ----------------------------------------------------------------------------------
+    def validate(self, keep: int = 0, sync: bool = True):
+        """Validation metrics on rank 0 (Dice/IoU per class; no HD95 during training). Returns
+        ``(row, kept)``; the model is switched back to train mode unless the quirk flag is set."""
+        row, kept = None, []
+        if self.dist.is_main and self.val_set is not None:
+            model = ddp.unwrap(self.model)
+            summary, _, kept = evaluate_dataset(
+                model, self.val_set, self.num_classes, batch_size=max(self.cfg.batch_size, 16), device=self.device,
+                head=self.cfg.eval_head, compute_hd95=False, keep=keep,
+                autocast_dtype=torch.bfloat16 if self.amp else None)
+            row = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                   "dice_mean": summary["mean"]["dice"], "iou_mean": summary["mean"]["iou"]}
+            for c, vals in summary["per_class"].items():
+                row[f"dice_{c}"] = vals["dice"]
+            for c, vals in summary["per_class"].items():
+                row[f"iou_{c}"] = vals["iou"]
+        if not self.cfg.reproduce_eval_mode_quirk:
+            self.model.train()
+        if sync:
+            ddp.barrier()
+        return row, kept
+
+    # -- main loop -----------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        with _deterministic(self.cfg.deterministic, self.cfg.device if self.cfg.device != "auto" else
+                            ("cuda" if torch.cuda.is_available() else "cpu")):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
+        self._setup()
+        cfg = self.cfg
+        self.log(f"emcad train: {cfg.model} on {getattr(self.train_set, 'describe', lambda: 'custom data')()}, "
+                 f"{self.num_classes} classes, {self.total_steps} steps, global batch {cfg.batch_size}"
+                 f"{f' over {self.dist.world_size} processes' if self.dist.enabled else ''}, device {self.device}")
+        self.log(f"outputs: {self.out_dir}")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1,
+                   disable=not (self.dist.is_main and cfg.progress), file=sys.stderr)
+        interrupted = False
+        signals = _StopSignals(self.log)
+        with signals:
+            loss_sum = torch.zeros((), device=self.device)
+            n_logged, t_last = 0, time.perf_counter()
+            t_start = t_last
+            while self.step < self.total_steps:
+                epoch, start = divmod(self.step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch)
+                self.sampler.set_start(start)
+                if hasattr(self.train_set, "set_epoch"):
+                    self.train_set.set_epoch(epoch)
+                if not self.cfg.reproduce_eval_mode_quirk or self.step == 0:
+                    self.model.train()
+                for images, labels in self.loader:
+                    images = images.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+                    with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.amp):
+                        outputs = self.model(images)
+                    loss = self.criterion(outputs, labels)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.clip_grad_value is not None:
+                        torch.nn.utils.clip_grad_value_(self.raw_model.parameters(), cfg.clip_grad_value)
+                    if cfg.clip_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.clip_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.step += 1
+                    loss_sum += loss.detach()
+                    n_logged += 1
+                    if self.callback is not None:
+                        self.callback(self, self.step, loss)
+
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        mean = loss_sum / n_logged
+                        if self.dist.enabled:
+                            torch.distributed.all_reduce(mean)
+                            mean = mean / self.dist.world_size
+                        now = time.perf_counter()
+                        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": mean.item(),
+                               "lr": self.optimizer.param_groups[0]["lr"],
+                               "images_per_s": n_logged * cfg.batch_size / max(now - t_last, 1e-9),
+                               "elapsed_s": now - t_start}
+                        self.train_rows.append(row)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
+                                        refresh=False)
+                        loss_sum.zero_()
+                        n_logged, t_last = 0, now
+                    bar.update(1)
+
+                    if self.step % cfg.val_every == 0 or self.step == self.total_steps:
+                        self._validate_and_select()
+                        t_last = time.perf_counter()  # validation time is not training throughput
+                    stop = ddp.any_flag(self._stop_requested or signals.signum is not None, self.device)
+                    if stop and self.step < self.total_steps:
+                        self.save_checkpoint(self.step)
+                        interrupted = True
+                        break
+                    if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                        self.save_checkpoint(self.step)
+                    if self.step >= self.total_steps:
+                        break
+                if interrupted:
+                    break
+        bar.close()
+        if interrupted:
+            self.log(f"stopped at step {self.step}/{self.total_steps}; checkpoint saved: {self.ckpt_path}\n"
+                     f"continue with: emcad train --resume {self.ckpt_path}")
+        else:
+            self.save_checkpoint(self.step)
+            if self.dist.is_main:
+                self._finish()
+            ddp.barrier()
+        result = TrainResult(self.out_dir, self.step, self.total_steps, interrupted, self.best.get("step"),
+                             float(self.best.get("dice_mean", math.nan)), self.val_rows[-1] if self.val_rows else {},
+                             list(self.train_rows), list(self.val_rows), signals.signum)
+        if self.dist.enabled and self._owns_group:
+            ddp.cleanup()
+        return result
+
+    @property
+    def _owns_group(self) -> bool:
+        return self.dist.enabled and os.environ.get("EMCAD_KEEP_PROCESS_GROUP") != "1"
+
+    def _validate_and_select(self) -> None:
+        row, _ = self.validate(sync=False)
+        if row is not None:
+            self.val_rows.append(row)
+            msg = (f"step {self.step}: val Dice {row['dice_mean']:.4f} ("
+                   + ", ".join(f"{self.class_names[int(k.split('_')[1])] if int(k.split('_')[1]) < len(self.class_names) else k}"
+                               f" {v:.3f}" for k, v in row.items() if k.startswith("dice_") and k != "dice_mean")
+                   + ")")
+            improved = row["dice_mean"] > self.best["dice_mean"] or self.best["step"] is None
+            if improved and math.isfinite(row["dice_mean"]):
+                self.best = {"step": self.step, "dice_mean": row["dice_mean"],
+                             **{k: v for k, v in row.items() if k.startswith("dice_")}}
+                self._save_model_dir(os.path.join(self.out_dir, "checkpoints", "best"))
+                msg += "  [best]"
+            from tqdm.auto import tqdm
+            if self.cfg.progress:
+                tqdm.write(msg, file=sys.stderr)
+            else:
+                self.log(msg)
+            self._write_logs()
+        ddp.barrier()
+
+    def _finish(self) -> None:
+        from emcad.training.plotting import plot_curves, save_overlay_grid
+
+        self._save_model_dir(os.path.join(self.out_dir, "checkpoints", "final"))
+        files = []
+        if self.cfg.plots:
+            plot_curves(os.path.join(self.out_dir, "curves.png"), self.train_rows, self.val_rows, self.class_names)
+            files.append("curves.png")
+            if self.val_set is not None:
+                _, kept = self.validate(keep=8, sync=False)
+                if kept:
+                    save_overlay_grid(os.path.join(self.out_dir, "predictions.png"), [k[0] for k in kept],
+                                      [k[1] for k in kept], [k[2] for k in kept])
+                    files.append("predictions.png")
+        if self.cfg.data == "synthetic" and self._train_arg is None:
+            from emcad.data import SyntheticSegmentation
+            SyntheticSegmentation(8, tuple(self.cfg.size), seed=self.cfg.seed, split="test").export_png(
+                os.path.join(self.out_dir, "samples"))
+            files.append("samples/ (8 test images and masks for emcad predict)")
+        self._write_logs()
+        best = (f"best val Dice {self.best['dice_mean']:.4f} at step {self.best['step']} "
+                f"(checkpoints/best)" if self.best.get("step") is not None else "no validation split")
+        self.log(f"done: {self.step} steps; {best}\noutputs in {self.out_dir}: " + ", ".join(
+            ["config.json", "train_log.csv", "val_log.csv", "metrics.json", "checkpoints/"] + files))
+
+
+def train(config: TrainConfig, **kwargs) -> TrainResult:
+    """Run ``config`` (see :class:`Trainer` for the keyword arguments)."""
+    return Trainer(config, **kwargs).fit()
