@@ -1,0 +1,34 @@
+"""Triton backend of the fused ops: one module per op (``msdc``, ``updw``, ``lgag``), shared helpers in
+``_utils`` (interpreter detection, autotuning policy, activations) and ``_reduce`` (deterministic reductions of
+per-program partials: BatchNorm statistics, weight and parameter gradients).
+
+Importing this package imports ``triton``; ``emcad_kernels._triton_backend`` does that lazily, the first time
+the backend is considered, so ``import emcad_kernels`` works without triton. ``KERNELS`` implements the kernel
+interface of ``emcad_kernels.library``.
+
+On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this package is
+imported); ``INTERPRET`` says whether they were decorated for it.
+"""
+
+from __future__ import annotations
+
+from ..library import Kernels
+from . import msdc, updw
+from ._utils import ACTIVATION_CODES, INTERPRET, SUPPORTED_DTYPES
+
+
+def _not_implemented(op):
+    def fn(*args, **kwargs):
+        raise NotImplementedError(f"{op} is not implemented in the triton backend yet")
+    return fn
+
+
+KERNELS = Kernels(
+    msdc_forward=msdc.msdc_forward, msdc_backward=msdc.msdc_backward,
+    updw_forward=updw.updw_forward, updw_backward=updw.updw_backward,
+    lgag_forward=_not_implemented("grouped_attention_gate"), lgag_backward=_not_implemented("grouped_attention_gate"),
+)
+
+IMPLEMENTED_OPS = ("multi_scale_dwconv", "upsample_dwconv")
+
+__all__ = ["ACTIVATION_CODES", "IMPLEMENTED_OPS", "INTERPRET", "KERNELS", "SUPPORTED_DTYPES"]
