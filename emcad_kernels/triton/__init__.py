@@ -13,22 +13,16 @@ imported); ``INTERPRET`` says whether they were decorated for it.
 from __future__ import annotations
 
 from ..library import Kernels
-from . import msdc, updw
+from . import lgag, msdc, updw
 from ._utils import ACTIVATION_CODES, INTERPRET, SUPPORTED_DTYPES
-
-
-def _not_implemented(op):
-    def fn(*args, **kwargs):
-        raise NotImplementedError(f"{op} is not implemented in the triton backend yet")
-    return fn
 
 
 KERNELS = Kernels(
     msdc_forward=msdc.msdc_forward, msdc_backward=msdc.msdc_backward,
     updw_forward=updw.updw_forward, updw_backward=updw.updw_backward,
-    lgag_forward=_not_implemented("grouped_attention_gate"), lgag_backward=_not_implemented("grouped_attention_gate"),
+    lgag_forward=lgag.lgag_forward, lgag_backward=lgag.lgag_backward,
 )
 
-IMPLEMENTED_OPS = ("multi_scale_dwconv", "upsample_dwconv")
+IMPLEMENTED_OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate")
 
 __all__ = ["ACTIVATION_CODES", "IMPLEMENTED_OPS", "INTERPRET", "KERNELS", "SUPPORTED_DTYPES"]
