@@ -1,6 +1,6 @@
 // Shared host/device helpers of the CUDA kernels: no torch headers.
 //
-// Everything marked EMCAD_HD compiles for host and device (and under the CPU emulation, see cuda_emulation.cuh):
+// Everything marked EMCAD_CU_HD compiles for host and device (and under the CPU emulation, see cuda_emulation.cuh):
 // dtype conversions, activations and their derivatives, BatchNorm folding, Welford/Chan merging, the channel
 // shuffle index map, the nearest-x2 polyphase weights, tile geometry and scratch layout. The host-side planning
 // functions are plain C++ so that they can be unit-tested on CPU.
@@ -24,8 +24,8 @@
 
 #include "launchers.h"
 
-#define EMCAD_HD __host__ __device__ __forceinline__
-#define EMCAD_D __device__ __forceinline__
+#define EMCAD_CU_HD __host__ __device__ __forceinline__
+#define EMCAD_CU_D __device__ __forceinline__
 
 #define EMCAD_RETURN_IF_ERROR(expr)          \
     do {                                     \
@@ -50,31 +50,31 @@ struct AccType<double> {
 template <class T>
 using acc_t = typename AccType<T>::type;
 
-EMCAD_HD float to_acc(float v) { return v; }
-EMCAD_HD double to_acc(double v) { return v; }
-EMCAD_HD float to_acc(__half v) { return __half2float(v); }
-EMCAD_HD float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+EMCAD_CU_HD float to_acc(float v) { return v; }
+EMCAD_CU_HD double to_acc(double v) { return v; }
+EMCAD_CU_HD float to_acc(__half v) { return __half2float(v); }
+EMCAD_CU_HD float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <class T>
 struct Cast;
 template <>
 struct Cast<float> {
-    EMCAD_HD static float from(float v) { return v; }
+    EMCAD_CU_HD static float from(float v) { return v; }
 };
 template <>
 struct Cast<double> {
-    EMCAD_HD static double from(double v) { return v; }
+    EMCAD_CU_HD static double from(double v) { return v; }
 };
 template <>
 struct Cast<__half> {
-    EMCAD_HD static __half from(float v) { return __float2half_rn(v); }
+    EMCAD_CU_HD static __half from(float v) { return __float2half_rn(v); }
 };
 template <>
 struct Cast<__nv_bfloat16> {
-    EMCAD_HD static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+    EMCAD_CU_HD static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
 };
 template <class T, class A>
-EMCAD_HD T from_acc(A v) {
+EMCAD_CU_HD T from_acc(A v) {
     return Cast<T>::from(v);
 }
 
@@ -87,31 +87,31 @@ struct Vec {
 // ------------------------------------------------------------------------------------------------------------
 // math (float and double overloads that exist on host, device and under the emulation)
 // ------------------------------------------------------------------------------------------------------------
-EMCAD_HD float m_sqrt(float v) { return sqrtf(v); }
-EMCAD_HD double m_sqrt(double v) { return sqrt(v); }
-EMCAD_HD float m_exp(float v) { return expf(v); }
-EMCAD_HD double m_exp(double v) { return exp(v); }
-EMCAD_HD float m_erf(float v) { return erff(v); }
-EMCAD_HD double m_erf(double v) { return erf(v); }
-EMCAD_HD float m_rsqrt(float v) { return 1.0f / sqrtf(v); }
-EMCAD_HD double m_rsqrt(double v) { return 1.0 / sqrt(v); }
+EMCAD_CU_HD float m_sqrt(float v) { return sqrtf(v); }
+EMCAD_CU_HD double m_sqrt(double v) { return sqrt(v); }
+EMCAD_CU_HD float m_exp(float v) { return expf(v); }
+EMCAD_CU_HD double m_exp(double v) { return exp(v); }
+EMCAD_CU_HD float m_erf(float v) { return erff(v); }
+EMCAD_CU_HD double m_erf(double v) { return erf(v); }
+EMCAD_CU_HD float m_rsqrt(float v) { return 1.0f / sqrtf(v); }
+EMCAD_CU_HD double m_rsqrt(double v) { return 1.0 / sqrt(v); }
 template <class A>
-EMCAD_HD A m_min(A a, A b) {
+EMCAD_CU_HD A m_min(A a, A b) {
     return b < a ? b : a;
 }
 template <class A>
-EMCAD_HD A m_max(A a, A b) {
+EMCAD_CU_HD A m_max(A a, A b) {
     return a < b ? b : a;
 }
-EMCAD_HD int imin(int a, int b) { return a < b ? a : b; }
-EMCAD_HD int imax(int a, int b) { return a < b ? b : a; }
-EMCAD_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+EMCAD_CU_HD int imin(int a, int b) { return a < b ? a : b; }
+EMCAD_CU_HD int imax(int a, int b) { return a < b ? b : a; }
+EMCAD_CU_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ------------------------------------------------------------------------------------------------------------
 // activations (emcad_kernels.reference.activate / activate_backward, PyTorch's conventions at the kinks)
 // ------------------------------------------------------------------------------------------------------------
 template <class A>
-EMCAD_HD A activate(A z, int act) {
+EMCAD_CU_HD A activate(A z, int act) {
     switch (act) {
         case EMCAD_ACT_RELU: return z > A(0) ? z : A(0);
         case EMCAD_ACT_RELU6: return m_min(m_max(z, A(0)), A(6));  // hardtanh(z, 0, 6)
@@ -124,7 +124,7 @@ EMCAD_HD A activate(A z, int act) {
 
 // gradient wrt the activation input a, given the upstream gradient g
 template <class A>
-EMCAD_HD A activate_backward(A g, A a, int act) {
+EMCAD_CU_HD A activate_backward(A g, A a, int act) {
     switch (act) {
         case EMCAD_ACT_RELU: return a > A(0) ? g : A(0);
         case EMCAD_ACT_RELU6: return (a > A(0) && a < A(6)) ? g : A(0);
@@ -144,7 +144,7 @@ EMCAD_HD A activate_backward(A g, A a, int act) {
 }
 
 template <class A>
-EMCAD_HD A sigmoid(A v) {
+EMCAD_CU_HD A sigmoid(A v) {
     return A(1) / (A(1) + m_exp(-v));
 }
 
@@ -156,7 +156,7 @@ EMCAD_HD A sigmoid(A v) {
 enum { COEF_SCALE = 0, COEF_SHIFT = 1, COEF_MEAN = 2, COEF_RSTD = 3, COEF_N = 4 };
 
 template <class A>
-EMCAD_HD void bn_coefficients(A gamma, A beta, A mean, A var, double eps, A* coef) {
+EMCAD_CU_HD void bn_coefficients(A gamma, A beta, A mean, A var, double eps, A* coef) {
     const A rstd = m_rsqrt(var + A(eps));
     const A scale = gamma * rstd;
     coef[COEF_SCALE] = scale;
@@ -172,7 +172,7 @@ struct Welford {
 };
 
 template <class A>
-EMCAD_HD Welford<A> welford_merge(Welford<A> a, Welford<A> b) {
+EMCAD_CU_HD Welford<A> welford_merge(Welford<A> a, Welford<A> b) {
     if (b.n == A(0)) return a;
     if (a.n == A(0)) return b;
     const A n = a.n + b.n;
@@ -193,14 +193,14 @@ struct ChannelMap {
     int64_t offset;  // added to the source channel first (the branch's slot with concat)
     int64_t groups;  // 0: identity
     int64_t per_group;
-    EMCAD_HD int64_t operator()(int64_t c) const {
+    EMCAD_CU_HD int64_t operator()(int64_t c) const {
         const int64_t s = c + offset;
         if (groups <= 0) return s;
         return (s % per_group) * groups + s / per_group;
     }
 };
 
-EMCAD_HD ChannelMap make_channel_map(int64_t offset, int64_t groups, int64_t channels_out) {
+EMCAD_CU_HD ChannelMap make_channel_map(int64_t offset, int64_t groups, int64_t channels_out) {
     ChannelMap m;
     m.offset = offset;
     m.groups = groups > 0 ? groups : 0;
@@ -213,12 +213,12 @@ EMCAD_HD ChannelMap make_channel_map(int64_t offset, int64_t groups, int64_t cha
 // O[2i+p][2j+q] = sum_{r,s in {0,1}} K[p][q][r][s] * X[i+p-1+r][j+q-1+s],
 // K[p][q][r][s] = sum_{a in A_p(r)} sum_{b in A_q(s)} w[a][b], A_0 = ({0}, {1,2}), A_1 = ({0,1}, {2}).
 // ------------------------------------------------------------------------------------------------------------
-EMCAD_HD int polyphase_first(int phase, int r) { return phase == 0 ? (r == 0 ? 0 : 1) : (r == 0 ? 0 : 2); }
-EMCAD_HD int polyphase_last(int phase, int r) { return phase == 0 ? (r == 0 ? 0 : 2) : (r == 0 ? 1 : 2); }
+EMCAD_CU_HD int polyphase_first(int phase, int r) { return phase == 0 ? (r == 0 ? 0 : 1) : (r == 0 ? 0 : 2); }
+EMCAD_CU_HD int polyphase_last(int phase, int r) { return phase == 0 ? (r == 0 ? 0 : 2) : (r == 0 ? 1 : 2); }
 
 // w: 3x3 row-major; k: [p][q][r][s] flattened as ((p*2+q)*2+r)*2+s
 template <class A>
-EMCAD_HD void polyphase_weights(const A* w, A* k) {
+EMCAD_CU_HD void polyphase_weights(const A* w, A* k) {
     for (int p = 0; p < 2; ++p)
         for (int q = 0; q < 2; ++q)
             for (int r = 0; r < 2; ++r)
@@ -246,7 +246,7 @@ inline Strides make_strides(const int64_t* s) {
     return r;
 }
 
-EMCAD_HD int64_t offset4(const Strides& s, int64_t n, int64_t c, int64_t h, int64_t w) {
+EMCAD_CU_HD int64_t offset4(const Strides& s, int64_t n, int64_t c, int64_t h, int64_t w) {
     return n * s.n + c * s.c + h * s.h + w * s.w;
 }
 

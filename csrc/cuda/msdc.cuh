@@ -89,7 +89,7 @@ inline size_t bwd_b_smem_elems(int th, int tw, int cb, int threads) {
 // ---- device pieces ----
 // zero-padded weights of the block's channels: ws[((b * KMAX + u) * KMAX + v) * cb + cl]
 template <class T, class KS>
-EMCAD_D void load_weights(const Params<T>& p, int64_t c0, int cb, acc_t<T>* ws, int tid, int nthreads) {
+EMCAD_CU_D void load_weights(const Params<T>& p, int64_t c0, int cb, acc_t<T>* ws, int tid, int nthreads) {
     using A = acc_t<T>;
     const int items = KS::NB * KS::KMAX * KS::KMAX * cb;
     for (int i = tid; i < items; i += nthreads) {
@@ -111,7 +111,7 @@ EMCAD_D void load_weights(const Params<T>& p, int64_t c0, int cb, acc_t<T>* ws, 
 
 // acc[b][v] = conv of branch b at tile row `row`, columns col0 + v, from the halo tile xs (origin -R, -R)
 template <class KS, class A>
-EMCAD_D void stencil(const A* __restrict__ xs, const A* __restrict__ ws, int cols, int cb, int row, int col0, int cl,
+EMCAD_CU_D void stencil(const A* __restrict__ xs, const A* __restrict__ ws, int cols, int cb, int row, int col0, int cl,
                      int nb, A (&acc)[KS::NB][kV]) {
 #pragma unroll
     for (int b = 0; b < KS::NB; ++b)
@@ -140,7 +140,7 @@ EMCAD_D void stencil(const A* __restrict__ xs, const A* __restrict__ ws, int col
 
 // z of branch b at one position whose window starts at halo-tile row er, column ec (tile stride `cols`)
 template <class KS, class A>
-EMCAD_D A stencil_one(const A* __restrict__ xs, const A* __restrict__ ws, int cols, int cb, int er, int ec, int cl,
+EMCAD_CU_D A stencil_one(const A* __restrict__ xs, const A* __restrict__ ws, int cols, int cb, int er, int ec, int cl,
                       int b) {
     A z = A(0);
     const int o = KS::off(b), k = KS::k(b);

@@ -17,7 +17,7 @@ struct FoldParams {
 };
 
 template <class A>
-EMCAD_HD int find_group(const BnGroups<A>& groups, int64_t m, int64_t* local) {
+EMCAD_CU_HD int find_group(const BnGroups<A>& groups, int64_t m, int64_t* local) {
     int k = 0;
     while (k < groups.count - 1 && m >= groups.g[k].size) {
         m -= groups.g[k].size;
@@ -93,7 +93,7 @@ struct SumParams {
     SumSegments segments;
 };
 
-EMCAD_D void store_as(void* dst, int64_t i, int dtype, double v) {
+EMCAD_CU_D void store_as(void* dst, int64_t i, int dtype, double v) {
     switch (dtype) {
         case EMCAD_DTYPE_F64: static_cast<double*>(dst)[i] = v; break;
         case EMCAD_DTYPE_F16: static_cast<__half*>(dst)[i] = __float2half_rn(float(v)); break;

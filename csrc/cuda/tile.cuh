@@ -30,7 +30,7 @@ namespace cuda {
 // n into dst[(r * cols + col) * ncs + cl]; zero outside the image and for channels >= channels.
 // vec: 128-bit loads (caller guarantees vector_ok<T>, c_begin % V == 0 and ncs % V == 0).
 template <class T, class A>
-EMCAD_D void load_tile(const T* __restrict__ src, const Strides& s, int64_t n, int64_t c_begin, int ncs,
+EMCAD_CU_D void load_tile(const T* __restrict__ src, const Strides& s, int64_t n, int64_t c_begin, int ncs,
                        int64_t channels, int64_t H, int64_t W, int64_t h_begin, int64_t w_begin, int rows, int cols,
                        bool vec, A* __restrict__ dst, int tid, int nthreads) {
     if (vec) {
@@ -88,7 +88,7 @@ EMCAD_D void load_tile(const T* __restrict__ src, const Strides& s, int64_t n, i
 // vec: 128-bit stores (caller guarantees vector_ok<T> for dst, an identity map with offset % V == 0,
 // c_begin % V == 0 and ncs % V == 0).
 template <class T, class A>
-EMCAD_D void store_tile(T* __restrict__ dst, const Strides& s, int64_t n, int64_t c_begin, int ncs, int64_t channels,
+EMCAD_CU_D void store_tile(T* __restrict__ dst, const Strides& s, int64_t n, int64_t c_begin, int ncs, int64_t channels,
                         const ChannelMap& map, int64_t H, int64_t W, int64_t h_begin, int64_t w_begin, int rows,
                         int cols, bool vec, const A* __restrict__ src, int tid, int nthreads) {
     if (vec) {
@@ -140,7 +140,7 @@ EMCAD_D void store_tile(T* __restrict__ dst, const Strides& s, int64_t n, int64_
 // so that group 0 ends with the sum over all groups. Every thread of the block must call it; the caller has
 // written its entries (the first barrier is inside). Ends with a barrier.
 template <class A, int K>
-EMCAD_D void tree_sum_groups(A* red, int groups, int lanes, int my_group, int my_lane) {
+EMCAD_CU_D void tree_sum_groups(A* red, int groups, int lanes, int my_group, int my_lane) {
     for (int s = groups / 2; s > 0; s >>= 1) {
         __syncthreads();
         if (my_group < s) {
@@ -155,7 +155,7 @@ EMCAD_D void tree_sum_groups(A* red, int groups, int lanes, int my_group, int my
 
 // The same with Welford/Chan merging of (count, mean, m2) triples.
 template <class A>
-EMCAD_D void tree_welford_groups(A* red, int groups, int lanes, int my_group, int my_lane) {
+EMCAD_CU_D void tree_welford_groups(A* red, int groups, int lanes, int my_group, int my_lane) {
     for (int s = groups / 2; s > 0; s >>= 1) {
         __syncthreads();
         if (my_group < s) {
@@ -174,7 +174,7 @@ EMCAD_D void tree_welford_groups(A* red, int groups, int lanes, int my_group, in
 
 // Welford statistics of the first `count` of `vals` (two passes over registers).
 template <class A, int N>
-EMCAD_D Welford<A> local_welford(const A (&vals)[N], int count) {
+EMCAD_CU_D Welford<A> local_welford(const A (&vals)[N], int count) {
     Welford<A> w = {A(0), A(0), A(0)};
     if (count <= 0) return w;
     A sum = A(0);
@@ -197,7 +197,7 @@ EMCAD_D Welford<A> local_welford(const A (&vals)[N], int count) {
 
 // Per-item partition of a fixed-order sum: items = tasks * parts; item i handles task i % tasks and the
 // positions q = part, part + parts, ...; the caller then adds the parts in order (finish_parts).
-EMCAD_HD int choose_parts(int tasks, int threads) {
+EMCAD_CU_HD int choose_parts(int tasks, int threads) {
     int p = 1;
     while (p * 2 * tasks <= threads) p *= 2;
     return p;

@@ -55,7 +55,7 @@ inline size_t bwd_b_smem_elems(int th, int tw, int cb, int threads) {
 
 // kp[idx * cb + cl] = polyphase weight idx = ((p*2+q)*2+r)*2+s of channel c0 + cl
 template <class T>
-EMCAD_D void load_polyphase(const Params<T>& p, int64_t c0, int cb, acc_t<T>* kp, int tid, int nthreads) {
+EMCAD_CU_D void load_polyphase(const Params<T>& p, int64_t c0, int cb, acc_t<T>* kp, int tid, int nthreads) {
     using A = acc_t<T>;
     for (int cl = tid; cl < cb; cl += nthreads) {
         const int64_t c = c0 + cl;
@@ -69,7 +69,7 @@ EMCAD_D void load_polyphase(const Params<T>& p, int64_t c0, int cb, acc_t<T>* kp
 
 // acc[p*2+q][v] = output phase (p, q) of low-res tile position (row, col0 + v); xs has origin (-1, -1)
 template <class A>
-EMCAD_D void stencil(const A* __restrict__ xs, const A* __restrict__ kp, int cols, int cb, int row, int col0, int cl,
+EMCAD_CU_D void stencil(const A* __restrict__ xs, const A* __restrict__ kp, int cols, int cb, int row, int col0, int cl,
                      A (&acc)[4][kV]) {
 #pragma unroll
     for (int ph = 0; ph < 4; ++ph)
