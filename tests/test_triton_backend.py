@@ -1,0 +1,526 @@
+"""Tests of the Triton backend against the reference backend.
+
+Without a GPU the kernels run in Triton's CPU interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``
+before anything imports ``emcad_kernels``). The interpreter is about 1000× slower than torch, so the CPU tests use
+tiny odd shapes (ragged spatial tiles and a channel count that is not a multiple of the channel block) and a
+selected matrix of dtype × memory format × train/eval rather than the full product.
+
+Tolerance (KERNELS.md §8.1): for every output and every gradient,
+``max|triton − ref64| <= 2·max|ref_same_dtype − ref64| + floor(dtype)·max(1, max|ref64|)``, where ``ref64`` is the
+reference in float64 and ``ref_same_dtype`` the reference in the tested dtype.
+
+GPU-only tests (marker ``gpu``) cover real EMCAD shapes in all dtypes, ``torch.compile``, CUDA-graph replay,
+determinism, a whole EMCADNet-B2 training step against ``backend="torch"`` and ``compute-sanitizer``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.7'); the triton "
+                                              "backend tests need it")
+
+import emcad_kernels as ek  # noqa: E402
+from emcad_kernels import triton as ek_triton  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if not CUDA and not ek_triton.INTERPRET:
+    pytest.skip("no GPU and the triton kernels were not decorated for the interpreter: TRITON_INTERPRET=1 must be "
+                "set before emcad_kernels is imported (tests/conftest.py does that)", allow_module_level=True)
+
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _rand(gen, *shape, scale=1.0, offset=0.0):
+    return torch.randn(shape, generator=gen) * scale + offset
+
+
+def _bn_state(gen, channels):
+    """(weight, bias, running_mean, running_var) in fp32, away from the trivial values."""
+    return [_rand(gen, channels, scale=0.2, offset=1.0), _rand(gen, channels, scale=0.1),
+            _rand(gen, channels, scale=0.1), torch.rand(channels, generator=gen) + 0.5]
+
+
+@dataclass
+class Case:
+    """Inputs of one op call in fp32 on CPU; ``run`` places them and calls the functional API."""
+
+    op: str
+    tensors: dict
+    bn: list
+    kwargs: dict = field(default_factory=dict)
+
+
+def msdc_case(shape=(2, 6, 13, 11), kernel_sizes=(1, 3, 5), seed=0, **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    tensors = {"x": _rand(gen, *shape)}
+    for i, k in enumerate(kernel_sizes):
+        tensors[f"w{i}"] = _rand(gen, c, 1, k, k, scale=0.3)
+    kwargs.setdefault("shuffle_groups", c // 2)
+    kwargs.setdefault("activation", "relu6")
+    return Case("multi_scale_dwconv", tensors, [_bn_state(gen, c) for _ in kernel_sizes], kwargs)
+
+
+def updw_case(shape=(2, 5, 9, 6), k=3, seed=1, **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    kwargs.setdefault("activation", "relu")
+    return Case("upsample_dwconv", {"x": _rand(gen, *shape), "weight": _rand(gen, c, 1, k, k, scale=0.3)},
+                [_bn_state(gen, c)], kwargs)
+
+
+def lgag_case(shape=(2, 6, 9, 7), k=3, groups=None, f_int=None, seed=2, **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    f_int = f_int or c // 2
+    groups = groups or f_int
+    tensors = {"g": _rand(gen, *shape), "x": _rand(gen, *shape),
+               "wg": _rand(gen, f_int, c // groups, k, k, scale=0.3), "bg": _rand(gen, f_int, scale=0.1),
+               "wx": _rand(gen, f_int, c // groups, k, k, scale=0.3), "bx": _rand(gen, f_int, scale=0.1),
+               "wpsi": _rand(gen, 1, f_int, 1, 1, scale=0.5), "bpsi": _rand(gen, 1, scale=0.1)}
+    kwargs.setdefault("add_gate_input", True)
+    kwargs["groups"] = groups
+    return Case("grouped_attention_gate", tensors, [_bn_state(gen, f_int), _bn_state(gen, f_int), _bn_state(gen, 1)],
+                kwargs)
+
+
+def run(case: Case, backend: str, dtype: torch.dtype, channels_last: bool, training: bool, device=DEVICE,
+        grad_seed=3):
+    """Forward + backward through the functional API. Returns ({name: tensor}, output): the output, the gradient
+    of every differentiable input and the updated running statistics."""
+    named, leaves = {}, []
+    for name, t in case.tensors.items():
+        t = t.to(device=device, dtype=dtype)
+        if channels_last and t.dim() == 4 and name in ("x", "g"):
+            t = t.contiguous(memory_format=torch.channels_last)
+        named[name] = t.requires_grad_()
+        leaves.append((name, named[name]))
+    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    bns = []
+    for i, state in enumerate(case.bn):
+        w, b, rm, rv = (s.to(device=device, dtype=bn_dtype) for s in state)
+        bns.append(ek.BatchNormParams(w.requires_grad_(), b.requires_grad_(), rm, rv))
+        leaves += [(f"bn{i}.weight", w), (f"bn{i}.bias", b)]
+    kw = dict(case.kwargs, training=training, backend=backend)
+    if case.op == "multi_scale_dwconv":
+        ws = [named[k] for k in named if k.startswith("w")]
+        y = ek.multi_scale_dwconv(named["x"], ws, bns, **kw)
+    elif case.op == "upsample_dwconv":
+        y = ek.upsample_dwconv(named["x"], named["weight"], bns[0], **kw)
+    else:
+        t = named
+        y = ek.grouped_attention_gate(t["g"], t["x"], t["wg"], t["bg"], bns[0], t["wx"], t["bx"], bns[1], t["wpsi"],
+                                      t["bpsi"], bns[2], **kw)
+    gen = torch.Generator().manual_seed(grad_seed)
+    gy = torch.randn(y.shape, generator=gen).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(y, [t for _, t in leaves], gy)
+    out = {"out": y.detach()}
+    out.update({f"grad {name}": g for (name, _), g in zip(leaves, grads)})
+    for i, bn in enumerate(bns):
+        out[f"bn{i}.running_mean"] = bn.running_mean
+        out[f"bn{i}.running_var"] = bn.running_var
+    return out, y
+
+
+def assert_matches(actual: dict, same_dtype: dict, ref64: dict, dtype: torch.dtype, label: str):
+    assert actual.keys() == ref64.keys()
+    for name in ref64:
+        a = actual[name].detach().double().cpu()
+        lp = same_dtype[name].detach().double().cpu()
+        ref = ref64[name].detach().double().cpu()
+        assert a.shape == ref.shape, f"{label} {name}: shape {tuple(a.shape)} != {tuple(ref.shape)}"
+        assert torch.isfinite(a).all(), f"{label} {name}: non-finite values"
+        err = (a - ref).abs().max().item()
+        err_pt = (lp - ref).abs().max().item()
+        tol = 2 * err_pt + FLOOR[dtype] * max(1.0, ref.abs().max().item())
+        assert err <= tol, f"{label} {name}: max error {err:.3g} > {tol:.3g} (reference in {dtype}: {err_pt:.3g})"
+
+
+def check_against_reference(case, dtype, channels_last, training):
+    label = f"{case.op} {dtype} {'channels_last' if channels_last else 'NCHW'} {'train' if training else 'eval'}"
+    got, y = run(case, "triton", dtype, channels_last, training)
+    same, y_ref = run(case, "reference", dtype, channels_last, training)
+    ref64, _ = run(case, "reference", torch.float64, channels_last, training, device="cpu")
+    assert_matches(got, same, ref64, dtype, label)
+    # the output keeps the input's memory format, as the reference does
+    assert y.is_contiguous(memory_format=torch.channels_last) == y_ref.is_contiguous(
+        memory_format=torch.channels_last), label
+    assert y.stride() == y_ref.stride(), label
+    for name in ("grad x", "grad g"):
+        if name in got:
+            assert got[name].stride() == same[name].stride(), f"{label} {name}"
+
+
+# --------------------------------------------------------------------------------------------------
+# correctness against the reference (CPU interpreter, or GPU)
+# --------------------------------------------------------------------------------------------------
+# (dtype, channels_last, training): fp32 in both layouts and modes, the low-precision types in training
+MATRIX = [
+    (torch.float32, False, True),
+    (torch.float32, True, False),
+    (torch.float16, True, True),
+    (torch.bfloat16, False, True),
+]
+
+
+def _matrix_ids(p):
+    dtype, cl, training = p
+    return f"{str(dtype).replace('torch.', '')}-{'cl' if cl else 'nchw'}-{'train' if training else 'eval'}"
+
+
+@pytest.mark.parametrize("params", MATRIX, ids=_matrix_ids)
+def test_msdc_matches_reference(params):
+    check_against_reference(msdc_case(), *params)
+
+
+@pytest.mark.parametrize("params", MATRIX, ids=_matrix_ids)
+def test_updw_nearest_matches_reference(params):
+    check_against_reference(updw_case(), *params)
+
+
+@pytest.mark.parametrize("params", MATRIX, ids=_matrix_ids)
+def test_lgag_matches_reference(params):
+    check_against_reference(lgag_case(), *params)
+
+
+def test_msdc_concat_two_branches_gelu():
+    """Concatenated branches with a shuffle over 2C channels, kernel sizes (3, 7), GELU."""
+    case = msdc_case(shape=(1, 5, 9, 7), kernel_sizes=(3, 7), activation="gelu", combine="concat",
+                     shuffle_groups=5)
+    check_against_reference(case, torch.float32, True, True)
+
+
+@pytest.mark.parametrize("activation", ["identity", "leakyrelu", "hswish"])
+def test_msdc_other_activations_single_branch(activation):
+    case = msdc_case(shape=(2, 3, 6, 5), kernel_sizes=(3,), activation=activation, shuffle_groups=None)
+    check_against_reference(case, torch.float32, False, True)
+
+
+def test_msdc_eval_no_running_stats_uses_batch_statistics():
+    case = msdc_case(shape=(2, 4, 5, 6))
+    case.bn = [[w, b, None, None] for w, b, _, _ in case.bn]
+    got, _ = run_no_running(case, "triton")
+    ref, _ = run_no_running(case, "reference")
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def run_no_running(case, backend):
+    x = case.tensors["x"].to(DEVICE).requires_grad_()
+    ws = [case.tensors[k].to(DEVICE) for k in case.tensors if k.startswith("w")]
+    bns = [ek.BatchNormParams(w.to(DEVICE), b.to(DEVICE), None, None) for w, b, _, _ in case.bn]
+    y = ek.multi_scale_dwconv(x, ws, bns, training=False, backend=backend, shuffle_groups=2)
+    (gx,) = torch.autograd.grad(y.square().sum(), [x])
+    return {"out": y.detach(), "grad x": gx}, y
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_updw_nearest_other_kernel_sizes(k):
+    check_against_reference(updw_case(shape=(1, 3, 9, 5), k=k), torch.float32, True, True)
+
+
+def test_updw_bilinear_matches_reference():
+    check_against_reference(updw_case(shape=(1, 3, 9, 5), mode="bilinear"), torch.float32, False, True)
+
+
+def test_updw_bilinear_eval_channels_last_fp16():
+    check_against_reference(updw_case(shape=(1, 3, 5, 4), mode="bilinear", activation="relu6"), torch.float16,
+                            True, False)
+
+
+def test_lgag_classic_attention_gate():
+    """kernel_size 1, groups 1 (every output channel reads every input channel), no aggregation."""
+    case = lgag_case(shape=(2, 4, 5, 7), k=1, groups=1, f_int=3, add_gate_input=False)
+    check_against_reference(case, torch.float32, False, True)
+
+
+def test_lgag_two_outputs_per_group_k5():
+    case = lgag_case(shape=(1, 6, 7, 6), k=5, groups=2, f_int=4)
+    check_against_reference(case, torch.float32, True, False)
+
+
+# --------------------------------------------------------------------------------------------------
+# determinism, registration, compilation
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make_case", [msdc_case, updw_case, lgag_case], ids=["msdc", "updw", "lgag"])
+def test_bitwise_deterministic(make_case):
+    first, _ = run(make_case(), "triton", torch.float32, True, True)
+    second, _ = run(make_case(), "triton", torch.float32, True, True)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between identical runs"
+
+
+def test_ops_are_registered_and_pass_opcheck():
+    ek.explain("multi_scale_dwconv", torch.zeros(1, 2, 3, 3), [torch.zeros(2, 1, 3, 3)], [torch.nn.BatchNorm2d(2)])
+    ops = torch.ops.emcad_kernels
+    for name in ("msdc_fwd_triton", "msdc_bwd_triton", "updw_fwd_triton", "updw_bwd_triton", "lgag_fwd_triton",
+                 "lgag_bwd_triton"):
+        assert hasattr(ops, name), name
+    gen = torch.Generator().manual_seed(0)
+    c = 4
+    x = torch.randn(1, c, 5, 4, generator=gen, device="cpu").to(DEVICE).requires_grad_()
+    ws = [torch.randn(c, 1, k, k, generator=gen).to(DEVICE).requires_grad_() for k in (1, 3)]
+    bw = torch.ones(2, c, device=DEVICE, requires_grad=True)
+    bb = torch.zeros(2, c, device=DEVICE, requires_grad=True)
+    stats = (torch.zeros(2, c, device=DEVICE), torch.ones(2, c, device=DEVICE))
+    torch.library.opcheck(ops.msdc_fwd_triton.default, (x, ws, bw, bb, *stats, True, 1e-5, "relu6", False, 2, 1),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """The ops are opaque custom ops: Dynamo traces the functional layer without graph breaks (aot_eager keeps the
+    test fast on CPU; the GPU test below uses inductor)."""
+    case = msdc_case(shape=(1, 4, 6, 5))
+
+    def step(x, w0, w1, w2, gw, gb):
+        bns = [ek.BatchNormParams(gw[i], gb[i], None, None) for i in range(3)]
+        y = ek.multi_scale_dwconv(x, [w0, w1, w2], bns, training=True, shuffle_groups=2, backend="triton")
+        return (y * y).sum()
+
+    def grads(fn):
+        x = case.tensors["x"].to(DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+        ws = [case.tensors[f"w{i}"].to(DEVICE).requires_grad_() for i in range(3)]
+        gw = torch.ones(3, 4, device=DEVICE, requires_grad=True)
+        gb = torch.zeros(3, 4, device=DEVICE, requires_grad=True)
+        loss = fn(x, *ws, gw, gb)
+        return [loss.detach(), *torch.autograd.grad(loss, [x, *ws, gw, gb])]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for a, b in zip(grads(step), grads(compiled)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# backend selection
+# --------------------------------------------------------------------------------------------------
+def _explain_msdc(dtype=torch.float32, kernel_sizes=(3,), stride=1, backend=None):
+    c = 4
+    x = torch.zeros(2, c, 6, 6, dtype=dtype, device=DEVICE)
+    ws = [torch.zeros(c, 1, k, k, dtype=dtype, device=DEVICE) for k in kernel_sizes]
+    bns = [ek.BatchNormParams(None, None, None, None) for _ in kernel_sizes]
+    return ek.explain("multi_scale_dwconv", x, ws, bns, stride=stride, training=True, backend=backend)
+
+
+def test_auto_selects_triton():
+    assert "-> triton" in _explain_msdc()
+
+
+def test_check_reasons():
+    assert "float64 is not supported" in _explain_msdc(dtype=torch.float64)
+    assert "4 branches are not supported" in _explain_msdc(kernel_sizes=(1, 3, 5, 7))
+    assert "kernel size 9 is not supported" in _explain_msdc(kernel_sizes=(9,))
+    assert "stride 2 is not supported" in _explain_msdc(stride=2)
+    x = torch.zeros(1, 2, 4, 4, device=DEVICE)
+    text = ek.explain("upsample_dwconv", x, torch.zeros(2, 1, 3, 3, device=DEVICE), [None] * 4, scale=3)
+    assert "scale 3 is not supported" in text
+    with pytest.raises(ek.BackendUnavailableError, match="float64"):
+        x64 = torch.zeros(1, 2, 4, 4, dtype=torch.float64, device=DEVICE)
+        ek.multi_scale_dwconv(x64, [torch.zeros(2, 1, 3, 3, dtype=torch.float64, device=DEVICE)], [[None] * 4],
+                              backend="triton")
+
+
+def _python(code: str, env: dict) -> str:
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU refusal; this machine has a GPU")
+def test_cpu_tensors_refused_without_interpreter():
+    out = _python("import torch, emcad_kernels as ek\n"
+                  "x = torch.zeros(1, 2, 4, 4)\n"
+                  "print(ek.explain('multi_scale_dwconv', x, [torch.zeros(2, 1, 3, 3)], [[None] * 4]))\n",
+                  _clean_env())
+    assert "triton     no: tensor is on cpu and TRITON_INTERPRET is not set" in out
+    assert "-> triton" not in out
+
+
+def test_import_without_triton():
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'triton' or name.startswith('triton.'):\n"
+            "            raise ModuleNotFoundError(\"No module named 'triton'\", name='triton')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import torch, emcad_kernels as ek\n"
+            "assert 'triton' in ek.registered_backends() and 'triton' not in ek.available_backends()\n"
+            "x = torch.zeros(1, 2, 4, 4)\n"
+            "print(ek.explain('multi_scale_dwconv', x, [torch.zeros(2, 1, 3, 3)], [[None] * 4]))\n")
+    assert "triton is not installed" in _python(code, _clean_env())
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU only
+# --------------------------------------------------------------------------------------------------
+# EMCAD-B2 decoder stages at 224 px, batch 6 (EMCAD.md §2.10; channels 512/320/128/64 at 7/14/28/56 px):
+# MSDC runs on 2C channels, EUCB upsamples stage S to stage S+1, LGAG works on C channels with groups C/2.
+B2_STAGES = [(512, 7), (320, 14), (128, 28), (64, 56)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("stage", range(4))
+def test_gpu_parity_emcad_b2_shapes(dtype, stage):
+    c, s = B2_STAGES[stage]
+    check_against_reference(msdc_case(shape=(6, 2 * c, s, s)), dtype, True, True)
+    check_against_reference(lgag_case(shape=(6, c, s, s)), dtype, True, True)
+    if stage < 3:
+        check_against_reference(updw_case(shape=(6, c, s, s)), dtype, True, True)
+    if dtype == torch.float32:
+        check_against_reference(msdc_case(shape=(6, 2 * c, s, s)), dtype, False, False)
+
+
+@pytest.mark.gpu
+def test_gpu_polyp_shape_bf16():
+    check_against_reference(msdc_case(shape=(16, 128, 88, 88)), torch.bfloat16, True, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make_case,shape", [(msdc_case, (6, 256, 28, 28)), (updw_case, (6, 128, 28, 28)),
+                                             (lgag_case, (6, 128, 28, 28))], ids=["msdc", "updw", "lgag"])
+def test_gpu_bitwise_deterministic(make_case, shape):
+    first, _ = run(make_case(shape=shape), "triton", torch.bfloat16, True, True)
+    for _ in range(2):
+        again, _ = run(make_case(shape=shape), "triton", torch.bfloat16, True, True)
+        for name in first:
+            assert torch.equal(first[name], again[name]), name
+
+
+def _gpu_block_inputs(dtype=torch.bfloat16):
+    case = msdc_case(shape=(6, 256, 28, 28))
+    x = case.tensors["x"].to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    ws = [case.tensors[f"w{i}"].to("cuda", dtype).requires_grad_() for i in range(3)]
+    mods = [torch.nn.BatchNorm2d(256).cuda() for _ in range(3)]
+    return x, ws, mods
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor_fullgraph():
+    x, ws, mods = _gpu_block_inputs()
+
+    def step(x):
+        y = ek.multi_scale_dwconv(x, ws, mods, training=True, shuffle_groups=128, backend="triton")
+        return y.float().square().mean()
+
+    eager_loss = step(x)
+    eager_grads = torch.autograd.grad(eager_loss, ws)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(x)
+    grads = torch.autograd.grad(loss, ws)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay():
+    """Forward + backward captured in a CUDA graph and replayed: no host synchronisation, current stream only."""
+    x, ws, mods = _gpu_block_inputs()
+    x = x.clone().requires_grad_()
+    static_gy = torch.randn(6, 256, 28, 28, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        y = ek.multi_scale_dwconv(x, ws, mods, training=True, shuffle_groups=128, backend="triton")
+        return torch.autograd.grad(y, [x, *ws], static_gy)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: compilation and autotuning happen outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_grads = step()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step()
+    for a, b in zip(static_grads, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_emcad_b2_training_step_matches_torch(dtype):
+    emcad = pytest.importorskip("emcad", reason="the emcad models package is not importable")
+    try:
+        create_model = emcad.create_model
+    except AttributeError:
+        from emcad.models import create_model
+    torch.manual_seed(0)
+    ref = create_model("emcad_b2", num_classes=9, backend="torch").cuda()
+    fused = create_model("emcad_b2", num_classes=9, backend="triton").cuda()
+    fused.load_state_dict(ref.state_dict())
+    ref.train()
+    fused.train()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    results = []
+    for model in (ref, fused):
+        model = model.to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            outs = model(x.contiguous(memory_format=torch.channels_last))
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        loss = sum(o.float().square().mean() for o in outs)
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        results.append((loss.detach(), grads, [b.clone() for b in model.buffers()]))
+    (l_ref, g_ref, b_ref), (l_fused, g_fused, b_fused) = results
+    rtol = 1e-3 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(l_fused, l_ref, rtol=rtol, atol=1e-4)
+    for a, b in zip(g_fused, g_ref):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)
+        assert err < (1e-3 if dtype == torch.float32 else 5e-2), err
+    for a, b in zip(b_fused, b_ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_compute_sanitizer_clean(tmp_path):
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import torch, sys\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+        "import test_triton_backend as t\n"
+        "for make, shape in ((t.msdc_case, (2, 40, 13, 11)), (t.updw_case, (2, 40, 9, 6)),"
+        " (t.lgag_case, (2, 40, 11, 9))):\n"
+        "    for cl in (False, True):\n"
+        "        t.run(make(shape=shape), 'triton', torch.bfloat16, cl, True)\n"
+        "torch.cuda.synchronize()\n")
+    result = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "1", sys.executable, str(script)],
+                            capture_output=True, text=True, timeout=600)
+    if "LibraryNotLoaded" in result.stdout + result.stderr or "Device not supported" in result.stdout:
+        pytest.skip("compute-sanitizer cannot run on this host")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
