@@ -62,6 +62,12 @@ def _check(call: OpCall) -> list[str]:
     return reasons
 
 
+def _auto_skip(call: OpCall) -> str | None:
+    if call.device == "cpu":
+        return "the Triton interpreter on CPU is for tests, far slower than the other CPU backends"
+    return None
+
+
 register_backend(Backend(
-    name="triton", priority=30, load=_load, check=_check,
+    name="triton", priority=30, load=_load, check=_check, auto_skip=_auto_skip,
     description="fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)"))

@@ -59,6 +59,9 @@ class Backend:
     load: Callable[[], OpSet]
     check: Callable[[OpCall], list[str]]
     description: str = ""
+    # reason why ``auto`` must not pick this backend for a call it could run when asked explicitly
+    # (e.g. the Triton interpreter on CPU: correct, but for tests only); None = no objection
+    auto_skip: Callable[[OpCall], Optional[str]] = lambda call: None
     _ops: Optional[OpSet] = field(default=None, repr=False)
     _load_error: Optional[str] = field(default=None, repr=False)
 
@@ -147,8 +150,9 @@ def select(call: OpCall, explicit: Optional[str] = None) -> Backend:
                 f"backend {name!r} cannot run {call.op} on {call.device}/{call.dtype}: " + "; ".join(reasons))
         return backend
     for n in registered_backends():
-        if not _REGISTRY[n].reasons(call):
-            return _REGISTRY[n]
+        backend = _REGISTRY[n]
+        if not backend.reasons(call) and backend.auto_skip(call) is None:
+            return backend
     raise BackendUnavailableError(f"no backend can run {call.op}: " + explain_call(call))
 
 
@@ -161,6 +165,9 @@ def explain_call(call: OpCall, explicit: Optional[str] = None) -> str:
         pass
     for n in registered_backends():
         reasons = _REGISTRY[n].reasons(call)
+        skip = _REGISTRY[n].auto_skip(call) if not reasons and n != chosen else None
+        if skip is not None:
+            reasons = [f"only when requested explicitly: {skip}"]
         mark = "->" if n == chosen else "  "
         lines.append(f" {mark} {n:<10} " + ("ok" if not reasons else "no: " + "; ".join(reasons)))
     if chosen is None:

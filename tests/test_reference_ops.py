@@ -479,3 +479,17 @@ def test_empty_batch_in_eval_mode():
 def test_explain_rejects_unknown_op():
     with pytest.raises(ValueError, match="op must be one of"):
         ek.explain("conv2d")
+
+
+def test_auto_skip_backend_runs_only_when_requested():
+    reference_ops = backends.get_backend(REF).ops
+    backends.register_backend(Backend("tests_only", priority=100, load=lambda: reference_ops,
+                                      check=lambda call: [], auto_skip=lambda call: "demo: tests only"))
+    try:
+        x, ws, bns = _tiny_msdc_call()
+        assert "-> reference" in ek.explain("multi_scale_dwconv", x, ws, bns)
+        assert "only when requested explicitly: demo: tests only" in ek.explain("multi_scale_dwconv", x, ws, bns)
+        assert "-> tests_only" in ek.explain("multi_scale_dwconv", x, ws, bns, backend="tests_only")
+        ek.multi_scale_dwconv(x, ws, bns, backend="tests_only")
+    finally:
+        del backends._REGISTRY["tests_only"]
