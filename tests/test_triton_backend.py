@@ -373,6 +373,18 @@ def test_import_without_triton():
     assert "triton is not installed" in _python(code, _clean_env())
 
 
+def test_bench_gpu_dry_run_smoke(tmp_path):
+    """benchmarks/bench_gpu.py runs end to end (restricted to a few cheap measurements) and writes its results."""
+    out = _python("import sys, runpy\n"
+                  f"sys.argv = ['bench_gpu.py', '--out', {str(tmp_path)!r}, '--dry-run', '--ops', 'updw',\n"
+                  "            '--providers', 'eager_nchw,triton', '--modes', 'fwd_eval', '--no-model']\n"
+                  "runpy.run_path('benchmarks/bench_gpu.py', run_name='__main__')\n",
+                  _clean_env(TRITON_INTERPRET="1"))
+    assert "results:" in out
+    suffixes = sorted(p.suffix for p in tmp_path.iterdir())
+    assert suffixes == [".csv", ".json", ".md"], suffixes
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU only
 # --------------------------------------------------------------------------------------------------

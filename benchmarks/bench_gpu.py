@@ -1,0 +1,540 @@
+#!/usr/bin/env python3
+"""GPU benchmark of the triton backend (issue 4).
+
+For each fused op (``msdc``, ``updw``, ``lgag``) at the EMCAD-B2 decoder shapes (224 px / batch 6 and 352 px /
+batch 16; four stages each), in bf16 and fp32, and each mode (``fwd_eval``: inference forward; ``fwd_train``:
+training forward; ``fwd_bwd``: training forward + backward) it times these providers side by side:
+
+* ``eager_nchw`` / ``eager_cl``: the plain PyTorch module composition (``nn.Conv2d``, ``nn.BatchNorm2d``, ...)
+  with NCHW / channels_last inputs;
+* ``compiled``: ``torch.compile(mode=--compile-mode)`` (default ``max-autotune``) of that composition
+  (channels_last inputs);
+* ``triton`` / ``triton_nchw``: the fused ops with ``backend="triton"``, channels_last (the fast path) / NCHW.
+
+The device's copy bandwidth is measured in the same run (``dst.copy_(src)``, bytes read + written); forward rows
+carry the achieved bandwidth of the ideal traffic (MSDC: read x + write y; EUCB front: read x + write 4x; LGAG:
+read g, x + write out) as a fraction of it. The whole decoder (``emcad.models.EMCAD``) and EMCADNet-B2
+(``emcad.create_model("emcad_b2")``) get training-step time (forward, loss, backward, AdamW step), peak training
+memory and inference latency per provider (``torch`` eager NCHW / channels_last, compiled, ``triton``).
+
+Results: ``<out>/bench_<gpu>_<utc-time>.json`` (environment + rows + target checks), the same rows as CSV, and a
+Markdown summary; each row carries GPU name, driver, torch / triton versions, git commit and date.
+
+``--dry-run`` runs the same code on CPU through Triton's interpreter with tiny shapes and scaled-down channels, to
+check that the script works on a machine without a GPU (timings there mean nothing).
+
+Examples::
+
+    python benchmarks/bench_gpu.py --out benchmarks/results
+    python benchmarks/bench_gpu.py --out /tmp/b --sizes 352:16 --dtypes bf16 --ops msdc --stages 3 --no-model
+    python benchmarks/bench_gpu.py --out /tmp/smoke --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+B2_CHANNELS = (512, 320, 128, 64)  # decoder widths, strides 32, 16, 8, 4
+DRY_CHANNELS = (16, 12, 8, 4)
+STRIDES = (32, 16, 8, 4)
+PROVIDERS = ("eager_nchw", "eager_cl", "compiled", "triton", "triton_nchw")
+MODES = ("fwd_eval", "fwd_train", "fwd_bwd")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for the JSON / CSV / Markdown results")
+    p.add_argument("--sizes", default="224:6,352:16", help="image_size:batch pairs (default: 224:6,352:16)")
+    p.add_argument("--dtypes", default=None, help="comma list of bf16, fp16, fp32 (default: bf16,fp32; dry run: fp32)")
+    p.add_argument("--ops", default="msdc,updw,lgag")
+    p.add_argument("--stages", default="0,1,2,3", help="decoder stages (0 = deepest, stride 32)")
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--compile-mode", default="max-autotune")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run: "
+                                                           "aot_eager)")
+    p.add_argument("--no-model", action="store_true", help="skip the decoder and EMCADNet-B2 benchmarks")
+    p.add_argument("--no-ops", action="store_true", help="skip the per-op benchmarks")
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--dry-run", action="store_true", help="CPU smoke test through the Triton interpreter")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.dry_run:
+    # must happen before triton kernels are decorated, i.e. before emcad_kernels.triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import emcad_kernels as ek  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------------
+# environment
+# --------------------------------------------------------------------------------------------------
+def _cmd(args) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=REPO).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "gpu_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "driver": _cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()[0:1],
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": _cmd(["git", "rev-parse", "HEAD"]),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+    env["driver"] = env["driver"][0] if env["driver"] else None
+    if device == "cuda":
+        prop = torch.cuda.get_device_properties(0)
+        env.update(sm_count=prop.multi_processor_count, memory_gib=round(prop.total_memory / 2**30, 1),
+                   capability=f"{prop.major}.{prop.minor}")
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------------
+class Timer:
+    def __init__(self, device: str, warmup_ms: float, rep_ms: float):
+        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
+
+    def __call__(self, fn, grad_to_none=None) -> tuple[float, float, float]:
+        """(median, 20th, 80th percentile) in milliseconds."""
+        if self.device == "cuda":
+            import triton.testing
+            q = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=grad_to_none,
+                                        quantiles=[0.5, 0.2, 0.8])
+            return tuple(float(v) for v in q)
+        t0 = time.perf_counter()  # dry run (interpreter): one call, only to exercise the code
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms, ms
+
+    def peak_memory(self, fn) -> float | None:
+        """Peak allocated memory (MiB) of one call, above what was allocated before."""
+        if self.device != "cuda":
+            fn()
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth(timer: Timer, device: str) -> float:
+    """Measured device copy bandwidth in GB/s (bytes read + written)."""
+    nbytes = 2**30 if device == "cuda" else 2**24
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# the ops: plain PyTorch compositions (the baselines) and their fused calls
+# --------------------------------------------------------------------------------------------------
+def channel_shuffle(x, groups):
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class MSDCRef(nn.Module):
+    """MSDC + MSCB shuffle: three depthwise conv → BN → ReLU6 branches, summed, shuffled with C/2 groups."""
+
+    def __init__(self, c, kernel_sizes=(1, 3, 5)):
+        super().__init__()
+        self.dwconvs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, k, 1, k // 2, groups=c, bias=False),
+                                                   nn.BatchNorm2d(c), nn.ReLU6()) for k in kernel_sizes)
+        self.groups = c // 2
+
+    def forward(self, x):
+        y = sum(branch(x) for branch in self.dwconvs)
+        return channel_shuffle(y, self.groups)
+
+    def fused(self, x):
+        return ek.multi_scale_dwconv(x, [b[0].weight for b in self.dwconvs], [b[1] for b in self.dwconvs],
+                                     activation="relu6", shuffle_groups=self.groups, training=self.training,
+                                     backend="triton")
+
+
+class UpDWRef(nn.Module):
+    """EUCB front: nearest ×2 upsampling → depthwise 3×3 → BN → ReLU."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.conv = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(self.up(x))))
+
+    def fused(self, x):
+        return ek.upsample_dwconv(x, self.conv.weight, self.bn, mode="nearest", activation="relu",
+                                  training=self.training, backend="triton")
+
+
+class LGAGRef(nn.Module):
+    """LGAG with EMCAD's aggregation: ``g + x·sigmoid(BN(psi(relu(BN(gconv(g)) + BN(gconv(x))))))``."""
+
+    def __init__(self, c):
+        super().__init__()
+        f = c // 2
+        self.W_g = nn.Sequential(nn.Conv2d(c, f, 3, 1, 1, groups=f, bias=True), nn.BatchNorm2d(f))
+        self.W_x = nn.Sequential(nn.Conv2d(c, f, 3, 1, 1, groups=f, bias=True), nn.BatchNorm2d(f))
+        self.psi = nn.Sequential(nn.Conv2d(f, 1, 1, bias=True), nn.BatchNorm2d(1), nn.Sigmoid())
+        self.groups = f
+
+    def forward(self, g, x):
+        return g + x * self.psi(torch.relu(self.W_g(g) + self.W_x(x)))
+
+    def fused(self, g, x):
+        return ek.grouped_attention_gate(g, x, self.W_g[0].weight, self.W_g[0].bias, self.W_g[1], self.W_x[0].weight,
+                                         self.W_x[0].bias, self.W_x[1], self.psi[0].weight, self.psi[0].bias,
+                                         self.psi[1], groups=self.groups, add_gate_input=True, activation="relu",
+                                         training=self.training, backend="triton")
+
+
+def op_problem(op: str, channels, stage: int, size: int, batch: int):
+    """(module, input shapes, ideal forward bytes per element size) of one op at one decoder stage."""
+    c = channels[stage]
+    r = size // STRIDES[stage]
+    if op == "msdc":  # MSCB expands to 2C channels before the MSDC
+        e = batch * 2 * c * r * r
+        return MSDCRef(2 * c), [(batch, 2 * c, r, r)], 2 * e
+    if op == "updw":  # EUCB of stage S upsamples the stage-S map to stage S+1's resolution
+        e = batch * c * r * r
+        return UpDWRef(c), [(batch, c, r, r)], 5 * e
+    e = batch * c * r * r
+    return LGAGRef(c), [(batch, c, r, r), (batch, c, r, r)], 3 * e
+
+
+def _make_inputs(shapes, dtype, device, channels_last, requires_grad):
+    out = []
+    for s in shapes:
+        t = torch.randn(s, device=device, dtype=dtype)
+        if channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        out.append(t.requires_grad_(requires_grad))
+    return out
+
+
+def bench_op(op, stage, size, batch, dtype_name, providers, modes, timer, args, channels, device, copy_bw, env):
+    dtype = DTYPES[dtype_name]
+    base, shapes, ideal_elems = op_problem(op, channels, stage, size, batch)
+    base = base.to(device=device, dtype=dtype)
+    rows = []
+    for provider in providers:
+        cl = provider in ("eager_cl", "compiled", "triton")
+        module = copy.deepcopy(base)  # Module.to(memory_format=...) converts in place
+        if cl:
+            module = module.to(memory_format=torch.channels_last)
+        if provider == "compiled":
+            fn = torch.compile(module, mode=None if args.compile_backend else args.compile_mode,
+                               backend=args.compile_backend or "inductor")
+        elif provider.startswith("triton"):
+            fn = module.fused
+        else:
+            fn = module
+        for mode in modes:
+            row = dict(env_row(env), kind="op", op=op, image_size=size, batch=batch, stage=stage,
+                       shape="x".join(map(str, shapes[0])), dtype=dtype_name, provider=provider, mode=mode)
+            try:
+                module.train(mode != "fwd_eval")
+                inputs = _make_inputs(shapes, dtype, device, cl, mode == "fwd_bwd")
+                params = [p for p in module.parameters()]
+                if mode == "fwd_eval":
+                    def call():
+                        with torch.no_grad():
+                            return fn(*inputs)
+                    ms = timer(call)
+                elif mode == "fwd_train":
+                    ms = timer(lambda: fn(*inputs))
+                else:
+                    gy = torch.randn_like(fn(*inputs))
+
+                    def call():
+                        fn(*inputs).backward(gy)
+                    ms = timer(call, grad_to_none=inputs + params)
+                row.update(ms_p50=ms[0], ms_p20=ms[1], ms_p80=ms[2])
+                if mode != "fwd_bwd":
+                    gbps = ideal_elems * torch.finfo(dtype).bits / 8 / (ms[0] * 1e-3) / 1e9
+                    row.update(ideal_gbps=gbps, frac_copy_bw=gbps / copy_bw)
+            except Exception as e:  # keep going: a failing provider must not lose the other measurements
+                row.update(error=f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# decoder and EMCADNet-B2
+# --------------------------------------------------------------------------------------------------
+def bench_network(kind, size, batch, dtype_name, providers, timer, args, channels, device, env):
+    try:
+        if kind == "decoder":
+            from emcad.models import EMCAD
+            net = EMCAD(channels=channels, backend="torch")
+            feats = [(batch, c, size // s, size // s) for c, s in zip(channels, STRIDES)]
+
+            def inputs(cl):
+                x4, x3, x2, x1 = _make_inputs(feats, dtype, device, cl, False)
+                return (x4, [x3, x2, x1])
+        else:
+            import emcad
+            net = emcad.create_model("emcad_b2", num_classes=9, backend="torch")
+
+            def inputs(cl):
+                return tuple(_make_inputs([(batch, 3, size, size)], dtype, device, cl, False))
+    except Exception as e:
+        print(f"skipping {kind}: {type(e).__name__}: {e}")
+        return [dict(env_row(env), kind=kind, image_size=size, batch=batch, dtype=dtype_name,
+                     error=f"{type(e).__name__}: {e}")]
+    dtype = DTYPES[dtype_name]
+    net = net.to(device=device, dtype=dtype)
+    rows = []
+    for provider in providers:
+        cl = provider in ("eager_cl", "compiled", "triton")
+        model = copy.deepcopy(net)  # Module.to(memory_format=...) converts in place
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        from emcad.models import set_backend
+        set_backend(model, "triton" if provider.startswith("triton") else "torch")
+        fn = (torch.compile(model, mode=None if args.compile_backend else args.compile_mode,
+                            backend=args.compile_backend or "inductor") if provider == "compiled" else model)
+        args_in = inputs(cl)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device == "cuda")
+        row = dict(env_row(env), kind=kind, image_size=size, batch=batch, dtype=dtype_name, provider=provider)
+        try:
+            def train_step():
+                opt.zero_grad(set_to_none=True)
+                outs = fn(*args_in)
+                loss = sum(o.float().square().mean() for o in outs)
+                loss.backward()
+                opt.step()
+
+            def infer():
+                with torch.no_grad():
+                    fn(*args_in)
+
+            model.train()
+            train_ms = timer(train_step)
+            peak = timer.peak_memory(train_step)
+            model.eval()
+            infer_ms = timer(infer)
+            row.update(train_ms_p50=train_ms[0], train_ms_p20=train_ms[1], train_ms_p80=train_ms[2],
+                       train_peak_mib=peak, infer_ms_p50=infer_ms[0], infer_ms_p20=infer_ms[1],
+                       infer_ms_p80=infer_ms[2])
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+        rows.append(row)
+        print(_fmt(row), flush=True)
+        del model, fn, opt
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------------------------------
+ENV_COLUMNS = ("gpu_name", "driver", "torch", "triton", "git_commit", "date")
+
+
+def env_row(env):
+    return {k: env.get(k) for k in ENV_COLUMNS}
+
+
+def _fmt(row):
+    keys = [k for k in row if k not in ENV_COLUMNS]
+    return " ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys)
+
+
+def _find(rows, **match):
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()) and "error" not in r:
+            return r
+    return None
+
+
+def check_targets(rows, sizes):
+    """The issue's targets, each evaluated from measurements of this run (None where something is missing)."""
+    out = []
+    big = max(sizes)
+    r = _find(rows, kind="op", op="msdc", image_size=big[0], stage=3, dtype="bf16", provider="triton",
+              mode="fwd_eval")
+    out.append({"target": f"MSDC forward >= 70% of copy bandwidth ({big[0]}/batch {big[1]}, bf16, stage 3)",
+                "value": r and r.get("frac_copy_bw"), "pass": r is not None and r["frac_copy_bw"] >= 0.7})
+    for r in rows:
+        if r.get("kind") != "op" or r.get("provider") != "triton" or r.get("mode") != "fwd_bwd" or "error" in r:
+            continue
+        key = {k: r[k] for k in ("op", "image_size", "stage", "dtype")}
+        eager = _find(rows, kind="op", provider="eager_nchw", mode="fwd_bwd", **key)
+        comp = _find(rows, kind="op", provider="compiled", mode="fwd_bwd", **key)
+        label = f"{r['op']} {r['image_size']}px stage {r['stage']} {r['dtype']} fwd+bwd"
+        if eager:
+            s = eager["ms_p50"] / r["ms_p50"]
+            out.append({"target": f"{label}: >= 3x eager", "value": s, "pass": s >= 3})
+        if comp:
+            s = comp["ms_p50"] / r["ms_p50"]
+            out.append({"target": f"{label}: >= 1.5x compiled", "value": s, "pass": s >= 1.5})
+    for r in rows:
+        if r.get("kind") != "decoder" or r.get("provider") != "triton" or "error" in r:
+            continue
+        key = {k: r[k] for k in ("image_size", "dtype")}
+        eager = _find(rows, kind="decoder", provider="eager_nchw", **key)
+        comp = _find(rows, kind="decoder", provider="compiled", **key)
+        label = f"decoder {r['image_size']}px {r['dtype']}"
+        if eager:
+            s = eager["train_ms_p50"] / r["train_ms_p50"]
+            out.append({"target": f"{label}: training step >= 2x eager", "value": s, "pass": s >= 2})
+            if eager.get("train_peak_mib") and r.get("train_peak_mib") is not None:
+                m = r["train_peak_mib"] / eager["train_peak_mib"]
+                out.append({"target": f"{label}: peak training memory <= 60% of eager", "value": m,
+                            "pass": m <= 0.6})
+        if comp:
+            s = comp["train_ms_p50"] / r["train_ms_p50"]
+            out.append({"target": f"{label}: training step >= 1.3x compiled", "value": s, "pass": s >= 1.3})
+    return out
+
+
+def write_results(out_dir, env, copy_bw, rows, targets):
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in str(env["gpu_name"]).lower()).strip("-") or "device"
+    stamp = env["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    base = os.path.join(out_dir, f"bench_{slug}_{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump({"environment": env, "copy_bandwidth_gbps": copy_bw, "rows": rows, "targets": targets}, f,
+                  indent=1, default=str)
+    columns = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with open(base + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    with open(base + ".md", "w") as f:
+        f.write(summary_markdown(env, copy_bw, rows, targets))
+    return base
+
+
+def summary_markdown(env, copy_bw, rows, targets):
+    lines = [f"# triton backend benchmark: {env['gpu_name']}", "",
+             f"driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit'][:10]}, "
+             f"{env['date']}; measured copy bandwidth {copy_bw:.0f} GB/s", "",
+             "| op | px/batch | stage | dtype | mode | " + " | ".join(PROVIDERS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(PROVIDERS)]
+    keys = []
+    for r in rows:
+        if r.get("kind") == "op":
+            k = (r["op"], r["image_size"], r["batch"], r["stage"], r["dtype"], r["mode"])
+            if k not in keys:
+                keys.append(k)
+    for op, size, batch, stage, dtype, mode in keys:
+        cells = []
+        for p in PROVIDERS:
+            r = _find(rows, kind="op", op=op, image_size=size, stage=stage, dtype=dtype, mode=mode, provider=p)
+            cells.append(f"{r['ms_p50'] * 1e3:.0f} µs" if r else "–")
+        lines.append(f"| {op} | {size}/{batch} | {stage} | {dtype} | {mode} | " + " | ".join(cells) + " |")
+    nets = [r for r in rows if r.get("kind") in ("decoder", "model") and "error" not in r]
+    if nets:
+        lines += ["", "| network | px/batch | dtype | provider | train step | peak train MiB | inference |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in nets:
+            peak = f"{r['train_peak_mib']:.0f}" if r.get("train_peak_mib") is not None else "–"
+            lines.append(f"| {r['kind']} | {r['image_size']}/{r['batch']} | {r['dtype']} | {r['provider']} | "
+                         f"{r['train_ms_p50']:.2f} ms | {peak} | {r['infer_ms_p50']:.2f} ms |")
+    if targets:
+        lines += ["", "| target | value | pass |", "|---|---|---|"]
+        for t in targets:
+            v = "–" if t["value"] is None else f"{t['value']:.2f}"
+            lines.append(f"| {t['target']} | {v} | {'yes' if t['pass'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+def main(args):
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    if device == "cpu" and not args.dry_run:
+        sys.exit("no CUDA device: run on the GPU machine, or pass --dry-run for a CPU smoke test")
+    if args.dry_run:
+        sizes = [(64, 1)]
+        channels = DRY_CHANNELS
+        stages = [2]
+        args.compile_backend = args.compile_backend or "aot_eager"
+    else:
+        sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",")]
+        channels = B2_CHANNELS
+        stages = [int(s) for s in args.stages.split(",")]
+    dtypes = (args.dtypes or ("fp32" if args.dry_run else "bf16,fp32")).split(",")
+    providers = args.providers.split(",")
+    modes = args.modes.split(",")
+    env = environment(device)
+    timer = Timer(device, args.warmup_ms, args.rep_ms)
+    copy_bw = copy_bandwidth(timer, device)
+    print(f"{env['gpu_name']}: copy bandwidth {copy_bw:.1f} GB/s", flush=True)
+    rows = []
+    torch.manual_seed(0)
+    if not args.no_ops:
+        for size, batch in sizes:
+            for dtype_name in dtypes:
+                for op in args.ops.split(","):
+                    for stage in stages:
+                        if op == "updw" and stage == 3:
+                            continue  # the last EUCB upsamples stage 2 (stride 8) to stage 3 (stride 4)
+                        rows += bench_op(op, stage, size, batch, dtype_name, providers, modes, timer, args,
+                                         channels, device, copy_bw, env)
+    if not args.no_model:
+        net_providers = [p for p in providers if p != "triton_nchw"]
+        for size, batch in sizes:
+            for dtype_name in dtypes:
+                rows += bench_network("decoder", size, batch, dtype_name, net_providers, timer, args, channels,
+                                      device, env)
+                if not args.dry_run:  # the PVTv2-B2 encoder is far too slow for the interpreter smoke test
+                    rows += bench_network("model", size, batch, dtype_name, net_providers, timer, args, channels,
+                                          device, env)
+    targets = check_targets(rows, sizes)
+    base = write_results(args.out, env, copy_bw, rows, targets)
+    print(f"results: {base}.json / .csv / .md")
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        print(f"{len(errors)} measurements failed (see 'error' in the results)")
+    return 1 if args.dry_run and errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))
