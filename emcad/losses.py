@@ -161,7 +161,7 @@ class SegmentationLoss(torch.nn.Module):
             outputs = [outputs]
         fn = self.per_head()
         terms = combine_heads(outputs, self.supervision if len(outputs) > 1 else "last_layer")
-        return sum(fn(z.float(), target) for z in terms)
+        return sum(fn(z if z.dtype in (torch.float32, torch.float64) else z.float(), target) for z in terms)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, supervision={self.supervision!r}, criterion={self.criterion!r}"

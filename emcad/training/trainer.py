@@ -558,7 +558,12 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> TrainResult:
-        self._setup()
+        signals = _StopSignals(self._log_fn)
+        with signals:  # installed before the set-up: a signal during it stops after the first step, with a checkpoint
+            self._setup()
+            return self._run(signals)
+
+    def _run(self, signals: "_StopSignals") -> TrainResult:
         cfg = self.cfg
         self.log(f"emcad train: {cfg.model} on {getattr(self.train_set, 'describe', lambda: 'custom data')()}, "
                  f"{self.num_classes} classes, {self.total_steps} steps, global batch {cfg.batch_size}"
@@ -569,70 +574,68 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1,
                    disable=not (self.dist.is_main and cfg.progress), file=sys.stderr)
         interrupted = False
-        signals = _StopSignals(self.log)
-        with signals:
-            loss_sum = torch.zeros((), device=self.device)
-            n_logged, t_last = 0, time.perf_counter()
-            t_start = t_last
-            while self.step < self.total_steps:
-                epoch, start = divmod(self.step, self.steps_per_epoch)
-                self.sampler.set_epoch(epoch)
-                self.sampler.set_start(start)
-                if hasattr(self.train_set, "set_epoch"):
-                    self.train_set.set_epoch(epoch)
-                if not self.cfg.reproduce_eval_mode_quirk or self.step == 0:
-                    self.model.train()
-                for images, labels in self.loader:
-                    images = images.to(self.device, non_blocking=True)
-                    labels = labels.to(self.device, non_blocking=True)
-                    with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.amp):
-                        outputs = self.model(images)
-                    loss = self.criterion(outputs, labels)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.clip_grad_value is not None:
-                        torch.nn.utils.clip_grad_value_(self.raw_model.parameters(), cfg.clip_grad_value)
-                    if cfg.clip_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.clip_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.step += 1
-                    loss_sum += loss.detach()
-                    n_logged += 1
-                    if self.callback is not None:
-                        self.callback(self, self.step, loss)
+        loss_sum = torch.zeros((), device=self.device)
+        n_logged, t_last = 0, time.perf_counter()
+        t_start = t_last
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_start(start)
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(epoch)
+            if not self.cfg.reproduce_eval_mode_quirk or self.step == 0:
+                self.model.train()
+            for images, labels in self.loader:
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.amp):
+                    outputs = self.model(images)
+                loss = self.criterion(outputs, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad_value is not None:
+                    torch.nn.utils.clip_grad_value_(self.raw_model.parameters(), cfg.clip_grad_value)
+                if cfg.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.clip_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                loss_sum += loss.detach()
+                n_logged += 1
+                if self.callback is not None:
+                    self.callback(self, self.step, loss)
 
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        mean = loss_sum / n_logged
-                        if self.dist.enabled:
-                            torch.distributed.all_reduce(mean)
-                            mean = mean / self.dist.world_size
-                        now = time.perf_counter()
-                        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": mean.item(),
-                               "lr": self.optimizer.param_groups[0]["lr"],
-                               "images_per_s": n_logged * cfg.batch_size / max(now - t_last, 1e-9),
-                               "elapsed_s": now - t_start}
-                        self.train_rows.append(row)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
-                                        refresh=False)
-                        loss_sum.zero_()
-                        n_logged, t_last = 0, now
-                    bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    mean = loss_sum / n_logged
+                    if self.dist.enabled:
+                        torch.distributed.all_reduce(mean)
+                        mean = mean / self.dist.world_size
+                    now = time.perf_counter()
+                    row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": mean.item(),
+                           "lr": self.optimizer.param_groups[0]["lr"],
+                           "images_per_s": n_logged * cfg.batch_size / max(now - t_last, 1e-9),
+                           "elapsed_s": now - t_start}
+                    self.train_rows.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
+                                    refresh=False)
+                    loss_sum.zero_()
+                    n_logged, t_last = 0, now
+                bar.update(1)
 
-                    if self.step % cfg.val_every == 0 or self.step == self.total_steps:
-                        self._validate_and_select()
-                        t_last = time.perf_counter()  # validation time is not training throughput
-                    stop = ddp.any_flag(self._stop_requested or signals.signum is not None, self.device)
-                    if stop and self.step < self.total_steps:
-                        self.save_checkpoint(self.step)
-                        interrupted = True
-                        break
-                    if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
-                        self.save_checkpoint(self.step)
-                    if self.step >= self.total_steps:
-                        break
-                if interrupted:
+                if self.step % cfg.val_every == 0 or self.step == self.total_steps:
+                    self._validate_and_select()
+                    t_last = time.perf_counter()  # validation time is not training throughput
+                stop = ddp.any_flag(self._stop_requested or signals.signum is not None, self.device)
+                if stop and self.step < self.total_steps:
+                    self.save_checkpoint(self.step)
+                    interrupted = True
                     break
+                if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint(self.step)
+                if self.step >= self.total_steps:
+                    break
+            if interrupted:
+                break
         bar.close()
         if interrupted:
             self.log(f"stopped at step {self.step}/{self.total_steps}; checkpoint saved: {self.ckpt_path}\n"
