@@ -1,0 +1,13 @@
+"""EMCAD models: decoder blocks, the EMCAD decoder, EMCADNet and the model registry."""
+
+from .blocks import (CAB, EUCB, LGAG, MSCB, MSDC, SAB, MSCBLayer, channel_shuffle, init_decoder_weights,
+                     make_activation, set_backend, valid_backends)
+from .decoder import EMCAD
+from .emcadnet import EMCADNet
+from .registry import MODELS, create_model, from_pretrained, list_models, save_pretrained
+
+__all__ = [
+    "CAB", "EMCAD", "EMCADNet", "EUCB", "LGAG", "MODELS", "MSCB", "MSCBLayer", "MSDC", "SAB", "channel_shuffle",
+    "create_model", "from_pretrained", "init_decoder_weights", "list_models", "make_activation", "save_pretrained",
+    "set_backend", "valid_backends",
+]

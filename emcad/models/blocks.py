@@ -1,0 +1,492 @@
+"""EMCAD decoder building blocks (EMCAD.md §2), re-implemented from the specification.
+
+Every block keeps its parameters as standard ``nn.Conv2d`` / ``nn.BatchNorm2d`` submodules under the original
+names and indices, so that state dicts (and original checkpoints) match key for key.
+
+Every block has a ``backend`` attribute:
+
+* ``"torch"``: the plain composition of the submodules (the verification path; module hooks see every
+  submodule call, exactly like the original code);
+* ``"auto"`` (default), ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``...: the fused ops of
+  :mod:`emcad_kernels` are called on the same parameters (``backend=None`` for ``"auto"``, so that
+  ``EMCAD_KERNELS_BACKEND`` and ``emcad_kernels.use_backend`` apply). No weight conversion is ever needed.
+
+Fused paths:
+
+* :class:`MSCB`: the MSDC branches + BN + activation + sum (or concat) + channel shuffle run as one
+  ``multi_scale_dwconv`` call; ``pconv1`` / ``pconv2`` / the residual stay PyTorch modules.
+* :class:`MSDC` called alone returns the branch list (``combine="concat"`` then split).
+* :class:`EUCB`: ``up_dwc`` runs as one ``upsample_dwconv`` call, the identity shuffle is dropped, then ``pwc``.
+* :class:`LGAG`: one ``grouped_attention_gate`` call (``aggregate=True`` returns ``g + x·ψ``).
+* :class:`CAB`, :class:`SAB`: plain PyTorch in every mode (not fused yet).
+
+Not fused (the torch composition runs instead, whatever ``backend`` says): MSDC series mode
+(``dw_parallel=False``), EUCB with stride != 1, and any block whose BatchNorms disagree in train/eval mode,
+``eps`` or ``track_running_stats`` (e.g. one BN frozen by hand). In training mode the fused path does the
+``nn.BatchNorm2d`` bookkeeping itself: ``num_batches_tracked`` is incremented and the exponential-average factor
+(``momentum``, or ``1 / num_batches_tracked`` for ``momentum=None``) is used for the running statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import emcad_kernels
+from emcad_kernels import BatchNormParams
+
+__all__ = [
+    "ACTIVATIONS", "BackendMixin", "CAB", "EUCB", "LGAG", "MSCB", "MSCBLayer", "MSDC", "SAB", "channel_shuffle",
+    "init_decoder_weights", "make_activation", "set_backend", "valid_backends",
+]
+
+# Parameter-free activations by name (EMCAD.md §2.1). "prelu" of the original code is not supported: it would
+# add a learnable parameter that no EMCAD checkpoint has.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=False),
+    "relu6": lambda: nn.ReLU6(inplace=False),
+    "leakyrelu": lambda: nn.LeakyReLU(0.2, inplace=False),
+    "gelu": lambda: nn.GELU(),
+    "hswish": lambda: nn.Hardswish(inplace=False),
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """The activation module called ``name`` (``relu``, ``relu6``, ``leakyrelu`` (slope 0.2), ``gelu``,
+    ``hswish``)."""
+    try:
+        return ACTIVATIONS[name.lower()]()
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """ShuffleNet channel shuffle (EMCAD.md §2.2): output channel ``o`` takes input ``(o mod g)·n + o div g``
+    with ``n = C / g`` channels per group. ``groups == C`` is the identity."""
+    b, c, h, w = x.shape
+    if c % groups:
+        raise ValueError(f"channel_shuffle: groups={groups} does not divide {c} channels")
+    return x.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+# --------------------------------------------------------------------------------------------------
+# backend selection
+# --------------------------------------------------------------------------------------------------
+def valid_backends() -> list[str]:
+    """Names accepted by :func:`set_backend`: ``"torch"``, ``"auto"`` and the registered kernel backends."""
+    return ["torch", "auto", *emcad_kernels.registered_backends()]
+
+
+def _check_backend(name: str) -> str:
+    if not isinstance(name, str) or name not in valid_backends():
+        raise ValueError(f"unknown backend {name!r}; expected one of {valid_backends()}")
+    return name
+
+
+class BackendMixin:
+    """Gives a module a ``backend`` attribute (``"torch"``, ``"auto"`` or a kernel backend name)."""
+
+    backend: str = "auto"
+
+    def set_backend(self, name: str) -> "BackendMixin":
+        """Set ``backend`` on this module and on all its submodules; returns ``self``."""
+        set_backend(self, name)
+        return self
+
+    def _kernel_backend(self) -> Optional[str]:
+        """The ``backend=`` argument of the fused functional: None for "auto"."""
+        return None if self.backend == "auto" else self.backend
+
+    def _use_torch(self) -> bool:
+        return self.backend == "torch"
+
+
+def set_backend(module: nn.Module, name: str) -> nn.Module:
+    """Set ``backend = name`` on ``module`` and every submodule that has one; returns ``module``.
+
+    ``name`` is ``"torch"`` (plain nn-module composition), ``"auto"`` (fused ops, automatic kernel choice) or
+    a registered ``emcad_kernels`` backend (``"reference"``, ...). No weight conversion happens."""
+    _check_backend(name)
+    for m in module.modules():
+        if isinstance(m, BackendMixin):
+            m.backend = name
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# initialisation and BatchNorm bookkeeping
+# --------------------------------------------------------------------------------------------------
+def init_decoder_weights(module: nn.Module) -> None:
+    """EMCAD.md §2.1: conv weights ~ N(0, 0.02²), conv biases 0, BN weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class _FusedBN:
+    """The BatchNorm arguments of one fused call that covers ``bns``, with nn.BatchNorm2d's bookkeeping.
+
+    ``prepare`` returns None (without side effects) when the BNs cannot share one call; otherwise it increments
+    ``num_batches_tracked`` as ``nn.BatchNorm2d.forward`` does and computes each BN's exponential-average factor.
+    If the factors agree (the normal case) the modules themselves are passed and the functional updates their
+    running statistics; otherwise copies are passed with momentum 1 (so they receive the batch mean and unbiased
+    variance) and :meth:`finish` applies each BN's own factor with the same arithmetic.
+    """
+
+    def __init__(self, training: bool, eps: float, momentum: float, args: list, pending: list):
+        self.training = training
+        self.eps = eps
+        self.momentum = momentum
+        self.args = args
+        self._pending = pending
+
+    @staticmethod
+    def prepare(bns: Sequence[nn.BatchNorm2d]) -> Optional["_FusedBN"]:
+        first = bns[0]
+        for bn in bns:
+            if (bn.training != first.training or bn.eps != first.eps
+                    or bn.track_running_stats != first.track_running_stats
+                    or (bn.running_mean is None) != (first.running_mean is None)):
+                return None
+        factors = []
+        for bn in bns:
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            factors.append(float(factor))
+        updates_stats = first.training and first.running_mean is not None
+        if not updates_stats or all(f == factors[0] for f in factors):
+            return _FusedBN(first.training, first.eps, factors[0], list(bns), [])
+        args, pending = [], []
+        for bn, factor in zip(bns, factors):
+            mean, var = bn.running_mean.detach().clone(), bn.running_var.detach().clone()
+            args.append(BatchNormParams(bn.weight, bn.bias, mean, var))
+            pending.append((bn, factor, mean, var))
+        return _FusedBN(first.training, first.eps, 1.0, args, pending)
+
+    def finish(self) -> None:
+        with torch.no_grad():
+            for bn, factor, batch_mean, batch_var in self._pending:
+                bn.running_mean.mul_(1.0 - factor).add_(batch_mean, alpha=factor)
+                bn.running_var.mul_(1.0 - factor).add_(batch_var, alpha=factor)
+
+
+def _like(w: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """A conv weight/bias in the input's dtype (differentiable cast; a no-op normally)."""
+    if w is None or w.dtype == x.dtype:
+        return w
+    return w.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# MSDC / MSCB / MSCBLayer
+# --------------------------------------------------------------------------------------------------
+class MSDC(BackendMixin, nn.Module):
+    """Multi-scale depthwise convolution (EMCAD.md §2.3): one ``Conv2d(k, groups=C, no bias) → BN → act``
+    branch per kernel size in ``dwconvs``. ``forward`` returns the list of branch outputs.
+
+    Series mode (``dw_parallel=False``, ablation only) always runs the torch composition."""
+
+    def __init__(self, in_channels: int, kernel_sizes: Sequence[int], stride: int, activation: str = "relu6",
+                 dw_parallel: bool = True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.kernel_sizes = list(kernel_sizes)
+        self.stride = stride
+        self.activation = activation
+        self.dw_parallel = dw_parallel
+        if not self.kernel_sizes:
+            raise ValueError("MSDC needs at least one kernel size")
+        self.dwconvs = nn.ModuleList([
+            nn.Sequential(
+                nn.Conv2d(in_channels, in_channels, k, stride, k // 2, groups=in_channels, bias=False),
+                nn.BatchNorm2d(in_channels),
+                make_activation(activation),
+            )
+            for k in self.kernel_sizes
+        ])
+        init_decoder_weights(self)
+
+    def _torch_branches(self, x: Tensor) -> list[Tensor]:
+        outputs = []
+        for dwconv in self.dwconvs:
+            out = dwconv(x)
+            outputs.append(out)
+            if not self.dw_parallel:
+                x = x + out
+        return outputs
+
+    def _fusable(self) -> bool:
+        return self.dw_parallel and not self._use_torch()
+
+    def _fused(self, x: Tensor, combine: str, shuffle_groups: Optional[int],
+               backend: Optional[str]) -> Optional[Tensor]:
+        bn = _FusedBN.prepare([branch[1] for branch in self.dwconvs])
+        if bn is None:
+            return None
+        y = emcad_kernels.multi_scale_dwconv(
+            x, [_like(branch[0].weight, x) for branch in self.dwconvs], bn.args, activation=self.activation,
+            combine=combine, shuffle_groups=shuffle_groups, stride=self.stride, training=bn.training,
+            momentum=bn.momentum, eps=bn.eps, backend=backend)
+        bn.finish()
+        return y
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if self._fusable():
+            y = self._fused(x, "concat", None, self._kernel_backend())
+            if y is not None:
+                fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) and \
+                    not y.is_contiguous() else torch.contiguous_format
+                return [part.contiguous(memory_format=fmt) for part in y.chunk(len(self.dwconvs), dim=1)]
+        return self._torch_branches(x)
+
+    def combined(self, x: Tensor, add: bool = True, shuffle_groups: Optional[int] = None,
+                 backend: Optional[str] = None) -> Tensor:
+        """The branches summed (``add``) or concatenated, then channel-shuffled with ``shuffle_groups`` groups,
+        as one fused ``multi_scale_dwconv`` call (``backend``: kernel backend name, None = automatic).
+
+        Series mode (and BNs in mixed train/eval mode) fall back to the torch composition."""
+        if self.dw_parallel:
+            y = self._fused(x, "sum" if add else "concat", shuffle_groups, backend)
+            if y is not None:
+                return y
+        outputs = self._torch_branches(x)
+        d = reduce(torch.add, outputs) if add else torch.cat(outputs, dim=1)
+        if shuffle_groups is not None and shuffle_groups != d.shape[1]:
+            d = channel_shuffle(d, shuffle_groups)
+        return d
+
+
+class MSCB(BackendMixin, nn.Module):
+    """Multi-scale convolution block (EMCAD.md §2.4):
+    ``pconv1 (1×1 + BN + act) → MSDC → sum/concat → shuffle(gcd(combined, out_c)) → pconv2 (1×1 + BN)``,
+    plus the residual when ``stride == 1`` (through ``conv1x1`` when ``in_c != out_c``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_sizes: Sequence[int] = (1, 3, 5),
+                 expansion_factor: float = 2, dw_parallel: bool = True, add: bool = True, activation: str = "relu6"):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"MSCB stride must be 1 or 2, got {stride}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.kernel_sizes = list(kernel_sizes)
+        self.expansion_factor = expansion_factor
+        self.dw_parallel = dw_parallel
+        self.add = add
+        self.activation = activation
+        self.n_scales = len(self.kernel_sizes)
+        self.use_skip_connection = stride == 1
+        self.ex_channels = int(in_channels * expansion_factor)
+        self.pconv1 = nn.Sequential(
+            nn.Conv2d(in_channels, self.ex_channels, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(self.ex_channels),
+            make_activation(activation),
+        )
+        self.msdc = MSDC(self.ex_channels, self.kernel_sizes, stride, activation, dw_parallel)
+        self.combined_channels = self.ex_channels if add else self.ex_channels * self.n_scales
+        self.pconv2 = nn.Sequential(
+            nn.Conv2d(self.combined_channels, out_channels, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        if self.use_skip_connection and in_channels != out_channels:
+            self.conv1x1 = nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=False)
+        self.shuffle_groups = math.gcd(self.combined_channels, out_channels)
+        init_decoder_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.pconv1(x)
+        groups = None if self.shuffle_groups == self.combined_channels else self.shuffle_groups
+        if self._use_torch():
+            outputs = self.msdc(p)
+            d = reduce(torch.add, outputs) if self.add else torch.cat(outputs, dim=1)
+            d = channel_shuffle(d, self.shuffle_groups)
+        else:
+            d = self.msdc.combined(p, self.add, groups, backend=self._kernel_backend())
+        out = self.pconv2(d)
+        if self.use_skip_connection:
+            if hasattr(self, "conv1x1"):
+                x = self.conv1x1(x)
+            return x + out
+        return out
+
+
+class MSCBLayer(BackendMixin, nn.Sequential):
+    """``n`` MSCBs in a ``Sequential`` (keys ``{i}.*``); blocks after the first are stride 1, ``out → out``."""
+
+    def __init__(self, in_channels: int, out_channels: int, n: int = 1, stride: int = 1,
+                 kernel_sizes: Sequence[int] = (1, 3, 5), expansion_factor: float = 2, dw_parallel: bool = True,
+                 add: bool = True, activation: str = "relu6"):
+        if n < 1:
+            raise ValueError(f"MSCBLayer needs n >= 1, got {n}")
+        blocks = [MSCB(in_channels, out_channels, stride, kernel_sizes, expansion_factor, dw_parallel, add,
+                       activation)]
+        blocks += [MSCB(out_channels, out_channels, 1, kernel_sizes, expansion_factor, dw_parallel, add, activation)
+                   for _ in range(1, n)]
+        super().__init__(*blocks)
+
+
+# --------------------------------------------------------------------------------------------------
+# CAB / SAB
+# --------------------------------------------------------------------------------------------------
+class CAB(BackendMixin, nn.Module):
+    """Channel attention (EMCAD.md §2.5). Returns the map ``sigmoid(mlp(avg) + mlp(max))`` of shape
+    ``(B, out_channels, 1, 1)``; the caller multiplies. Plain PyTorch in every backend."""
+
+    def __init__(self, in_channels: int, out_channels: Optional[int] = None, ratio: int = 16,
+                 activation: str = "relu"):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = in_channels if out_channels is None else out_channels
+        if in_channels < ratio:
+            ratio = in_channels
+        self.ratio = ratio
+        self.reduced_channels = in_channels // ratio
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.max_pool = nn.AdaptiveMaxPool2d(1)
+        self.activation = make_activation(activation)
+        self.fc1 = nn.Conv2d(in_channels, self.reduced_channels, 1, bias=False)
+        self.fc2 = nn.Conv2d(self.reduced_channels, self.out_channels, 1, bias=False)
+        self.sigmoid = nn.Sigmoid()
+        init_decoder_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        avg_out = self.fc2(self.activation(self.fc1(self.avg_pool(x))))
+        max_out = self.fc2(self.activation(self.fc1(self.max_pool(x))))
+        return self.sigmoid(avg_out + max_out)
+
+
+class SAB(BackendMixin, nn.Module):
+    """Spatial attention (EMCAD.md §2.6): ``sigmoid(conv([mean_c(x), max_c(x)]))``, a ``(B, 1, H, W)`` map.
+    Plain PyTorch in every backend."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        if kernel_size not in (3, 7, 11):
+            raise ValueError(f"SAB kernel_size must be 3, 7 or 11, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.sigmoid = nn.Sigmoid()
+        init_decoder_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        avg_out = torch.mean(x, dim=1, keepdim=True)
+        max_out, _ = torch.max(x, dim=1, keepdim=True)
+        return self.sigmoid(self.conv(torch.cat([avg_out, max_out], dim=1)))
+
+
+# --------------------------------------------------------------------------------------------------
+# LGAG / EUCB
+# --------------------------------------------------------------------------------------------------
+class LGAG(BackendMixin, nn.Module):
+    """Large-kernel grouped attention gate (EMCAD.md §2.8).
+
+    ``forward(g, x)`` returns ``x · ψ`` with ``ψ = psi(act(W_g(g) + W_x(x)))`` (the original return value);
+    ``forward(g, x, aggregate=True)`` returns EMCAD's aggregation ``g + x · ψ`` (fused: ``add_gate_input``)."""
+
+    def __init__(self, F_g: int, F_l: int, F_int: int, kernel_size: int = 3, groups: int = 1,
+                 activation: str = "relu"):
+        super().__init__()
+        if kernel_size == 1:
+            groups = 1
+        self.F_g, self.F_l, self.F_int = F_g, F_l, F_int
+        self.kernel_size = kernel_size
+        self.groups = groups
+        self.activation_name = activation
+        self.W_g = nn.Sequential(
+            nn.Conv2d(F_g, F_int, kernel_size, 1, kernel_size // 2, groups=groups, bias=True),
+            nn.BatchNorm2d(F_int),
+        )
+        self.W_x = nn.Sequential(
+            nn.Conv2d(F_l, F_int, kernel_size, 1, kernel_size // 2, groups=groups, bias=True),
+            nn.BatchNorm2d(F_int),
+        )
+        self.psi = nn.Sequential(
+            nn.Conv2d(F_int, 1, 1, 1, 0, bias=True),
+            nn.BatchNorm2d(1),
+            nn.Sigmoid(),
+        )
+        self.activation = make_activation(activation)
+        init_decoder_weights(self)
+
+    def _torch(self, g: Tensor, x: Tensor) -> Tensor:
+        psi = self.psi(self.activation(self.W_g(g) + self.W_x(x)))
+        return x * psi
+
+    def forward(self, g: Tensor, x: Tensor, aggregate: bool = False) -> Tensor:
+        if not self._use_torch() and (not aggregate or g.shape[1] == x.shape[1]):
+            bn = _FusedBN.prepare([self.W_g[1], self.W_x[1], self.psi[1]])
+            if bn is not None:
+                conv_g, conv_x, conv_psi = self.W_g[0], self.W_x[0], self.psi[0]
+                out = emcad_kernels.grouped_attention_gate(
+                    g, x, _like(conv_g.weight, x), _like(conv_g.bias, x), bn.args[0],
+                    _like(conv_x.weight, x), _like(conv_x.bias, x), bn.args[1],
+                    _like(conv_psi.weight, x), _like(conv_psi.bias, x), bn.args[2],
+                    groups=self.groups, add_gate_input=aggregate, activation=self.activation_name,
+                    training=bn.training, momentum=bn.momentum, eps=bn.eps, backend=self._kernel_backend())
+                bn.finish()
+                return out
+        out = self._torch(g, x)
+        return g + out if aggregate else out
+
+
+class EUCB(BackendMixin, nn.Module):
+    """Efficient up-convolution block (EMCAD.md §2.9):
+    ``up_dwc = [Upsample(×2, nearest), depthwise k×k (no bias), BN, act]`` → identity shuffle →
+    ``pwc = [1×1 + bias]``.
+
+    Stride 1 and padding ``k // 2`` (the original's ``stride = k // 2`` is not reproduced). The fused path runs
+    ``up_dwc`` as one ``upsample_dwconv`` call and drops the identity shuffle."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 activation: str = "relu"):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.activation = activation
+        self.up_dwc = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(in_channels, in_channels, kernel_size, stride, kernel_size // 2, groups=in_channels,
+                      bias=False),
+            nn.BatchNorm2d(in_channels),
+            make_activation(activation),
+        )
+        self.pwc = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=True))
+        init_decoder_weights(self)
+
+    def _fusable(self) -> bool:
+        up = self.up_dwc[0]
+        scale = up.scale_factor
+        return (not self._use_torch() and self.stride == 1 and up.size is None and up.mode in ("nearest", "bilinear")
+                and not (up.mode == "bilinear" and up.align_corners) and float(scale) == int(scale))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._fusable():
+            bn = _FusedBN.prepare([self.up_dwc[2]])
+            if bn is not None:
+                up = self.up_dwc[0]
+                y = emcad_kernels.upsample_dwconv(
+                    x, _like(self.up_dwc[1].weight, x), bn.args[0], scale=int(up.scale_factor), mode=up.mode,
+                    activation=self.activation, training=bn.training, momentum=bn.momentum, eps=bn.eps,
+                    backend=self._kernel_backend())
+                bn.finish()
+                return self.pwc(y)
+        x = self.up_dwc(x)
+        x = channel_shuffle(x, self.in_channels)
+        return self.pwc(x)
+

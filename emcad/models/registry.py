@@ -1,0 +1,174 @@
+"""Model registry (``create_model``, ``list_models``) and ``save_pretrained`` / ``from_pretrained``.
+
+A saved model is a directory with ``config.json`` (the ``create_model`` arguments that rebuild it) and
+``model.safetensors`` (the full state dict with the original key names). Both files are written to a temporary
+file in the same directory and moved into place with ``os.replace``, so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .emcadnet import EMCADNet
+
+__all__ = ["MODELS", "CONFIG_NAME", "WEIGHTS_NAME", "create_model", "list_models", "save_pretrained",
+           "from_pretrained", "model_name_for_encoder"]
+
+# model name -> encoder name
+MODELS: dict[str, str] = {
+    **{f"emcad_b{i}": f"pvt_v2_b{i}" for i in range(6)},
+    **{f"emcad_resnet{d}": f"resnet{d}" for d in (18, 34, 50, 101, 152)},
+}
+# create_model overrides (EMCADNet arguments other than the explicit create_model ones)
+OVERRIDES = ("kernel_sizes", "expansion_factor", "dw_parallel", "add", "lgag_ks", "activation")
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return list(MODELS)
+
+
+def model_name_for_encoder(encoder: str) -> str:
+    for name, enc in MODELS.items():
+        if enc == encoder:
+            return name
+    raise ValueError(f"no EMCAD model uses encoder {encoder!r}; known encoders: {sorted(set(MODELS.values()))}")
+
+
+def create_model(name: str, num_classes: int = 1, in_channels: int = 3, encoder_weights: Optional[str] = None,
+                 backend: str = "auto", **overrides: Any) -> EMCADNet:
+    """Build an EMCAD network by name.
+
+    Args:
+        name: one of :func:`list_models`: ``emcad_b0`` … ``emcad_b5`` (PVTv2-b0 … b5 encoders),
+            ``emcad_resnet18`` / ``34`` / ``50`` / ``101`` / ``152``.
+        num_classes: classes of the prediction heads.
+        in_channels: 1 or 3 (see :class:`EMCADNet`; the forward accepts both).
+        encoder_weights: optional local file of pretrained encoder weights (nothing is downloaded).
+        backend: ``"torch"``, ``"auto"`` or an ``emcad_kernels`` backend name.
+        **overrides: decoder settings ``kernel_sizes``, ``expansion_factor``, ``dw_parallel``, ``add``,
+            ``lgag_ks``, ``activation`` (defaults: the paper configuration).
+    """
+    if name not in MODELS:
+        close = difflib.get_close_matches(str(name), MODELS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(MODELS)}")
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise TypeError(f"create_model got unknown arguments {unknown}; decoder overrides are {list(OVERRIDES)}")
+    model = EMCADNet(num_classes=num_classes, in_channels=in_channels, encoder=MODELS[name],
+                     encoder_weights=encoder_weights, backend=backend, **overrides)
+    model.model_name = name
+    return model
+
+
+def _config_of(model: nn.Module) -> dict[str, Any]:
+    if not isinstance(model, EMCADNet):
+        raise TypeError(f"save_pretrained expects an EMCADNet, got {type(model).__name__}")
+    config = dict(model.config)
+    encoder = config.pop("encoder")
+    name = getattr(model, "model_name", None) or model_name_for_encoder(encoder)
+    return {"name": name, **config, "format_version": FORMAT_VERSION}
+
+
+def _tensors_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as CPU tensors that safetensors accepts: contiguous, no shared storage."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in model.state_dict().items():
+        if value.device.type == "meta":
+            raise ValueError(f"cannot save {key!r}: it is on the meta device (the model has no real weights)")
+        t = value.detach().to("cpu")
+        storage = t.untyped_storage()
+        ident = (storage.data_ptr(), storage.nbytes())
+        shared = ident in seen or storage.nbytes() != t.numel() * t.element_size()
+        seen.add(ident)
+        if shared or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        tensors[key] = t
+    return tensors
+
+
+def _atomic_write(directory: str, final_name: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, os.path.join(directory, final_name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write ``config.json`` and ``model.safetensors`` for ``model`` (an :class:`EMCADNet`) into ``directory``
+    (created if needed). Each file is written atomically."""
+    from safetensors.torch import save_file
+
+    directory = os.fspath(directory)
+    config = _config_of(model)
+    os.makedirs(directory, exist_ok=True)
+    tensors = _tensors_for_safetensors(model)
+    metadata = {"format": "pt", "emcad_config": json.dumps(config, sort_keys=True)}
+    _atomic_write(directory, WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata=metadata))
+
+    def write_config(path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _atomic_write(directory, CONFIG_NAME, write_config)
+
+
+def from_pretrained(directory: str | os.PathLike, backend: str = "auto") -> EMCADNet:
+    """Rebuild a model saved by :func:`save_pretrained` and load its weights strictly. Returns it in eval mode."""
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"from_pretrained: '{path}' not found (expected a directory written by "
+                                    f"save_pretrained with {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"from_pretrained: cannot read '{config_path}': {e}") from e
+    if not isinstance(config, dict) or "name" not in config:
+        raise ValueError(f"from_pretrained: '{config_path}' has no model 'name'")
+    config = dict(config)
+    version = config.pop("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"from_pretrained: '{config_path}' has format_version {version}, this version reads "
+                         f"{FORMAT_VERSION}")
+    name = config.pop("name")
+    with torch.device("meta"):
+        model = create_model(name, backend=backend, **config)
+    try:
+        state_dict = load_file(weights_path, device="cpu")
+    except Exception as e:  # SafetensorError for truncated / corrupt files
+        raise ValueError(f"from_pretrained: cannot read '{weights_path}' (truncated or corrupt?): {e}") from e
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"from_pretrained: '{weights_path}' does not fit {name}: {e}") from e
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        # a tensor outside the state dict (non-persistent buffer) has no value yet: build for real
+        model = create_model(name, backend=backend, **config)
+        model.load_state_dict(state_dict, strict=True)
+    return model.eval()
