@@ -22,6 +22,7 @@
 #error "cuda_emulation.cuh is for CPU emulation builds only"
 #endif
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -196,6 +197,12 @@ constexpr unsigned char kGuardByte = 0xA5;
 inline void syncthreads() { current_launch()->block_barrier.sync(); }
 
 inline void* dynamic_smem() { return current_launch()->smem; }
+
+// number of 128-bit vector loads/stores executed (tests check that the channels-last vector path is taken)
+inline std::atomic<long long>& vector_accesses() {
+    static std::atomic<long long> n{0};
+    return n;
+}
 
 inline int& guard_failures() {
     static int n = 0;

@@ -26,6 +26,11 @@ extern "C" {
 
 int emcad_cuda_api_version(void) { return 1; }
 
+#ifdef EMCAD_CUDA_EMULATE
+// CPU emulation builds only: 128-bit vector accesses executed so far (tests/test_cuda_backend.py)
+long long emcad_emu_vector_accesses(void) { return ::emcad_emu::vector_accesses().load(); }
+#endif
+
 size_t emcad_cuda_args_sizeof(int which) {
     switch (which) {
         case 0: return sizeof(EmcadMsdcArgs);

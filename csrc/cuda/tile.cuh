@@ -23,6 +23,14 @@
     } while (0)
 #endif
 
+#ifdef EMCAD_CUDA_EMULATE
+#define EMCAD_EMU_COUNT_VECTOR_ACCESS() ++::emcad_emu::vector_accesses()
+#else
+#define EMCAD_EMU_COUNT_VECTOR_ACCESS() \
+    do {                                \
+    } while (0)
+#endif
+
 namespace emcad {
 namespace cuda {
 
@@ -47,6 +55,7 @@ EMCAD_CU_D void load_tile(const T* __restrict__ src, const Strides& s, int64_t n
             if (h >= 0 && h < H && w >= 0 && w < W && c < channels) {
                 const T* p = src + offset4(s, n, c, h, w);
                 EMCAD_EMU_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "aligned 128-bit load");
+                EMCAD_EMU_COUNT_VECTOR_ACCESS();
                 const uint4 raw = *reinterpret_cast<const uint4*>(p);
                 const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -109,6 +118,7 @@ EMCAD_CU_D void store_tile(T* __restrict__ dst, const Strides& s, int64_t n, int
             for (int k = 0; k < V; ++k) e[k] = from_acc<T>(sp[k]);
             T* p = dst + offset4(s, n, map(c), h, w);
             EMCAD_EMU_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "aligned 128-bit store");
+            EMCAD_EMU_COUNT_VECTOR_ACCESS();
             *reinterpret_cast<uint4*>(p) = raw;
         }
     } else if (s.c == 1) {

@@ -114,6 +114,21 @@ Tensor scratch_for(size_t bytes, const Tensor& like) {
     return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
 }
 
+// The gradient of a parameter with the strides the fake implementation promises (empty_like of the parameter).
+// The kernels write dense row-major values, so a parameter with another physical layout gets a dense buffer
+// that is copied back after the launch.
+struct ParamGrad {
+    Tensor out, buf;
+    void finish() {
+        if (!out.is_same(buf)) out.copy_(buf);
+    }
+};
+
+ParamGrad param_grad(const Tensor& param) {
+    Tensor out = at::empty_like(param);
+    return {out, out.is_contiguous() ? out : at::empty(param.sizes(), param.options())};
+}
+
 Tensor cast_like(const Tensor& t, const Tensor& like) {
     return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
 }
@@ -220,10 +235,10 @@ std::vector<Tensor> msdc_bwd(const Tensor& grad, const Tensor& x, at::TensorList
     const auto acc = p.x.options().dtype(acc_type(p.x.scalar_type()));
     Tensor gbw = at::empty({a.nb, a.c}, acc);
     Tensor gbb = at::empty({a.nb, a.c}, acc);
-    std::vector<Tensor> gws;
+    std::vector<ParamGrad> gws;
     for (int b = 0; b < a.nb; ++b) {
-        gws.push_back(at::empty(p.weights[b].sizes(), p.weights[b].options()));
-        a.grad_weight[b] = gws.back().data_ptr();
+        gws.push_back(param_grad(weights[b]));
+        a.grad_weight[b] = gws.back().buf.data_ptr();
     }
     fill_strides(a.y_stride, g);
     a.grad_y = g.data_ptr();
@@ -236,7 +251,10 @@ std::vector<Tensor> msdc_bwd(const Tensor& grad, const Tensor& x, at::TensorList
     a.scratch_bytes = bytes;
     check_launch(emcad_msdc_backward(&a, EMCAD_CURRENT_STREAM), "multi_scale_dwconv backward");
     std::vector<Tensor> out{gx, cast_like(gbw, bn_weight), cast_like(gbb, bn_bias)};
-    for (auto& t : gws) out.push_back(t);
+    for (auto& t : gws) {
+        t.finish();
+        out.push_back(t.out);
+    }
     return out;
 }
 
@@ -327,14 +345,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> updw_bwd(const Tensor& grad, const Te
                 "emcad_kernels cuda backend: grad has shape ", grad.sizes());
     const Tensor g = grad.contiguous(p.fmt);
     Tensor gx = at::empty_like(p.x, p.x.options(), p.fmt);
-    Tensor gw = at::empty(p.weight.sizes(), p.weight.options());
+    ParamGrad gw = param_grad(weight);
     const auto acc = p.x.options().dtype(acc_type(p.x.scalar_type()));
     Tensor gbw = at::empty({a.c}, acc);
     Tensor gbb = at::empty({a.c}, acc);
     fill_strides(a.y_stride, g);
     a.grad_y = g.data_ptr();
     a.grad_x = gx.data_ptr();
-    a.grad_weight = gw.data_ptr();
+    a.grad_weight = gw.buf.data_ptr();
     a.grad_bn_weight = gbw.data_ptr();
     a.grad_bn_bias = gbb.data_ptr();
     const size_t bytes = emcad_updw_backward_scratch_bytes(&a);
@@ -342,7 +360,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> updw_bwd(const Tensor& grad, const Te
     a.scratch = scratch.data_ptr();
     a.scratch_bytes = bytes;
     check_launch(emcad_updw_backward(&a, EMCAD_CURRENT_STREAM), "upsample_dwconv backward");
-    return {gx, gw, cast_like(gbw, bn_weight), cast_like(gbb, bn_bias)};
+    gw.finish();
+    return {gx, gw.out, cast_like(gbw, bn_weight), cast_like(gbb, bn_bias)};
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -468,8 +487,9 @@ std::vector<Tensor> lgag_bwd(const Tensor& grad, const Tensor& g, const Tensor& 
     const Tensor go = grad.contiguous(out_format(p.x));
     Tensor gg = at::empty_like(p.g, p.g.options(), out_format(p.g));
     Tensor gx = at::empty_like(p.x, p.x.options(), out_format(p.x));
-    std::vector<Tensor> gparams;
-    for (const Tensor& t : p.params) gparams.push_back(at::empty(t.sizes(), t.options()));
+    std::vector<ParamGrad> gparams;
+    const Tensor* originals[6] = {&wg, &bg, &wx, &bx, &wpsi, &bpsi};
+    for (int i = 0; i < 6; ++i) gparams.push_back(param_grad(*originals[i]));
     const auto acc = p.x.options().dtype(acc_type(p.x.scalar_type()));
     std::vector<Tensor> gbn;
     for (int k = 0; k < 6; ++k) {
@@ -480,19 +500,22 @@ std::vector<Tensor> lgag_bwd(const Tensor& grad, const Tensor& g, const Tensor& 
     a.grad_out = go.data_ptr();
     a.grad_g = gg.data_ptr();
     a.grad_x = gx.data_ptr();
-    a.grad_wg = gparams[0].data_ptr();
-    a.grad_bg = gparams[1].data_ptr();
-    a.grad_wx = gparams[2].data_ptr();
-    a.grad_bx = gparams[3].data_ptr();
-    a.grad_wpsi = gparams[4].data_ptr();
-    a.grad_bpsi = gparams[5].data_ptr();
+    a.grad_wg = gparams[0].buf.data_ptr();
+    a.grad_bg = gparams[1].buf.data_ptr();
+    a.grad_wx = gparams[2].buf.data_ptr();
+    a.grad_bx = gparams[3].buf.data_ptr();
+    a.grad_wpsi = gparams[4].buf.data_ptr();
+    a.grad_bpsi = gparams[5].buf.data_ptr();
     const size_t bytes = emcad_lgag_backward_scratch_bytes(&a);
     Tensor scratch = scratch_for(bytes, p.x);
     a.scratch = scratch.data_ptr();
     a.scratch_bytes = bytes;
     check_launch(emcad_lgag_backward(&a, EMCAD_CURRENT_STREAM), "grouped_attention_gate backward");
     std::vector<Tensor> out{gg, gx};
-    for (auto& t : gparams) out.push_back(t);
+    for (auto& t : gparams) {
+        t.finish();
+        out.push_back(t.out);
+    }
     for (int k = 0; k < 6; ++k) out.push_back(cast_like(gbn[k], bn_weights[k]));
     return out;
 }
