@@ -794,6 +794,185 @@ def test_host_math_of_the_shared_headers(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:]
 
 
+SANITIZER_DRIVER = r"""
+// Exercises every launcher on random data (both layouts, train/eval, fp32/bf16/fp64) for the sanitizers.
+#include "cuda/launchers.h"
+#include "cuda/common.cuh"
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+static std::mt19937 rng(0);
+struct Buf {
+    std::vector<unsigned char> bytes;
+    void* ptr() { return bytes.data(); }
+};
+static int esize(int dt) { return dt == EMCAD_DTYPE_F64 ? 8 : dt == EMCAD_DTYPE_F32 ? 4 : 2; }
+static void fill(Buf& b, int dt, size_t n, double offset = 0.0, double scale = 1.0) {
+    std::normal_distribution<double> nd;
+    b.bytes.assign(n * esize(dt) + 64, 0);
+    for (size_t i = 0; i < n; ++i) {
+        const double v = offset + scale * nd(rng);
+        if (dt == EMCAD_DTYPE_F64) reinterpret_cast<double*>(b.ptr())[i] = v;
+        else if (dt == EMCAD_DTYPE_F32) reinterpret_cast<float*>(b.ptr())[i] = float(v);
+        else if (dt == EMCAD_DTYPE_BF16) reinterpret_cast<__nv_bfloat16*>(b.ptr())[i] = __float2bfloat16_rn(float(v));
+        else reinterpret_cast<__half*>(b.ptr())[i] = __float2half_rn(float(v));
+    }
+}
+static void strides(int64_t* s, int64_t c, int64_t h, int64_t w, bool cl) {
+    s[0] = c * h * w; s[1] = cl ? 1 : h * w; s[2] = cl ? w * c : w; s[3] = cl ? c : 1;
+}
+static int failures = 0;
+static void expect_ok(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) { std::printf("FAIL %s: %d\n", what, int(e)); ++failures; }
+}
+
+int main(int argc, char** argv) {
+    std::vector<int> dtypes;
+    for (int i = 1; i < argc; ++i) dtypes.push_back(std::atoi(argv[i]));
+    for (int dt : dtypes)
+        for (int cl = 0; cl < 2; ++cl)
+            for (int training = 0; training < 2; ++training)
+                for (int64_t c : {6, 16}) {
+                    const int acc = dt == EMCAD_DTYPE_F64 ? EMCAD_DTYPE_F64 : EMCAD_DTYPE_F32;
+                    const int64_t n = 2, h = 9, w = 7;
+                    // ---- msdc ----
+                    {
+                        Buf x, y, gy, gx, ws[3], gws[3], bn[4], sm, sv, gbw, gbb, scr;
+                        fill(x, dt, n * c * h * w); fill(gy, dt, n * c * h * w);
+                        fill(y, dt, n * c * h * w); fill(gx, dt, n * c * h * w);
+                        const int ks[3] = {1, 3, 5};
+                        EmcadMsdcArgs a{};
+                        a.n = n; a.c = c; a.h = h; a.w = w; strides(a.x_stride, c, h, w, cl); strides(a.y_stride, c, h, w, cl);
+                        a.nb = 3; a.dtype = dt; a.act = EMCAD_ACT_RELU6; a.shuffle_groups = int(c / 2); a.training = training; a.eps = 1e-5;
+                        for (int b = 0; b < 3; ++b) {
+                            fill(ws[b], dt, c * ks[b] * ks[b], 0, 0.3); fill(gws[b], dt, c * ks[b] * ks[b]);
+                            a.ksize[b] = ks[b]; a.weight[b] = ws[b].ptr(); a.grad_weight[b] = gws[b].ptr();
+                        }
+                        fill(bn[0], acc, 3 * c, 1.0, 0.1); fill(bn[1], acc, 3 * c, 0, 0.1); fill(bn[2], acc, 3 * c, 0, 0.1); fill(bn[3], acc, 3 * c, 1.0, 0.1);
+                        fill(sm, acc, 3 * c); fill(sv, acc, 3 * c); fill(gbw, acc, 3 * c); fill(gbb, acc, 3 * c);
+                        a.x = x.ptr(); a.bn_weight = bn[0].ptr(); a.bn_bias = bn[1].ptr(); a.mean = bn[2].ptr(); a.var = bn[3].ptr();
+                        a.y = y.ptr(); a.save_mean = sm.ptr(); a.save_var = sv.ptr();
+                        a.grad_y = gy.ptr(); a.grad_x = gx.ptr(); a.grad_bn_weight = gbw.ptr(); a.grad_bn_bias = gbb.ptr();
+                        scr.bytes.assign(emcad_msdc_forward_scratch_bytes(&a), 0); a.scratch = scr.ptr(); a.scratch_bytes = scr.bytes.size();
+                        expect_ok(emcad_msdc_forward(&a, nullptr), "msdc forward");
+                        a.mean = sm.ptr(); a.var = bn[3].ptr();
+                        scr.bytes.assign(emcad_msdc_backward_scratch_bytes(&a), 0); a.scratch = scr.ptr(); a.scratch_bytes = scr.bytes.size();
+                        expect_ok(emcad_msdc_backward(&a, nullptr), "msdc backward");
+                    }
+                    // ---- updw ----
+                    {
+                        Buf x, y, gy, gx, wt, gw, bn[4], sm, sv, gbw, gbb, scr;
+                        const int64_t hl = 5, wl = 4;
+                        fill(x, dt, n * c * hl * wl); fill(gx, dt, n * c * hl * wl);
+                        fill(y, dt, n * c * 4 * hl * wl); fill(gy, dt, n * c * 4 * hl * wl);
+                        fill(wt, dt, c * 9, 0, 0.3); fill(gw, dt, c * 9);
+                        for (int k = 0; k < 4; ++k) fill(bn[k], acc, c, k == 0 || k == 3 ? 1.0 : 0.0, 0.1);
+                        fill(sm, acc, c); fill(sv, acc, c); fill(gbw, acc, c); fill(gbb, acc, c);
+                        EmcadUpdwArgs a{};
+                        a.n = n; a.c = c; a.h = hl; a.w = wl; strides(a.x_stride, c, hl, wl, cl); strides(a.y_stride, c, 2 * hl, 2 * wl, cl);
+                        a.ksize = 3; a.scale = 2; a.dtype = dt; a.act = EMCAD_ACT_RELU; a.training = training; a.eps = 1e-5;
+                        a.x = x.ptr(); a.weight = wt.ptr(); a.bn_weight = bn[0].ptr(); a.bn_bias = bn[1].ptr(); a.mean = bn[2].ptr(); a.var = bn[3].ptr();
+                        a.y = y.ptr(); a.save_mean = sm.ptr(); a.save_var = sv.ptr();
+                        a.grad_y = gy.ptr(); a.grad_x = gx.ptr(); a.grad_weight = gw.ptr(); a.grad_bn_weight = gbw.ptr(); a.grad_bn_bias = gbb.ptr();
+                        scr.bytes.assign(emcad_updw_forward_scratch_bytes(&a), 0); a.scratch = scr.ptr(); a.scratch_bytes = scr.bytes.size();
+                        expect_ok(emcad_updw_forward(&a, nullptr), "updw forward");
+                        scr.bytes.assign(emcad_updw_backward_scratch_bytes(&a), 0); a.scratch = scr.ptr(); a.scratch_bytes = scr.bytes.size();
+                        expect_ok(emcad_updw_backward(&a, nullptr), "updw backward");
+                    }
+                    // ---- lgag ----
+                    {
+                        const int64_t f = c / 2, hl = 6, wl = 5;
+                        Buf g, x, out, gout, gg, gx, p[6], gp[6], bn[12], st[6], gbn[6], scr;
+                        const int64_t sizes[6] = {f * 2 * 9, f, f * 2 * 9, f, f, 1};
+                        fill(g, dt, n * c * hl * wl); fill(x, dt, n * c * hl * wl); fill(out, dt, n * c * hl * wl);
+                        fill(gout, dt, n * c * hl * wl); fill(gg, dt, n * c * hl * wl); fill(gx, dt, n * c * hl * wl);
+                        EmcadLgagArgs a{};
+                        a.n = n; a.h = hl; a.w = wl; a.cg = a.cx = c; a.f_int = f; a.groups = int(f); a.ksize = 3;
+                        strides(a.g_stride, c, hl, wl, cl); strides(a.x_stride, c, hl, wl, cl); strides(a.out_stride, c, hl, wl, cl);
+                        a.dtype = dt; a.act = EMCAD_ACT_RELU; a.training = training; a.add_gate_input = 1; a.eps = 1e-5;
+                        for (int i = 0; i < 6; ++i) { fill(p[i], dt, sizes[i], 0, 0.3); fill(gp[i], dt, sizes[i]); }
+                        for (int k = 0; k < 12; ++k) fill(bn[k], acc, k < 8 ? f : 1, (k % 4 == 0 || k % 4 == 3) ? 1.0 : 0.0, 0.1);
+                        for (int k = 0; k < 6; ++k) { fill(st[k], acc, k < 4 ? f : 1); fill(gbn[k], acc, k < 4 ? f : 1); }
+                        a.g = g.ptr(); a.x = x.ptr(); a.wg = p[0].ptr(); a.bg = p[1].ptr(); a.wx = p[2].ptr(); a.bx = p[3].ptr(); a.wpsi = p[4].ptr(); a.bpsi = p[5].ptr();
+                        for (int k = 0; k < 4; ++k) { a.bn_g[k] = bn[k].ptr(); a.bn_x[k] = bn[4 + k].ptr(); a.bn_psi[k] = bn[8 + k].ptr(); }
+                        a.out = out.ptr();
+                        for (int k = 0; k < 6; ++k) a.save_stats[k] = st[k].ptr();
+                        a.grad_out = gout.ptr(); a.grad_g = gg.ptr(); a.grad_x = gx.ptr();
+                        a.grad_wg = gp[0].ptr(); a.grad_bg = gp[1].ptr(); a.grad_wx = gp[2].ptr(); a.grad_bx = gp[3].ptr(); a.grad_wpsi = gp[4].ptr(); a.grad_bpsi = gp[5].ptr();
+                        for (int k = 0; k < 6; ++k) a.grad_bn[k] = gbn[k].ptr();
+                        scr.bytes.assign(emcad_lgag_forward_scratch_bytes(&a), 0); a.scratch = scr.ptr(); a.scratch_bytes = scr.bytes.size();
+                        expect_ok(emcad_lgag_forward(&a, nullptr), "lgag forward");
+                        a.bn_g[2] = st[0].ptr(); a.bn_g[3] = st[1].ptr(); a.bn_x[2] = st[2].ptr(); a.bn_x[3] = st[3].ptr();
+                        a.bn_psi[2] = st[4].ptr(); a.bn_psi[3] = st[5].ptr();
+                        scr.bytes.assign(emcad_lgag_backward_scratch_bytes(&a), 0); a.scratch = scr.ptr(); a.scratch_bytes = scr.bytes.size();
+                        expect_ok(emcad_lgag_backward(&a, nullptr), "lgag backward");
+                    }
+                }
+    std::printf("%d failures\n", failures);
+    return failures != 0;
+}
+"""
+
+
+def _sanitizer_run(tmp_path, sanitizer: str, dtypes):
+    """Builds the emulated launchers and a C++ driver that calls every launcher (both layouts, train and eval,
+    channels 6 and 16) with -fsanitize=<sanitizer>, runs it and returns (returncode, output)."""
+    flags = [f for f in EMU_FLAGS if f != "-Wall"] + [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer"]
+    out_dir = _emu_dir() / sanitizer.replace(",", "_")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def compile_one(path: Path):
+        obj = out_dir / (path.name + ".o")
+        if not obj.exists():
+            tmp = out_dir / f"{path.name}.{os.getpid()}.o"
+            proc = subprocess.run([GXX, *flags, "-c", "-x", "c++", str(path), "-o", str(tmp)], capture_output=True,
+                                  text=True)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            os.replace(tmp, obj)
+        return str(obj)
+
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        objs = list(pool.map(compile_one, CU_FILES))
+    src = tmp_path / "driver.cpp"
+    src.write_text(SANITIZER_DRIVER)
+    exe = tmp_path / "driver"
+    proc = subprocess.run([GXX, *flags, str(src), *objs, "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1",
+               TSAN_OPTIONS="halt_on_error=0")
+    proc = subprocess.run([str(exe), *(str(DTYPE_CODE[d]) for d in dtypes)], capture_output=True, text=True,
+                          timeout=1500, env=env)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _sanitizer_available(sanitizer: str) -> bool:
+    if GXX is None:
+        return False
+    lib = subprocess.run([GXX, f"-print-file-name=lib{sanitizer}.so"], capture_output=True, text=True).stdout.strip()
+    return os.path.isabs(lib) and os.path.exists(lib)
+
+
+@pytest.mark.skipif(not _sanitizer_available("asan"), reason="g++ with AddressSanitizer not available")
+def test_emulation_is_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    """The CPU analogue of compute-sanitizer memcheck: every global/shared-memory access of every launcher is
+    checked for out-of-bounds and use-after-free (ASan), and for undefined behaviour such as integer overflow
+    (UBSan)."""
+    rc, out = _sanitizer_run(tmp_path, "address,undefined", (torch.float32, torch.bfloat16, torch.float64))
+    assert rc == 0 and "ERROR: AddressSanitizer" not in out and "runtime error" not in out, out[-6000:]
+
+
+@pytest.mark.skipif(not _sanitizer_available("tsan"), reason="g++ with ThreadSanitizer not available")
+def test_emulation_is_clean_under_thread_sanitizer(tmp_path):
+    """The CPU analogue of compute-sanitizer racecheck: each CUDA thread is an OS thread and __syncthreads a real
+    barrier, so shared-memory accesses of different threads that no barrier orders are reported as data races
+    (a removed __syncthreads is caught)."""
+    rc, out = _sanitizer_run(tmp_path, "thread", (torch.float32,))
+    assert rc == 0 and "WARNING: ThreadSanitizer" not in out, out[-6000:]
+
+
 def test_ctypes_mirrors_match_the_c_structs(emu):
     for which, struct in enumerate((MsdcArgs, UpdwArgs, LgagArgs)):
         assert emu.emcad_cuda_args_sizeof(which) == ctypes.sizeof(struct), struct.__name__
