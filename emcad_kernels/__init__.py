@@ -9,6 +9,7 @@ Public API:
 """
 
 from . import _reference_backend  # noqa: F401  (registers the reference backend)
+from . import _cpu_backend  # noqa: F401  (registers the cpu backend; needs the built C++ extension)
 from . import _cuda_backend  # noqa: F401  (registers the cuda backend; needs the built CUDA extension)
 from . import _triton_backend  # noqa: F401  (registers the triton backend; imports triton lazily)
 from .backends import (BackendUnavailableError, available_backends, registered_backends, use_backend)

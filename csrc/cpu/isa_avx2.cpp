@@ -1,0 +1,21 @@
+// Kernels compiled for AVX2 + FMA (selected at run time on CPUs that have them).
+#include "cpu/kernels_prelude.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace emcad_cpu {
+namespace isa_avx2 {
+constexpr int kPixelBlock = 4;
+#include "cpu/kernels_impl.h"
+const KernelTable& table() { return make_table("avx2"); }
+}  // namespace isa_avx2
+}  // namespace emcad_cpu
+#pragma GCC pop_options
+#else
+namespace emcad_cpu {
+namespace isa_avx2 {
+const KernelTable& table() { return isa_default::table(); }
+}  // namespace isa_avx2
+}  // namespace emcad_cpu
+#endif

@@ -1,0 +1,21 @@
+// Kernels compiled for AVX-512 (F/BW/VL/DQ) with 512-bit vectors (selected at run time).
+#include "cpu/kernels_prelude.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+namespace emcad_cpu {
+namespace isa_avx512 {
+constexpr int kPixelBlock = 8;
+#include "cpu/kernels_impl.h"
+const KernelTable& table() { return make_table("avx512"); }
+}  // namespace isa_avx512
+}  // namespace emcad_cpu
+#pragma GCC pop_options
+#else
+namespace emcad_cpu {
+namespace isa_avx512 {
+const KernelTable& table() { return isa_default::table(); }
+}  // namespace isa_avx512
+}  // namespace emcad_cpu
+#endif

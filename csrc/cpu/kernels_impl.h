@@ -1,0 +1,1711 @@
+// CPU kernels for the fused EMCAD ops. This file is compiled once per instruction set: isa_<name>.cpp
+// includes it inside namespace emcad_cpu::isa_<name> under `#pragma GCC target(...)`, after defining
+// kPixelBlock (output pixels per register block). No torch headers; everything is raw pointers.
+//
+// Design (KERNELS.md §6, §7; EMCAD.md §11):
+// * Every stencil runs on thread-local, zero-padded row buffers in "pixel-major, channel-block" layout
+//   [column][slot][CB], CB = 64 bytes of the accumulation type (16 floats / 8 doubles). Loading a row
+//   converts the storage dtype (fp32 / fp64 / bf16) and any layout or strides (NCHW, channels_last,
+//   non-contiguous, overlapping) into that layout, so the inner loops are branch-free, vectorised over
+//   channels and blocked over output pixels (register accumulators), whatever the input layout.
+// * Rows live in small ring buffers: each input row is read from memory once per pass.
+// * Outputs are stored through the output's strides with a per-lane channel map (channel shuffle on store).
+// * Reductions (BN statistics, BN-backward sums, weight gradients) accumulate per row in the accumulation
+//   type, then per item in double; items are defined by the shape only and their partials are reduced by
+//   the bindings in a fixed order: bitwise reproducible for any thread count.
+// * Statistics use per-row (mean, M2) merged with Chan's formula (no E[z^2] - E[z]^2 cancellation).
+
+using emcad::bf16;
+using emcad::load_val;
+using emcad::store_val;
+
+template <typename A>
+constexpr int lanes_of() {
+  return static_cast<int>(64 / sizeof(A));
+}
+
+// ------------------------------------------------------------------------------------------------------
+// small utilities
+// ------------------------------------------------------------------------------------------------------
+template <typename T>
+struct Scratch {
+  T* p = nullptr;
+  size_t n = 0;
+  Scratch() = default;
+  explicit Scratch(size_t count) { alloc(count); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { std::free(p); }
+  void alloc(size_t count) {
+    std::free(p);
+    size_t bytes = ((count * sizeof(T) + 63) / 64) * 64;
+    if (bytes == 0) bytes = 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+    std::memset(p, 0, bytes);
+    n = count;
+  }
+  void zero() { std::memset(p, 0, n * sizeof(T)); }
+  T* get() const { return p; }
+};
+
+template <typename F>
+inline void with_act(int act, F&& f) {
+  switch (act) {
+    case emcad::kRelu: f(std::integral_constant<int, emcad::kRelu>{}); break;
+    case emcad::kRelu6: f(std::integral_constant<int, emcad::kRelu6>{}); break;
+    case emcad::kLeakyRelu: f(std::integral_constant<int, emcad::kLeakyRelu>{}); break;
+    case emcad::kHardswish: f(std::integral_constant<int, emcad::kHardswish>{}); break;
+    default: f(std::integral_constant<int, emcad::kIdentity>{}); break;
+  }
+}
+
+template <typename F>
+inline void with_k(int k, F&& f) {
+  switch (k) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 9: f(std::integral_constant<int, 9>{}); break;
+    default: throw std::runtime_error("emcad_kernels cpu: kernel size out of range");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// row I/O
+// ------------------------------------------------------------------------------------------------------
+// Loads row `row` of image n (out of range: zeros) into `dst`, a row of `wp` pixels with pixel stride `ps`
+// elements; image column w goes to pixel padl + w; lane l < lanes reads element offset off[l] (channel
+// times channel stride); other lanes and the padding pixels are zero. `contig`: off[l] = off[0] + l.
+template <typename S, typename A>
+void load_row(const View4& v, int64_t n, int64_t row, const int64_t* off, int lanes, bool contig, A* dst,
+              int wp, int ps, int padl) {
+  constexpr int CB = lanes_of<A>();
+  if (row < 0 || row >= v.h) {
+    for (int q = 0; q < wp; ++q)
+      for (int l = 0; l < CB; ++l) dst[(size_t)q * ps + l] = A(0);
+    return;
+  }
+  for (int q = 0; q < padl; ++q)
+    for (int l = 0; l < CB; ++l) dst[(size_t)q * ps + l] = A(0);
+  for (int64_t q = padl + v.w; q < wp; ++q)
+    for (int l = 0; l < CB; ++l) dst[(size_t)q * ps + l] = A(0);
+  const S* base = static_cast<const S*>(v.data) + n * v.sn + row * v.sh;
+  A* d0 = dst + (size_t)padl * ps;
+  const int64_t W = v.w, sw = v.sw;
+  if (contig && lanes == CB) {
+    const S* src = base + off[0];
+    for (int64_t w = 0; w < W; ++w) {
+      const S* s = src + w * sw;
+      A* d = d0 + w * ps;
+#pragma omp simd
+      for (int l = 0; l < CB; ++l) d[l] = load_val(s + l);
+    }
+    return;
+  }
+  if (lanes < CB)
+    for (int64_t w = 0; w < W; ++w)
+      for (int l = lanes; l < CB; ++l) d0[w * ps + l] = A(0);
+  if (contig) {
+    const S* src = base + off[0];
+    for (int64_t w = 0; w < W; ++w)
+      for (int l = 0; l < lanes; ++l) d0[w * ps + l] = load_val(src + w * sw + l);
+    return;
+  }
+  if (sw == 1) {
+    // NCHW-like: each lane is a contiguous row; transpose 8 columns at a time through registers
+    int64_t w = 0;
+    for (; w + 8 <= W; w += 8) {
+      for (int l = 0; l < lanes; ++l) {
+        const S* s = base + off[l] + w;
+        A t[8];
+        for (int u = 0; u < 8; ++u) t[u] = load_val(s + u);
+        for (int u = 0; u < 8; ++u) d0[(w + u) * ps + l] = t[u];
+      }
+    }
+    for (; w < W; ++w)
+      for (int l = 0; l < lanes; ++l) d0[w * ps + l] = load_val(base + off[l] + w);
+    return;
+  }
+  for (int l = 0; l < lanes; ++l) {
+    const S* s = base + off[l];
+    for (int64_t w = 0; w < W; ++w) d0[w * ps + l] = load_val(s + w * sw);
+  }
+}
+
+// Stores pixels [0, count) of `src` (pixel stride ps) to row `row` of image n; lane l goes to element offset
+// off[l]. `contig`: off[l] = off[0] + l.
+template <typename S, typename A>
+void store_row(const View4& v, int64_t n, int64_t row, const int64_t* off, int lanes, bool contig, const A* src,
+               int64_t count, int ps) {
+  constexpr int CB = lanes_of<A>();
+  S* base = static_cast<S*>(v.data) + n * v.sn + row * v.sh;
+  const int64_t sw = v.sw;
+  if (contig) {
+    S* dst = base + off[0];
+    if (lanes == CB) {
+      for (int64_t w = 0; w < count; ++w) {
+        S* d = dst + w * sw;
+        const A* s = src + w * ps;
+#pragma omp simd
+        for (int l = 0; l < CB; ++l) store_val(d + l, s[l]);
+      }
+    } else {
+      for (int64_t w = 0; w < count; ++w)
+        for (int l = 0; l < lanes; ++l) store_val(dst + w * sw + l, src[w * ps + l]);
+    }
+    return;
+  }
+  if (sw == 1) {
+    int64_t w = 0;
+    for (; w + 8 <= count; w += 8) {
+      for (int l = 0; l < lanes; ++l) {
+        S* d = base + off[l] + w;
+        for (int u = 0; u < 8; ++u) store_val(d + u, src[(w + u) * ps + l]);
+      }
+    }
+    for (; w < count; ++w)
+      for (int l = 0; l < lanes; ++l) store_val(base + off[l] + w, src[w * ps + l]);
+    return;
+  }
+  for (int l = 0; l < lanes; ++l) {
+    S* d = base + off[l];
+    for (int64_t w = 0; w < count; ++w) store_val(d + w * sw, src[w * ps + l]);
+  }
+}
+
+inline bool lanes_contiguous(const int64_t* off, int lanes) {
+  for (int l = 1; l < lanes; ++l)
+    if (off[l] != off[0] + l) return false;
+  return true;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// stencil cores (templated on the kernel size K and the slots per lane J; J = 0: runtime slot count jn)
+// ------------------------------------------------------------------------------------------------------
+// out[o*ostep] = init + sum_{dy,dx,j} w[(dy*K+dx)*JJ + j] * rows[dy][(o*colstep + dx)*ps + j*CB],
+// o in [0, n_out); rows[dy] point at the first pixel of the window for o = 0.
+template <int K, int J, typename A>
+__attribute__((noinline)) void conv_row(const A* const* rows, const A* __restrict__ w, const A* __restrict__ init, int n_out, int colstep,
+              int jn, A* __restrict__ out, int ostep) {
+  constexpr int CB = lanes_of<A>();
+  // fp64 is the verification dtype: smaller blocks keep the code size down
+  constexpr int PB = sizeof(A) == 8 ? (kPixelBlock > 1 ? kPixelBlock / 2 : 1) : kPixelBlock;
+  const int JJ = J > 0 ? J : jn;
+  const int64_t ps = (int64_t)JJ * CB;
+  const int64_t pstep = (int64_t)colstep * ps;
+  int o = 0;
+  for (; o + PB <= n_out; o += PB) {
+    A acc[PB][CB];
+    for (int p = 0; p < PB; ++p)
+      for (int l = 0; l < CB; ++l) acc[p][l] = init ? init[l] : A(0);
+    for (int dy = 0; dy < K; ++dy) {  // rows are not unrolled: keeps the code (and compile time) small
+      const A* xr = rows[dy] + (int64_t)o * pstep;
+#pragma GCC unroll 9
+      for (int dx = 0; dx < K; ++dx) {
+        for (int j = 0; j < JJ; ++j) {
+          const A* wp = w + ((dy * K + dx) * JJ + j) * CB;
+          const A* xp = xr + dx * ps + j * CB;
+#pragma GCC unroll 16
+          for (int p = 0; p < PB; ++p)
+#pragma omp simd
+            for (int l = 0; l < CB; ++l) acc[p][l] += wp[l] * xp[p * pstep + l];
+        }
+      }
+    }
+    for (int p = 0; p < PB; ++p)
+#pragma omp simd
+      for (int l = 0; l < CB; ++l) out[(int64_t)(o + p) * ostep * CB + l] = acc[p][l];
+  }
+  for (; o < n_out; ++o) {
+    A acc[CB];
+    for (int l = 0; l < CB; ++l) acc[l] = init ? init[l] : A(0);
+    const int64_t base = (int64_t)o * pstep;
+    for (int dy = 0; dy < K; ++dy) {
+#pragma GCC unroll 9
+      for (int dx = 0; dx < K; ++dx) {
+        for (int j = 0; j < JJ; ++j) {
+          const A* wp = w + ((dy * K + dx) * JJ + j) * CB;
+          const A* xp = rows[dy] + base + dx * ps + j * CB;
+#pragma omp simd
+          for (int l = 0; l < CB; ++l) acc[l] += wp[l] * xp[l];
+        }
+      }
+    }
+#pragma omp simd
+    for (int l = 0; l < CB; ++l) out[(int64_t)o * ostep * CB + l] = acc[l];
+  }
+}
+
+// dacc[(dy*K+dx)*JJ + j] += sum_o gz[o*gstep] * rows[dy][(o*colstep + dx)*ps + j*CB]  (row sums in A)
+template <int K, int J, typename A>
+__attribute__((noinline)) void wgrad_row(const A* const* rows, const A* __restrict__ gz, int gstep, int n_out, int colstep, int jn,
+               double* __restrict__ dacc) {
+  constexpr int CB = lanes_of<A>();
+  const int JJ = J > 0 ? J : jn;
+  const int64_t ps = (int64_t)JJ * CB;
+  const int64_t pstep = (int64_t)colstep * ps;
+  for (int dy = 0; dy < K; ++dy) {
+    for (int j = 0; j < JJ; ++j) {
+      A acc[K][CB];
+      for (int dx = 0; dx < K; ++dx)
+        for (int l = 0; l < CB; ++l) acc[dx][l] = A(0);
+      const A* xr = rows[dy] + j * CB;
+      for (int o = 0; o < n_out; ++o) {
+        const A* g = gz + (int64_t)o * gstep * CB;
+        const A* xp = xr + (int64_t)o * pstep;
+#pragma GCC unroll 9
+        for (int dx = 0; dx < K; ++dx)
+#pragma omp simd
+          for (int l = 0; l < CB; ++l) acc[dx][l] += g[l] * xp[dx * ps + l];
+      }
+      for (int dx = 0; dx < K; ++dx) {
+        double* d = dacc + ((dy * K + dx) * JJ + j) * CB;
+        for (int l = 0; l < CB; ++l) d[l] += (double)acc[dx][l];
+      }
+    }
+  }
+}
+
+// grows[dy][(o*colstep + dx)*ps + j*CB] += w[(dy*K+dx)*JJ + j] * gz[o*gstep]  (transposed conv, scatter form)
+template <int K, int J, typename A>
+__attribute__((noinline)) void scatter_row(A* const* grows, const A* __restrict__ w, const A* __restrict__ gz, int gstep, int n_out,
+                 int colstep, int jn) {
+  constexpr int CB = lanes_of<A>();
+  const int JJ = J > 0 ? J : jn;
+  const int64_t ps = (int64_t)JJ * CB;
+  const int64_t pstep = (int64_t)colstep * ps;
+  for (int dy = 0; dy < K; ++dy) {
+    for (int j = 0; j < JJ; ++j) {
+      A wr[K][CB];
+      for (int dx = 0; dx < K; ++dx)
+        for (int l = 0; l < CB; ++l) wr[dx][l] = w[((dy * K + dx) * JJ + j) * CB + l];
+      A* gr = grows[dy] + j * CB;
+      for (int o = 0; o < n_out; ++o) {
+        const A* g = gz + (int64_t)o * gstep * CB;
+        A* p = gr + (int64_t)o * pstep;
+#pragma GCC unroll 9
+        for (int dx = 0; dx < K; ++dx)
+#pragma omp simd
+          for (int l = 0; l < CB; ++l) p[dx * ps + l] += wr[dx][l] * g[l];
+      }
+    }
+  }
+}
+
+template <typename A>
+inline void conv_row_k(int k, int j, const A* const* rows, const A* w, const A* init, int n_out, int colstep,
+                       A* out, int ostep) {
+  with_k(k, [&](auto KC) {
+    constexpr int K = decltype(KC)::value;
+    if (j == 1) conv_row<K, 1, A>(rows, w, init, n_out, colstep, 1, out, ostep);
+    else if (K % 2 == 0) throw std::runtime_error("emcad_kernels cpu: even kernel with grouped input");
+    else if (j == 2) conv_row<(K | 1), 2, A>(rows, w, init, n_out, colstep, 2, out, ostep);
+    else conv_row<(K | 1), 0, A>(rows, w, init, n_out, colstep, j, out, ostep);
+  });
+}
+
+template <typename A>
+inline void wgrad_row_k(int k, int j, const A* const* rows, const A* gz, int gstep, int n_out, int colstep,
+                        double* dacc) {
+  with_k(k, [&](auto KC) {
+    constexpr int K = decltype(KC)::value;
+    if (j == 1) wgrad_row<K, 1, A>(rows, gz, gstep, n_out, colstep, 1, dacc);
+    else if (K % 2 == 0) throw std::runtime_error("emcad_kernels cpu: even kernel with grouped input");
+    else if (j == 2) wgrad_row<(K | 1), 2, A>(rows, gz, gstep, n_out, colstep, 2, dacc);
+    else wgrad_row<(K | 1), 0, A>(rows, gz, gstep, n_out, colstep, j, dacc);
+  });
+}
+
+template <typename A>
+inline void scatter_row_k(int k, int j, A* const* grows, const A* w, const A* gz, int gstep, int n_out,
+                          int colstep) {
+  with_k(k, [&](auto KC) {
+    constexpr int K = decltype(KC)::value;
+    if (j == 1) scatter_row<K, 1, A>(grows, w, gz, gstep, n_out, colstep, 1);
+    else if (K % 2 == 0) throw std::runtime_error("emcad_kernels cpu: even kernel with grouped input");
+    else if (j == 2) scatter_row<(K | 1), 2, A>(grows, w, gz, gstep, n_out, colstep, 2);
+    else scatter_row<(K | 1), 0, A>(grows, w, gz, gstep, n_out, colstep, j);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------
+// per-lane row reductions
+// ------------------------------------------------------------------------------------------------------
+// merges the (mean, M2) of the n_px pixels of row buffer z (pixel stride CB) into acc[l]
+template <typename A>
+inline void row_stats(const A* z, int64_t n_px, emcad::Welford* acc) {
+  constexpr int CB = lanes_of<A>();
+  if (n_px <= 0) return;
+  A sum[CB], m2[CB], mean[CB];
+  for (int l = 0; l < CB; ++l) sum[l] = m2[l] = A(0);
+  for (int64_t o = 0; o < n_px; ++o)
+#pragma omp simd
+    for (int l = 0; l < CB; ++l) sum[l] += z[o * CB + l];
+  for (int l = 0; l < CB; ++l) mean[l] = sum[l] / A(n_px);
+  for (int64_t o = 0; o < n_px; ++o)
+#pragma omp simd
+    for (int l = 0; l < CB; ++l) {
+      const A d = z[o * CB + l] - mean[l];
+      m2[l] += d * d;
+    }
+  for (int l = 0; l < CB; ++l) acc[l].merge((double)n_px, (double)mean[l], (double)m2[l]);
+}
+
+// Per-lane BN-backward row: ga = act'(z*scale + shift) * g, zhat = (z - mean)*rstd;
+// sums s1 += ga, s2 += ga*zhat (if s1 != nullptr); gz = c1*ga + c2*zhat + c3 (if gz != nullptr).
+template <int ACT, typename A>
+inline void bn_back_row(const A* __restrict__ z, const A* __restrict__ g, int64_t n_px, int zstep, const A* sc,
+                        const A* sh, const A* mu, const A* rs, const A* c2, const A* c3, double* s1, double* s2,
+                        A* __restrict__ gz) {
+  constexpr int CB = lanes_of<A>();
+  A t1[CB], t2[CB];
+  for (int l = 0; l < CB; ++l) t1[l] = t2[l] = A(0);
+  for (int64_t o = 0; o < n_px; ++o) {
+    const A* zp = z + o * zstep * CB;
+    const A* gp = g + o * zstep * CB;
+    A* gzp = gz ? gz + o * zstep * CB : nullptr;
+#pragma omp simd
+    for (int l = 0; l < CB; ++l) {
+      const A zz = zp[l];
+      const A ga = emcad::act_bwd<ACT>(zz * sc[l] + sh[l], gp[l]);
+      const A zh = (zz - mu[l]) * rs[l];
+      t1[l] += ga;
+      t2[l] += ga * zh;
+      if (gzp) gzp[l] = sc[l] * ga + c2[l] * zh + c3[l];
+    }
+  }
+  if (s1)
+    for (int l = 0; l < CB; ++l) {
+      s1[l] += (double)t1[l];
+      s2[l] += (double)t2[l];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// ring of zero-padded rows
+// ------------------------------------------------------------------------------------------------------
+template <typename A>
+struct Ring {
+  A* buf = nullptr;
+  int slots = 1;
+  int64_t row_elems = 0;
+  A* row(int64_t r) const { return buf + (r % slots) * row_elems; }
+};
+
+// ======================================================================================================
+// multi_scale_dwconv
+// ======================================================================================================
+template <typename S>
+struct MsdcCtx {
+  using A = typename emcad::AccType<S>::type;
+  static constexpr int CB = lanes_of<A>();
+  const MsdcArgs& a;
+  int kmax = 1, P = 0, Wp = 0, s = 1, nblocks = 1;
+  Scratch<A> ring_mem, w_mem, coef_mem, zrow, yrow, grow, gzrow, gring_mem;
+  Ring<A> ring, gring;
+  // per item
+  int64_t n = 0;
+  int c0 = 0, lanes = 0;
+  int64_t xoff[CB], gxoff[CB];
+  bool xcontig = false, gxcontig = false;
+  int64_t yoff[kMaxBranches][CB], goff[kMaxBranches][CB];
+  bool ycontig[kMaxBranches], gcontig[kMaxBranches];
+  int64_t loaded = 0;
+
+  explicit MsdcCtx(const MsdcArgs& args, bool need_grad) : a(args) {
+    for (int b = 0; b < a.nb; ++b) kmax = std::max(kmax, a.ks[b]);
+    P = kmax / 2;
+    s = a.stride;
+    Wp = a.W + 2 * P;
+    nblocks = (a.C + CB - 1) / CB;
+    ring.slots = kmax + s;
+    ring.row_elems = (int64_t)Wp * CB;
+    ring_mem.alloc((size_t)ring.slots * ring.row_elems);
+    ring.buf = ring_mem.get();
+    w_mem.alloc((size_t)a.nb * kMaxKernel * kMaxKernel * CB);
+    coef_mem.alloc((size_t)a.nb * 8 * CB);
+    zrow.alloc((size_t)std::max(a.Wo, 1) * CB);
+    yrow.alloc((size_t)std::max(a.Wo, 1) * CB);
+    if (need_grad) {
+      grow.alloc((size_t)std::max(a.Wo, 1) * CB);
+      gzrow.alloc((size_t)std::max(a.Wo, 1) * CB);
+      gring.slots = kmax + s;
+      gring.row_elems = ring.row_elems;
+      gring_mem.alloc((size_t)gring.slots * gring.row_elems);
+      gring.buf = gring_mem.get();
+    }
+  }
+
+  A* wts(int b) const { return w_mem.get() + (size_t)b * kMaxKernel * kMaxKernel * CB; }
+  // coefficient vectors per branch: 0 scale, 1 shift, 2 mean, 3 rstd, 4 c2, 5 c3
+  A* coef(int b, int i) const { return coef_mem.get() + ((size_t)b * 8 + i) * CB; }
+
+  int64_t out_channel(int b, int64_t c) const {
+    const int64_t oc = a.concat ? (int64_t)b * a.C + c : c;
+    const int64_t cout = a.concat ? (int64_t)a.nb * a.C : a.C;
+    return emcad::shuffle_dst(oc, cout, a.shuffle_groups);
+  }
+
+  // sets up the item's lanes, offsets, weights (times `fold` scale if requested) and coefficients
+  void begin_item(int64_t item, bool fold, bool grads) {
+    n = item / nblocks;
+    const int blk = (int)(item % nblocks);
+    c0 = blk * CB;
+    lanes = std::min(CB, a.C - c0);
+    for (int l = 0; l < CB; ++l) {
+      const int64_t c = c0 + std::min(l, lanes - 1);
+      xoff[l] = c * a.x.sc;
+      gxoff[l] = c * a.gx.sc;
+    }
+    xcontig = a.x.sc == 1 && lanes_contiguous(xoff, lanes);
+    gxcontig = a.gx.sc == 1 && lanes_contiguous(gxoff, lanes);
+    const View4& ov = grads ? a.g : a.y;
+    for (int b = 0; b < a.nb; ++b) {
+      for (int l = 0; l < CB; ++l) {
+        const int64_t c = c0 + std::min(l, lanes - 1);
+        yoff[b][l] = out_channel(b, c) * ov.sc;
+      }
+      ycontig[b] = ov.sc == 1 && lanes_contiguous(yoff[b], lanes);
+      const int k = a.ks[b], kk = k * k;
+      A* wb = wts(b);
+      for (int t = 0; t < kk; ++t)
+        for (int l = 0; l < CB; ++l) {
+          double v = 0;
+          if (l < lanes) {
+            const int64_t c = c0 + l;
+            v = a.w[a.woff[b] + c * kk + t];
+            if (fold) v *= a.scale[(int64_t)b * a.C + c];
+          }
+          wb[t * CB + l] = (A)v;
+        }
+      const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
+      for (int i = 0; i < 6; ++i)
+        for (int l = 0; l < CB; ++l)
+          coef(b, i)[l] = (src[i] && l < lanes) ? (A)src[i][(int64_t)b * a.C + c0 + l] : A(0);
+    }
+    loaded = 0;
+  }
+
+  // makes padded input rows [0, upto) available in the ring
+  void load_until(int64_t upto) {
+    while (loaded < upto) {
+      load_row<S, A>(a.x, n, loaded - P, xoff, lanes, xcontig, ring.row(loaded), Wp, CB, P);
+      ++loaded;
+    }
+  }
+
+  // row pointers of branch b for output row oh
+  void branch_rows(const Ring<A>& r, int b, int64_t oh, A** rows) const {
+    const int pb = a.ks[b] / 2;
+    const int64_t r0 = oh * s + (P - pb);
+    for (int dy = 0; dy < a.ks[b]; ++dy) rows[dy] = r.row(r0 + dy) + (int64_t)(P - pb) * CB;
+  }
+};
+
+template <typename S>
+void msdc_stats(const MsdcArgs& a, int64_t i0, int64_t i1) {
+  using A = typename MsdcCtx<S>::A;
+  constexpr int CB = MsdcCtx<S>::CB;
+  MsdcCtx<S> ctx(a, false);
+  for (int64_t item = i0; item < i1; ++item) {
+    ctx.begin_item(item, false, false);
+    emcad::Welford acc[kMaxBranches][CB];
+    for (int64_t oh = 0; oh < a.Ho; ++oh) {
+      ctx.load_until(oh * ctx.s + ctx.kmax);
+      for (int b = 0; b < a.nb; ++b) {
+        A* rows[kMaxKernel];
+        ctx.branch_rows(ctx.ring, b, oh, rows);
+        conv_row_k<A>(a.ks[b], 1, rows, ctx.wts(b), nullptr, a.Wo, ctx.s, ctx.zrow.get(), 1);
+        row_stats<A>(ctx.zrow.get(), a.Wo, acc[b]);
+      }
+    }
+    for (int b = 0; b < a.nb; ++b)
+      for (int l = 0; l < ctx.lanes; ++l) {
+        const int64_t idx = (ctx.n * a.nb + b) * a.C + ctx.c0 + l;
+        a.p0[idx] = acc[b][l].mean;
+        a.p1[idx] = acc[b][l].m2;
+      }
+  }
+}
+
+template <int ACT, typename A>
+inline void act_row(A* __restrict__ y, const A* __restrict__ z, int64_t n_px, bool accumulate) {
+  constexpr int CB = lanes_of<A>();
+  if (accumulate) {
+#pragma omp simd
+    for (int64_t i = 0; i < n_px * CB; ++i) y[i] += emcad::act_fwd<ACT>(z[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n_px * CB; ++i) y[i] = emcad::act_fwd<ACT>(z[i]);
+  }
+}
+
+template <typename S>
+void msdc_apply(const MsdcArgs& a, int64_t i0, int64_t i1) {
+  using A = typename MsdcCtx<S>::A;
+  MsdcCtx<S> ctx(a, false);
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.begin_item(item, true, false);
+      for (int64_t oh = 0; oh < a.Ho; ++oh) {
+        ctx.load_until(oh * ctx.s + ctx.kmax);
+        for (int b = 0; b < a.nb; ++b) {
+          A* rows[kMaxKernel];
+          ctx.branch_rows(ctx.ring, b, oh, rows);
+          conv_row_k<A>(a.ks[b], 1, rows, ctx.wts(b), ctx.coef(b, 1), a.Wo, ctx.s, ctx.zrow.get(), 1);
+          if (a.concat) {
+            act_row<ACT, A>(ctx.zrow.get(), ctx.zrow.get(), a.Wo, false);
+            store_row<S, A>(a.y, ctx.n, oh, ctx.yoff[b], ctx.lanes, ctx.ycontig[b], ctx.zrow.get(), a.Wo,
+                            ctx.CB);
+          } else {
+            act_row<ACT, A>(ctx.yrow.get(), ctx.zrow.get(), a.Wo, b > 0);
+          }
+        }
+        if (!a.concat)
+          store_row<S, A>(a.y, ctx.n, oh, ctx.yoff[0], ctx.lanes, ctx.ycontig[0], ctx.yrow.get(), a.Wo, ctx.CB);
+      }
+    }
+  });
+}
+
+template <typename S>
+void msdc_bwd_reduce(const MsdcArgs& a, int64_t i0, int64_t i1) {
+  using A = typename MsdcCtx<S>::A;
+  constexpr int CB = MsdcCtx<S>::CB;
+  MsdcCtx<S> ctx(a, true);
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.begin_item(item, false, true);
+      double s1[kMaxBranches][CB], s2[kMaxBranches][CB];
+      for (int b = 0; b < a.nb; ++b)
+        for (int l = 0; l < CB; ++l) s1[b][l] = s2[b][l] = 0;
+      for (int64_t oh = 0; oh < a.Ho; ++oh) {
+        ctx.load_until(oh * ctx.s + ctx.kmax);
+        for (int b = 0; b < a.nb; ++b) {
+          A* rows[kMaxKernel];
+          ctx.branch_rows(ctx.ring, b, oh, rows);
+          conv_row_k<A>(a.ks[b], 1, rows, ctx.wts(b), nullptr, a.Wo, ctx.s, ctx.zrow.get(), 1);
+          load_row<S, A>(a.g, ctx.n, oh, ctx.yoff[b], ctx.lanes, ctx.ycontig[b], ctx.grow.get(), a.Wo, CB, 0);
+          bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(b, 0), ctx.coef(b, 1),
+                              ctx.coef(b, 2), ctx.coef(b, 3), ctx.coef(b, 4), ctx.coef(b, 5), s1[b], s2[b],
+                              nullptr);
+        }
+      }
+      for (int b = 0; b < a.nb; ++b)
+        for (int l = 0; l < ctx.lanes; ++l) {
+          const int64_t idx = (ctx.n * a.nb + b) * a.C + ctx.c0 + l;
+          a.p0[idx] = s1[b][l];
+          a.p1[idx] = s2[b][l];
+        }
+    }
+  });
+}
+
+template <typename S>
+void msdc_bwd_grad(const MsdcArgs& a, int64_t i0, int64_t i1) {
+  using A = typename MsdcCtx<S>::A;
+  constexpr int CB = MsdcCtx<S>::CB;
+  MsdcCtx<S> ctx(a, true);
+  Scratch<double> dacc((size_t)std::max<int64_t>(a.taps_total, 1) * CB);
+  const int64_t Hp = (int64_t)a.H + 2 * ctx.P;
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.begin_item(item, false, true);
+      dacc.zero();
+      double s1[kMaxBranches][CB], s2[kMaxBranches][CB];
+      for (int b = 0; b < a.nb; ++b)
+        for (int l = 0; l < CB; ++l) s1[b][l] = s2[b][l] = 0;
+      int64_t inited = 0, flushed = 0;
+      auto flush_row = [&](int64_t r) {
+        const int64_t h = r - ctx.P;
+        if (h >= 0 && h < a.H)
+          store_row<S, A>(a.gx, ctx.n, h, ctx.gxoff, ctx.lanes, ctx.gxcontig,
+                          ctx.gring.row(r) + (int64_t)ctx.P * CB, a.W, CB);
+      };
+      auto init_row = [&](int64_t r) { std::memset(ctx.gring.row(r), 0, sizeof(A) * ctx.gring.row_elems); };
+      for (int64_t oh = 0; oh < a.Ho; ++oh) {
+        ctx.load_until(oh * ctx.s + ctx.kmax);
+        for (; flushed < oh * ctx.s; ++flushed) {
+          if (flushed >= inited) init_row(inited++);
+          flush_row(flushed);
+        }
+        for (; inited < oh * ctx.s + ctx.kmax; ++inited) init_row(inited);
+        for (int b = 0; b < a.nb; ++b) {
+          A* rows[kMaxKernel];
+          A* grows[kMaxKernel];
+          ctx.branch_rows(ctx.ring, b, oh, rows);
+          ctx.branch_rows(ctx.gring, b, oh, grows);
+          const int k = a.ks[b];
+          conv_row_k<A>(k, 1, rows, ctx.wts(b), nullptr, a.Wo, ctx.s, ctx.zrow.get(), 1);
+          load_row<S, A>(a.g, ctx.n, oh, ctx.yoff[b], ctx.lanes, ctx.ycontig[b], ctx.grow.get(), a.Wo, CB, 0);
+          bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(b, 0), ctx.coef(b, 1),
+                              ctx.coef(b, 2), ctx.coef(b, 3), ctx.coef(b, 4), ctx.coef(b, 5),
+                              a.bn_partials ? s1[b] : nullptr, a.bn_partials ? s2[b] : nullptr, ctx.gzrow.get());
+          wgrad_row_k<A>(k, 1, rows, ctx.gzrow.get(), 1, a.Wo, ctx.s, dacc.get() + a.toff[b] * CB);
+          scatter_row_k<A>(k, 1, grows, ctx.wts(b), ctx.gzrow.get(), 1, a.Wo, ctx.s);
+        }
+      }
+      for (; flushed < Hp; ++flushed) {
+        if (flushed >= inited) init_row(inited++);
+        flush_row(flushed);
+      }
+      for (int l = 0; l < ctx.lanes; ++l)
+        for (int64_t t = 0; t < a.taps_total; ++t)
+          a.wpart[(ctx.n * a.C + ctx.c0 + l) * a.taps_total + t] = dacc.get()[t * CB + l];
+      if (a.bn_partials)
+        for (int b = 0; b < a.nb; ++b)
+          for (int l = 0; l < ctx.lanes; ++l) {
+            const int64_t idx = (ctx.n * a.nb + b) * a.C + ctx.c0 + l;
+            a.p0[idx] = s1[b][l];
+            a.p1[idx] = s2[b][l];
+          }
+    }
+  });
+}
+
+// ======================================================================================================
+// upsample_dwconv
+// ======================================================================================================
+// Nearest (any integer scale S): polyphase stencils on the low-resolution rows (EMCAD.md §11.3).
+// Bilinear x2: upsampled rows are produced on the fly into a small ring (never the whole tensor), then the
+// k x k stencil runs on them; the backward applies the transposed interpolation row by row.
+template <typename S>
+struct UpdwCtx {
+  using A = typename emcad::AccType<S>::type;
+  static constexpr int CB = lanes_of<A>();
+  const UpdwArgs& a;
+  emcad::Polyphase poly{2, 3, 1};
+  int T = 1, PL = 0, PH = 0, Wp = 0, nblocks = 1, p = 0, Wu = 0;
+  Scratch<A> ring_mem, xr_mem, tmp, k_mem, kraw_mem, coef_mem, zrow, grow, gzrow, gring_mem, gx_mem;
+  Ring<A> ring, gring, xring, gxring;
+  int64_t n = 0;
+  int c0 = 0, lanes = 0;
+  int64_t xoff[CB], gxoff[CB], yoff[CB], goff[CB];
+  bool xcontig = false, gxcontig = false, ycontig = false, gcontig = false;
+  int64_t loaded = 0, xloaded = 0;
+
+  UpdwCtx(const UpdwArgs& args, bool need_grad) : a(args) {
+    nblocks = (a.C + CB - 1) / CB;
+    p = a.k / 2;
+    const int wo = std::max(a.Wo, 1);
+    zrow.alloc((size_t)wo * CB);
+    coef_mem.alloc((size_t)8 * CB);
+    if (need_grad) {
+      grow.alloc((size_t)wo * CB);
+      gzrow.alloc((size_t)wo * CB);
+    }
+    if (!a.bilinear) {
+      poly = emcad::Polyphase{a.S, a.k, p};
+      T = poly.taps();
+      PL = poly.pad_lo();
+      PH = poly.pad_hi();
+      Wp = a.W + PL + PH;
+      ring.slots = PL + PH + 2;
+      ring.row_elems = (int64_t)Wp * CB;
+      ring_mem.alloc((size_t)ring.slots * ring.row_elems);
+      ring.buf = ring_mem.get();
+      k_mem.alloc((size_t)a.S * a.S * T * T * CB);
+      kraw_mem.alloc((size_t)a.S * a.S * T * T * CB);
+      if (need_grad) {
+        gring = ring;
+        gring_mem.alloc((size_t)ring.slots * ring.row_elems);
+        gring.buf = gring_mem.get();
+      }
+    } else {
+      // upsampled rows, padded by p on both sides
+      Wu = 2 * a.W + 2 * p;
+      ring.slots = a.k + 1;
+      ring.row_elems = (int64_t)Wu * CB;
+      ring_mem.alloc((size_t)ring.slots * ring.row_elems);
+      ring.buf = ring_mem.get();
+      xring.slots = 4;
+      xring.row_elems = (int64_t)std::max(a.W, 1) * CB;
+      xr_mem.alloc((size_t)xring.slots * xring.row_elems);
+      xring.buf = xr_mem.get();
+      tmp.alloc((size_t)std::max(a.W, 1) * CB);
+      k_mem.alloc((size_t)a.k * a.k * CB);
+      kraw_mem.alloc((size_t)a.k * a.k * CB);
+      if (need_grad) {
+        gring = ring;
+        gring_mem.alloc((size_t)ring.slots * ring.row_elems);
+        gring.buf = gring_mem.get();
+        gxring = xring;
+        gx_mem.alloc((size_t)xring.slots * xring.row_elems);
+        gxring.buf = gx_mem.get();
+      }
+    }
+  }
+
+  A* coef(int i) const { return coef_mem.get() + (size_t)i * CB; }
+  A* pk(int ph, int q) const { return k_mem.get() + ((size_t)(ph * a.S + q) * T * T) * CB; }
+  A* pkraw(int ph, int q) const { return kraw_mem.get() + ((size_t)(ph * a.S + q) * T * T) * CB; }
+
+  void begin_item(int64_t item, bool fold) {
+    n = item / nblocks;
+    c0 = (int)(item % nblocks) * CB;
+    lanes = std::min(CB, a.C - c0);
+    for (int l = 0; l < CB; ++l) {
+      const int64_t c = c0 + std::min(l, lanes - 1);
+      xoff[l] = c * a.x.sc;
+      gxoff[l] = c * a.gx.sc;
+      yoff[l] = c * a.y.sc;
+      goff[l] = c * a.g.sc;
+    }
+    xcontig = a.x.sc == 1 && lanes_contiguous(xoff, lanes);
+    gxcontig = a.gx.sc == 1 && lanes_contiguous(gxoff, lanes);
+    ycontig = a.y.sc == 1 && lanes_contiguous(yoff, lanes);
+    gcontig = a.g.sc == 1 && lanes_contiguous(goff, lanes);
+    const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
+    for (int i = 0; i < 6; ++i)
+      for (int l = 0; l < CB; ++l) coef(i)[l] = (src[i] && l < lanes) ? (A)src[i][c0 + l] : A(0);
+    const int kk = a.k * a.k;
+    auto wval = [&](int l, int t, bool f) -> double {
+      if (l >= lanes) return 0.0;
+      double v = a.w[(int64_t)(c0 + l) * kk + t];
+      if (f) v *= a.scale[c0 + l];
+      return v;
+    };
+    if (!a.bilinear) {
+      const size_t nk = (size_t)a.S * a.S * T * T * CB;
+      std::vector<double> kd(nk, 0.0), kr(nk, 0.0);
+      for (int ph = 0; ph < a.S; ++ph)
+        for (int q = 0; q < a.S; ++q)
+          for (int dy = 0; dy < a.k; ++dy)
+            for (int dx = 0; dx < a.k; ++dx) {
+              const int r = poly.tap(ph, dy), sidx = poly.tap(q, dx);
+              const size_t base = (((size_t)(ph * a.S + q) * T + r) * T + sidx) * CB;
+              for (int l = 0; l < CB; ++l) {
+                kd[base + l] += wval(l, dy * a.k + dx, fold);
+                kr[base + l] += wval(l, dy * a.k + dx, false);
+              }
+            }
+      for (size_t i = 0; i < nk; ++i) {
+        k_mem.get()[i] = (A)kd[i];
+        kraw_mem.get()[i] = (A)kr[i];
+      }
+    } else {
+      for (int t = 0; t < kk; ++t)
+        for (int l = 0; l < CB; ++l) {
+          k_mem.get()[t * CB + l] = (A)wval(l, t, fold);
+          kraw_mem.get()[t * CB + l] = (A)wval(l, t, false);
+        }
+    }
+    loaded = 0;
+    xloaded = 0;
+  }
+
+  // ---- nearest: low-res padded rows [0, upto) ----
+  void load_lowres_until(int64_t upto) {
+    while (loaded < upto) {
+      load_row<S, A>(a.x, n, loaded - PL, xoff, lanes, xcontig, ring.row(loaded), Wp, CB, PL);
+      ++loaded;
+    }
+  }
+
+  // computes output row y (raw conv if kern = raw weights, folded + shift otherwise) into zrow
+  void nearest_row(int64_t y, bool fold) {
+    const int64_t i = y / a.S;
+    const int ph = (int)(y % a.S);
+    load_lowres_until(i + PL + PH + 1);
+    for (int q = 0; q < a.S; ++q) {
+      A* rows[kMaxKernel];
+      const int64_t coff = (int64_t)(poly.rb(q) + PL) * CB;
+      for (int r = 0; r < T; ++r) rows[r] = ring.row(i + poly.rb(ph) + PL + r) + coff;
+      conv_row_k<A>(T, 1, rows, fold ? pk(ph, q) : pkraw(ph, q), fold ? coef(1) : nullptr, a.W, 1,
+                    zrow.get() + (int64_t)q * CB, a.S);
+    }
+  }
+
+  // ---- bilinear x2: upsampled padded rows [0, upto) ----
+  A* lowres(int64_t i) {
+    // low-res rows are needed in increasing order with a window of at most 3
+    while (xloaded <= i) {
+      load_row<S, A>(a.x, n, xloaded, xoff, lanes, xcontig, xring.row(xloaded), a.W, CB, 0);
+      ++xloaded;
+    }
+    return xring.row(i);
+  }
+
+  void make_up_row(int64_t r) {
+    A* dst = ring.row(r);
+    const int64_t u = r - p;
+    std::memset(dst, 0, sizeof(A) * ring.row_elems);
+    if (u < 0 || u >= 2LL * a.H) return;
+    const emcad::Lerp2 v = emcad::bilinear2_src((int)u, a.H);
+    const A* x0 = lowres(v.i0);
+    const A* x1 = lowres(v.i1);
+    A* t = tmp.get();
+    const A l0 = (A)v.l0, l1 = (A)v.l1;
+#pragma omp simd
+    for (int64_t i = 0; i < (int64_t)a.W * CB; ++i) t[i] = l0 * x0[i] + l1 * x1[i];
+    A* d = dst + (int64_t)p * CB;
+    for (int xo = 0; xo < 2 * a.W; ++xo) {
+      const emcad::Lerp2 hz = emcad::bilinear2_src(xo, a.W);
+      const A m0 = (A)hz.l0, m1 = (A)hz.l1;
+      const A* s0 = t + (int64_t)hz.i0 * CB;
+      const A* s1 = t + (int64_t)hz.i1 * CB;
+#pragma omp simd
+      for (int l = 0; l < CB; ++l) d[(int64_t)xo * CB + l] = m0 * s0[l] + m1 * s1[l];
+    }
+  }
+
+  void up_until(int64_t upto) {
+    while (loaded < upto) {
+      make_up_row(loaded);
+      ++loaded;
+    }
+  }
+
+  void bilinear_row(int64_t y, bool fold) {
+    up_until(y + a.k);
+    A* rows[kMaxKernel];
+    for (int dy = 0; dy < a.k; ++dy) rows[dy] = ring.row(y + dy);
+    conv_row_k<A>(a.k, 1, rows, fold ? k_mem.get() : kraw_mem.get(), fold ? coef(1) : nullptr, a.Wo, 1,
+                  zrow.get(), 1);
+  }
+
+  void out_row(int64_t y, bool fold) {
+    if (a.bilinear) bilinear_row(y, fold);
+    else nearest_row(y, fold);
+  }
+};
+
+template <typename S>
+void updw_stats(const UpdwArgs& a, int64_t i0, int64_t i1) {
+  using A = typename UpdwCtx<S>::A;
+  constexpr int CB = UpdwCtx<S>::CB;
+  UpdwCtx<S> ctx(a, false);
+  for (int64_t item = i0; item < i1; ++item) {
+    ctx.begin_item(item, false);
+    emcad::Welford acc[CB];
+    for (int64_t y = 0; y < a.Ho; ++y) {
+      ctx.out_row(y, false);
+      row_stats<A>(ctx.zrow.get(), a.Wo, acc);
+    }
+    for (int l = 0; l < ctx.lanes; ++l) {
+      a.p0[ctx.n * a.C + ctx.c0 + l] = acc[l].mean;
+      a.p1[ctx.n * a.C + ctx.c0 + l] = acc[l].m2;
+    }
+  }
+}
+
+template <typename S>
+void updw_apply(const UpdwArgs& a, int64_t i0, int64_t i1) {
+  using A = typename UpdwCtx<S>::A;
+  UpdwCtx<S> ctx(a, false);
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.begin_item(item, true);
+      for (int64_t y = 0; y < a.Ho; ++y) {
+        ctx.out_row(y, true);
+        act_row<ACT, A>(ctx.zrow.get(), ctx.zrow.get(), a.Wo, false);
+        store_row<S, A>(a.y, ctx.n, y, ctx.yoff, ctx.lanes, ctx.ycontig, ctx.zrow.get(), a.Wo, ctx.CB);
+      }
+    }
+  });
+}
+
+template <typename S>
+void updw_bwd_reduce(const UpdwArgs& a, int64_t i0, int64_t i1) {
+  using A = typename UpdwCtx<S>::A;
+  constexpr int CB = UpdwCtx<S>::CB;
+  UpdwCtx<S> ctx(a, true);
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.begin_item(item, false);
+      double s1[CB] = {}, s2[CB] = {};
+      for (int64_t y = 0; y < a.Ho; ++y) {
+        ctx.out_row(y, false);
+        load_row<S, A>(a.g, ctx.n, y, ctx.goff, ctx.lanes, ctx.gcontig, ctx.grow.get(), a.Wo, CB, 0);
+        bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(0), ctx.coef(1), ctx.coef(2),
+                            ctx.coef(3), ctx.coef(4), ctx.coef(5), s1, s2, nullptr);
+      }
+      for (int l = 0; l < ctx.lanes; ++l) {
+        a.p0[ctx.n * a.C + ctx.c0 + l] = s1[l];
+        a.p1[ctx.n * a.C + ctx.c0 + l] = s2[l];
+      }
+    }
+  });
+}
+
+template <typename S>
+void updw_bwd_grad(const UpdwArgs& a, int64_t i0, int64_t i1) {
+  using A = typename UpdwCtx<S>::A;
+  constexpr int CB = UpdwCtx<S>::CB;
+  UpdwCtx<S> ctx(a, true);
+  const int kk = a.k * a.k;
+  const int nk = a.bilinear ? kk : a.S * a.S * ctx.T * ctx.T;
+  Scratch<double> dacc((size_t)nk * CB);
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.begin_item(item, false);
+      dacc.zero();
+      double s1[CB] = {}, s2[CB] = {};
+      auto grad_row = [&](int64_t y) {
+        ctx.out_row(y, false);
+        load_row<S, A>(a.g, ctx.n, y, ctx.goff, ctx.lanes, ctx.gcontig, ctx.grow.get(), a.Wo, CB, 0);
+        bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(0), ctx.coef(1), ctx.coef(2),
+                            ctx.coef(3), ctx.coef(4), ctx.coef(5), a.bn_partials ? s1 : nullptr,
+                            a.bn_partials ? s2 : nullptr, ctx.gzrow.get());
+      };
+      if (!a.bilinear) {
+        // gx lives in a ring of padded low-res rows
+        const int64_t Hp = (int64_t)a.H + ctx.PL + ctx.PH;
+        int64_t inited = 0, flushed = 0;
+        auto init_row = [&](int64_t r) { std::memset(ctx.gring.row(r), 0, sizeof(A) * ctx.gring.row_elems); };
+        auto flush_row = [&](int64_t r) {
+          const int64_t h = r - ctx.PL;
+          if (h >= 0 && h < a.H)
+            store_row<S, A>(a.gx, ctx.n, h, ctx.gxoff, ctx.lanes, ctx.gxcontig,
+                            ctx.gring.row(r) + (int64_t)ctx.PL * CB, a.W, CB);
+        };
+        for (int64_t y = 0; y < a.Ho; ++y) {
+          const int64_t i = y / a.S;
+          const int ph = (int)(y % a.S);
+          for (; flushed < i; ++flushed) {
+            if (flushed >= inited) init_row(inited++);
+            flush_row(flushed);
+          }
+          for (; inited < i + ctx.PL + ctx.PH + 1; ++inited) init_row(inited);
+          grad_row(y);
+          for (int q = 0; q < a.S; ++q) {
+            A* rows[kMaxKernel];
+            A* grows[kMaxKernel];
+            const int64_t coff = (int64_t)(ctx.poly.rb(q) + ctx.PL) * CB;
+            for (int r = 0; r < ctx.T; ++r) {
+              rows[r] = ctx.ring.row(i + ctx.poly.rb(ph) + ctx.PL + r) + coff;
+              grows[r] = ctx.gring.row(i + ctx.poly.rb(ph) + ctx.PL + r) + coff;
+            }
+            const A* gz = ctx.gzrow.get() + (int64_t)q * CB;
+            wgrad_row_k<A>(ctx.T, 1, rows, gz, a.S, a.W, 1,
+                           dacc.get() + ((size_t)(ph * a.S + q) * ctx.T * ctx.T) * CB);
+            scatter_row_k<A>(ctx.T, 1, grows, ctx.pkraw(ph, q), gz, a.S, a.W, 1);
+          }
+        }
+        for (; flushed < Hp; ++flushed) {
+          if (flushed >= inited) init_row(inited++);
+          flush_row(flushed);
+        }
+      } else {
+        // gU lives in a ring of padded upsampled rows; each finished gU row is interpolated back (transposed)
+        // into a ring of low-res gx rows
+        const int p = ctx.p;
+        const int64_t Hu = 2LL * a.H, Hup = Hu + 2 * p;
+        int64_t inited = 0, flushed = 0, xinited = 0, xflushed = 0;
+        auto init_row = [&](int64_t r) { std::memset(ctx.gring.row(r), 0, sizeof(A) * ctx.gring.row_elems); };
+        auto xinit_until = [&](int64_t i) {
+          for (; xinited <= i; ++xinited)
+            std::memset(ctx.gxring.row(xinited), 0, sizeof(A) * ctx.gxring.row_elems);
+        };
+        auto xflush_until = [&](int64_t i) {  // low-res rows < i are final
+          for (; xflushed < i && xflushed < a.H; ++xflushed) {
+            xinit_until(xflushed);
+            store_row<S, A>(a.gx, ctx.n, xflushed, ctx.gxoff, ctx.lanes, ctx.gxcontig, ctx.gxring.row(xflushed),
+                            a.W, CB);
+          }
+        };
+        auto flush_row = [&](int64_t r) {
+          const int64_t u = r - p;
+          if (u < 0 || u >= Hu) return;
+          const A* gu = ctx.gring.row(r) + (int64_t)p * CB;
+          A* t = ctx.tmp.get();
+          std::memset(t, 0, sizeof(A) * (size_t)a.W * CB);
+          for (int xo = 0; xo < 2 * a.W; ++xo) {
+            const emcad::Lerp2 hz = emcad::bilinear2_src(xo, a.W);
+            const A m0 = (A)hz.l0, m1 = (A)hz.l1;
+            A* t0 = t + (int64_t)hz.i0 * CB;
+            A* t1 = t + (int64_t)hz.i1 * CB;
+            const A* g = gu + (int64_t)xo * CB;
+#pragma omp simd
+            for (int l = 0; l < CB; ++l) t0[l] += m0 * g[l];
+#pragma omp simd
+            for (int l = 0; l < CB; ++l) t1[l] += m1 * g[l];
+          }
+          const emcad::Lerp2 v = emcad::bilinear2_src((int)u, a.H);
+          xinit_until(v.i1);
+          A* x0 = ctx.gxring.row(v.i0);
+          A* x1 = ctx.gxring.row(v.i1);
+          const A l0 = (A)v.l0, l1 = (A)v.l1;
+#pragma omp simd
+          for (int64_t i = 0; i < (int64_t)a.W * CB; ++i) x0[i] += l0 * t[i];
+#pragma omp simd
+          for (int64_t i = 0; i < (int64_t)a.W * CB; ++i) x1[i] += l1 * t[i];
+          // low-res row i receives from upsampled rows u <= 2i + 2: rows < u/2 are final
+          xflush_until(u / 2);
+        };
+        for (int64_t y = 0; y < a.Ho; ++y) {
+          for (; flushed < y; ++flushed) {
+            if (flushed >= inited) init_row(inited++);
+            flush_row(flushed);
+          }
+          for (; inited < y + a.k; ++inited) init_row(inited);
+          grad_row(y);
+          A* rows[kMaxKernel];
+          A* grows[kMaxKernel];
+          for (int dy = 0; dy < a.k; ++dy) {
+            rows[dy] = ctx.ring.row(y + dy);
+            grows[dy] = ctx.gring.row(y + dy);
+          }
+          wgrad_row_k<A>(a.k, 1, rows, ctx.gzrow.get(), 1, a.Wo, 1, dacc.get());
+          scatter_row_k<A>(a.k, 1, grows, ctx.kraw_mem.get(), ctx.gzrow.get(), 1, a.Wo, 1);
+        }
+        for (; flushed < Hup; ++flushed) {
+          if (flushed >= inited) init_row(inited++);
+          flush_row(flushed);
+        }
+        xflush_until(a.H);
+      }
+      // weight gradient of the item: polyphase taps fold back onto the original taps
+      for (int l = 0; l < ctx.lanes; ++l) {
+        double* dst = a.wpart + (ctx.n * a.C + ctx.c0 + l) * kk;
+        if (a.bilinear) {
+          for (int t = 0; t < kk; ++t) dst[t] = dacc.get()[(size_t)t * CB + l];
+        } else {
+          for (int t = 0; t < kk; ++t) dst[t] = 0;
+          for (int ph = 0; ph < a.S; ++ph)
+            for (int q = 0; q < a.S; ++q)
+              for (int dy = 0; dy < a.k; ++dy)
+                for (int dx = 0; dx < a.k; ++dx) {
+                  const int r = ctx.poly.tap(ph, dy), sidx = ctx.poly.tap(q, dx);
+                  dst[dy * a.k + dx] +=
+                      dacc.get()[((((size_t)(ph * a.S + q) * ctx.T + r) * ctx.T + sidx) * CB) + l];
+                }
+        }
+      }
+      if (a.bn_partials)
+        for (int l = 0; l < ctx.lanes; ++l) {
+          a.p0[ctx.n * a.C + ctx.c0 + l] = s1[l];
+          a.p1[ctx.n * a.C + ctx.c0 + l] = s2[l];
+        }
+    }
+  });
+}
+
+// ======================================================================================================
+// grouped_attention_gate
+// ======================================================================================================
+// Lanes are output channels o of the grouped convs; slot j of lane o holds input channel (o / og) * J + j.
+// Row items (n, band of rows) see every channel (the psi reduction over F_int); block items (n, block of
+// whole groups) see one block over the whole image (BN statistics and gradients of the grouped convs).
+
+// Loads row `row` of image n into a padded row with pixel stride J*CB for the lanes of a block whose first
+// lane is output channel o0.
+template <typename S, typename A>
+void load_group_row(const View4& v, int64_t n, int64_t row, int o0, int og, int J, int lanes, A* dst, int wp,
+                    int padl) {
+  constexpr int CB = lanes_of<A>();
+  const int64_t ps = (int64_t)J * CB;
+  if (og == 1 && v.sc == 1 && lanes == CB && row >= 0 && row < v.h) {
+    for (int q = 0; q < padl; ++q)
+      for (int i = 0; i < ps; ++i) dst[q * ps + i] = A(0);
+    for (int64_t q = padl + v.w; q < wp; ++q)
+      for (int i = 0; i < ps; ++i) dst[q * ps + i] = A(0);
+    const S* base = static_cast<const S*>(v.data) + n * v.sn + row * v.sh + (int64_t)o0 * J;
+    A* d0 = dst + (int64_t)padl * ps;
+    if (J == 2) {
+      for (int64_t w = 0; w < v.w; ++w) {
+        const S* s = base + w * v.sw;
+        A* d = d0 + w * ps;
+#pragma omp simd
+        for (int l = 0; l < CB; ++l) {
+          d[l] = load_val(s + 2 * l);
+          d[CB + l] = load_val(s + 2 * l + 1);
+        }
+      }
+    } else {
+      for (int64_t w = 0; w < v.w; ++w) {
+        const S* s = base + w * v.sw;
+        A* d = d0 + w * ps;
+        for (int j = 0; j < J; ++j)
+          for (int l = 0; l < CB; ++l) d[j * CB + l] = load_val(s + (int64_t)l * J + j);
+      }
+    }
+    return;
+  }
+  int64_t off[CB];
+  for (int j = 0; j < J; ++j) {
+    for (int l = 0; l < CB; ++l) off[l] = ((int64_t)((o0 + std::min(l, lanes - 1)) / og) * J + j) * v.sc;
+    load_row<S, A>(v, n, row, off, lanes, v.sc == 1 && lanes_contiguous(off, lanes), dst + j * CB, wp, (int)ps,
+                   padl);
+  }
+}
+
+template <typename A>
+EMCAD_INLINE A sigmoid_val(A v) {
+  return A(1) / (A(1) + std::exp(-v));
+}
+
+enum LgagCoef {
+  kSg = 0, kTgF, kSx, kTxF, kBg, kBx, kMg, kRg, kMx, kRx, kC2g, kC3g, kC2x, kC3x, kWpsi, kTg, kTx, kNumCoef
+};
+
+template <typename S>
+struct LgagCtx {
+  using A = typename emcad::AccType<S>::type;
+  static constexpr int CB = lanes_of<A>();
+  const LgagArgs& a;
+  int K = 3, P = 1, Wp = 0, nblk = 1, bl = CB, kk = 9, nbands = 1;
+  int nrings = 1;  // blocks with rings (row items: all, block items: one)
+  Scratch<A> wg_mem, wx_mem, wgr_mem, wxr_mem, coef_mem, ring_mem, gring_mem, zg, zx, pacc, prow, u, tmp, tmp2;
+  Scratch<double> dprow_mem;
+  int64_t ring_g_elems = 0, ring_x_elems = 0;
+  int slots = 4;
+  int64_t loaded = 0;
+  int64_t n = 0;
+
+  LgagCtx(const LgagArgs& args, bool row_items, bool need_grad) : a(args) {
+    K = a.k;
+    P = K / 2;
+    kk = K * K;
+    Wp = a.W + 2 * P;
+    bl = a.block_lanes;
+    nblk = (a.Fi + bl - 1) / bl;
+    nbands = (a.H + a.band - 1) / std::max(a.band, 1);
+    nrings = row_items ? nblk : 1;
+    slots = K + 1;
+    const size_t wsz = (size_t)nblk * kk * CB;
+    wg_mem.alloc(wsz * a.jg);
+    wx_mem.alloc(wsz * a.jx);
+    wgr_mem.alloc(wsz * a.jg);
+    wxr_mem.alloc(wsz * a.jx);
+    coef_mem.alloc((size_t)nblk * kNumCoef * CB);
+    ring_g_elems = (int64_t)Wp * a.jg * CB;
+    ring_x_elems = (int64_t)Wp * a.jx * CB;
+    ring_mem.alloc((size_t)nrings * slots * (ring_g_elems + ring_x_elems));
+    if (need_grad) gring_mem.alloc((size_t)slots * (ring_g_elems + ring_x_elems));
+    const size_t row = (size_t)std::max(a.W, 1) * CB;
+    zg.alloc(row);
+    zx.alloc(row);
+    pacc.alloc(row);
+    u.alloc(row);
+    tmp.alloc(row);
+    tmp2.alloc(row);
+    prow.alloc((size_t)std::max(a.W, 1));
+    dprow_mem.alloc((size_t)std::max(a.W, 1));
+    // per-block weights and coefficients
+    for (int b = 0; b < nblk; ++b) {
+      const int o0 = b * bl, lanes = std::min(bl, a.Fi - o0);
+      for (int t = 0; t < kk; ++t)
+        for (int l = 0; l < CB; ++l) {
+          for (int j = 0; j < a.jg; ++j) {
+            const double w = l < lanes ? a.wg[((int64_t)(o0 + l) * a.jg + j) * kk + t] : 0.0;
+            const double f = (l < lanes && a.sg) ? a.sg[o0 + l] : 0.0;
+            wgr(b)[(t * a.jg + j) * CB + l] = (A)w;
+            wgf(b)[(t * a.jg + j) * CB + l] = (A)(w * f);
+          }
+          for (int j = 0; j < a.jx; ++j) {
+            const double w = l < lanes ? a.wx[((int64_t)(o0 + l) * a.jx + j) * kk + t] : 0.0;
+            const double f = (l < lanes && a.sx) ? a.sx[o0 + l] : 0.0;
+            wxr(b)[(t * a.jx + j) * CB + l] = (A)w;
+            wxf(b)[(t * a.jx + j) * CB + l] = (A)(w * f);
+          }
+        }
+      auto at = [&](const double* p, int l) -> double { return (p && l < lanes) ? p[o0 + l] : 0.0; };
+      for (int l = 0; l < CB; ++l) {
+        const double sg = at(a.sg, l), tg = at(a.tg, l), sx = at(a.sx, l), tx = at(a.tx, l);
+        const double bg = at(a.bg, l), bx = at(a.bx, l);
+        coef(b, kSg)[l] = (A)sg;
+        coef(b, kTgF)[l] = (A)(bg * sg + tg);
+        coef(b, kSx)[l] = (A)sx;
+        coef(b, kTxF)[l] = (A)(bx * sx + tx);
+        coef(b, kBg)[l] = (A)bg;
+        coef(b, kBx)[l] = (A)bx;
+        coef(b, kMg)[l] = (A)at(a.mg, l);
+        coef(b, kRg)[l] = (A)at(a.rg, l);
+        coef(b, kMx)[l] = (A)at(a.mx, l);
+        coef(b, kRx)[l] = (A)at(a.rx, l);
+        coef(b, kC2g)[l] = (A)at(a.c2g, l);
+        coef(b, kC3g)[l] = (A)at(a.c3g, l);
+        coef(b, kC2x)[l] = (A)at(a.c2x, l);
+        coef(b, kC3x)[l] = (A)at(a.c3x, l);
+        coef(b, kWpsi)[l] = (A)at(a.wpsi, l);
+        coef(b, kTg)[l] = (A)tg;
+        coef(b, kTx)[l] = (A)tx;
+      }
+    }
+  }
+
+  A* wgf(int b) const { return wg_mem.get() + (size_t)b * kk * a.jg * CB; }
+  A* wxf(int b) const { return wx_mem.get() + (size_t)b * kk * a.jx * CB; }
+  A* wgr(int b) const { return wgr_mem.get() + (size_t)b * kk * a.jg * CB; }
+  A* wxr(int b) const { return wxr_mem.get() + (size_t)b * kk * a.jx * CB; }
+  A* coef(int b, int i) const { return coef_mem.get() + ((size_t)b * kNumCoef + i) * CB; }
+  int o0(int b) const { return b * bl; }
+  int lanes(int b) const { return std::min(bl, a.Fi - b * bl); }
+
+  // ring slot r of ring set `ri` (block index for row items, 0 for block items)
+  A* ring_g(int ri, int64_t r) const {
+    return ring_mem.get() + (size_t)ri * slots * (ring_g_elems + ring_x_elems) + (r % slots) * ring_g_elems;
+  }
+  A* ring_x(int ri, int64_t r) const {
+    return ring_mem.get() + (size_t)ri * slots * (ring_g_elems + ring_x_elems) + slots * ring_g_elems +
+           (r % slots) * ring_x_elems;
+  }
+  A* gring_g(int64_t r) const { return gring_mem.get() + (r % slots) * ring_g_elems; }
+  A* gring_x(int64_t r) const { return gring_mem.get() + slots * ring_g_elems + (r % slots) * ring_x_elems; }
+
+  // loads padded rows [loaded, upto) of block b into ring set ri
+  void load_block_rows(int ri, int b, int64_t from, int64_t upto) {
+    for (int64_t r = from; r < upto; ++r) {
+      load_group_row<S, A>(a.g, n, r - P, o0(b), a.og, a.jg, lanes(b), ring_g(ri, r), Wp, P);
+      load_group_row<S, A>(a.x, n, r - P, o0(b), a.og, a.jx, lanes(b), ring_x(ri, r), Wp, P);
+    }
+  }
+
+  void rows_of(int ri, int64_t h, bool x_ring, A** rows) const {
+    for (int dy = 0; dy < K; ++dy) rows[dy] = x_ring ? ring_x(ri, h + dy) : ring_g(ri, h + dy);
+  }
+
+  // z rows of block b for output row h (folded: BN-applied a_g, a_x; raw: conv + bias)
+  void z_rows(int ri, int b, int64_t h, bool fold) {
+    A* rows[kMaxKernel];
+    rows_of(ri, h, false, rows);
+    conv_row_k<A>(K, a.jg, rows, fold ? wgf(b) : wgr(b), coef(b, fold ? kTgF : kBg), a.W, 1, zg.get(), 1);
+    rows_of(ri, h, true, rows);
+    conv_row_k<A>(K, a.jx, rows, fold ? wxf(b) : wxr(b), coef(b, fold ? kTxF : kBx), a.W, 1, zx.get(), 1);
+  }
+
+  // row items: p (psi logit before BN, incl. bias) for row h into prow; rings of all blocks advance together
+  template <int ACT>
+  void psi_row(int64_t h) {
+    for (int b = 0; b < nblk; ++b) load_block_rows(b, b, std::max(loaded, h), h + K);
+    loaded = std::max(loaded, h + K);
+    A* pa = pacc.get();
+    std::memset(pa, 0, sizeof(A) * (size_t)a.W * CB);
+    for (int b = 0; b < nblk; ++b) {
+      z_rows(b, b, h, true);
+      const A* wp = coef(b, kWpsi);
+      const A* g = zg.get();
+      const A* x = zx.get();
+      for (int64_t w = 0; w < a.W; ++w)
+#pragma omp simd
+        for (int l = 0; l < CB; ++l) pa[w * CB + l] += wp[l] * emcad::act_fwd<ACT>(g[w * CB + l] + x[w * CB + l]);
+    }
+    const A bp = (A)a.bpsi;
+    for (int64_t w = 0; w < a.W; ++w) {
+      A s = A(0);
+      for (int l = 0; l < CB; ++l) s += pa[w * CB + l];
+      prow.get()[w] = s + bp;
+    }
+  }
+
+  void begin_row_item(int64_t item) {
+    n = item / nbands;
+    loaded = (item % nbands) * (int64_t)a.band;
+  }
+  void band_of(int64_t item, int64_t& h0, int64_t& h1) const {
+    h0 = (item % nbands) * (int64_t)a.band;
+    h1 = std::min<int64_t>(a.H, h0 + a.band);
+  }
+};
+
+template <typename S>
+void lgag_stats(const LgagArgs& a, int64_t i0, int64_t i1) {
+  using A = typename LgagCtx<S>::A;
+  constexpr int CB = LgagCtx<S>::CB;
+  LgagCtx<S> ctx(a, false, false);
+  for (int64_t item = i0; item < i1; ++item) {
+    ctx.n = item / ctx.nblk;
+    const int b = (int)(item % ctx.nblk);
+    emcad::Welford accg[CB], accx[CB];
+    for (int64_t h = 0; h < a.H; ++h) {
+      ctx.load_block_rows(0, b, h == 0 ? 0 : h + ctx.K - 1, h + ctx.K);
+      ctx.z_rows(0, b, h, false);
+      row_stats<A>(ctx.zg.get(), a.W, accg);
+      row_stats<A>(ctx.zx.get(), a.W, accx);
+    }
+    for (int l = 0; l < ctx.lanes(b); ++l) {
+      const int64_t idx = ctx.n * a.Fi + ctx.o0(b) + l;
+      a.sg0[idx] = accg[l].mean;
+      a.sg1[idx] = accg[l].m2;
+      a.sx0[idx] = accx[l].mean;
+      a.sx1[idx] = accx[l].m2;
+    }
+  }
+}
+
+template <typename S>
+void lgag_psi(const LgagArgs& a, int64_t i0, int64_t i1) {
+  LgagCtx<S> ctx(a, true, false);
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.begin_row_item(item);
+      int64_t h0, h1;
+      ctx.band_of(item, h0, h1);
+      emcad::Welford acc;
+      for (int64_t h = h0; h < h1; ++h) {
+        ctx.template psi_row<ACT>(h);
+        double* dst = a.pbuf + (ctx.n * a.H + h) * a.W;
+        double s = 0;
+        for (int64_t w = 0; w < a.W; ++w) {
+          dst[w] = (double)ctx.prow.get()[w];
+          s += dst[w];
+        }
+        const double mean = s / a.W;
+        double m2 = 0;
+        for (int64_t w = 0; w < a.W; ++w) m2 += (dst[w] - mean) * (dst[w] - mean);
+        acc.merge((double)a.W, mean, m2);
+      }
+      a.sp0[item] = acc.n;
+      a.sp1[item] = acc.mean;
+      a.sp2[item] = acc.m2;
+    }
+  });
+}
+
+// out = x * sigmoid(p*sp + tp) (+ g) for row h, psi row given in ctx.prow as ap (already BN-applied sigmoid)
+template <typename S, typename A>
+void lgag_out_row(LgagCtx<S>& ctx, const LgagArgs& a, int64_t h, const A* psi) {
+  constexpr int CB = lanes_of<A>();
+  int64_t off[CB], goff[CB], ooff[CB];
+  for (int c0 = 0; c0 < a.Fl; c0 += CB) {
+    const int lanes = std::min(CB, a.Fl - c0);
+    for (int l = 0; l < CB; ++l) {
+      const int64_t c = c0 + std::min(l, lanes - 1);
+      off[l] = c * a.x.sc;
+      goff[l] = c * a.g.sc;
+      ooff[l] = c * a.out.sc;
+    }
+    A* xb = ctx.tmp.get();
+    A* gb = ctx.tmp2.get();
+    load_row<S, A>(a.x, ctx.n, h, off, lanes, a.x.sc == 1, xb, a.W, CB, 0);
+    if (a.add_gate) {
+      load_row<S, A>(a.g, ctx.n, h, goff, lanes, a.g.sc == 1, gb, a.W, CB, 0);
+      for (int64_t w = 0; w < a.W; ++w) {
+        const A ps = psi[w];
+#pragma omp simd
+        for (int l = 0; l < CB; ++l) xb[w * CB + l] = xb[w * CB + l] * ps + gb[w * CB + l];
+      }
+    } else {
+      for (int64_t w = 0; w < a.W; ++w) {
+        const A ps = psi[w];
+#pragma omp simd
+        for (int l = 0; l < CB; ++l) xb[w * CB + l] *= ps;
+      }
+    }
+    store_row<S, A>(a.out, ctx.n, h, ooff, lanes, a.out.sc == 1, xb, a.W, CB);
+  }
+}
+
+template <typename S>
+void lgag_apply(const LgagArgs& a, int64_t i0, int64_t i1) {
+  using A = typename LgagCtx<S>::A;
+  LgagCtx<S> ctx(a, a.pbuf == nullptr, false);
+  std::vector<A> psi((size_t)std::max(a.W, 1));
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.begin_row_item(item);
+      int64_t h0, h1;
+      ctx.band_of(item, h0, h1);
+      for (int64_t h = h0; h < h1; ++h) {
+        if (a.pbuf) {
+          const double* p = a.pbuf + (ctx.n * a.H + h) * a.W;
+          for (int64_t w = 0; w < a.W; ++w) psi[w] = (A)sigmoid_val<double>(p[w] * a.sp + a.tp);
+        } else {
+          ctx.template psi_row<ACT>(h);
+          for (int64_t w = 0; w < a.W; ++w) psi[w] = sigmoid_val<A>(ctx.prow.get()[w] * (A)a.sp + (A)a.tp);
+        }
+        lgag_out_row<S, A>(ctx, a, h, psi.data());
+      }
+    }
+  });
+}
+
+template <typename S>
+void lgag_bwd_psi(const LgagArgs& a, int64_t i0, int64_t i1) {
+  using A = typename LgagCtx<S>::A;
+  constexpr int CB = LgagCtx<S>::CB;
+  LgagCtx<S> ctx(a, true, false);
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    int64_t off[CB], goff[CB];
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.begin_row_item(item);
+      int64_t h0, h1;
+      ctx.band_of(item, h0, h1);
+      double s1 = 0, s2 = 0;
+      for (int64_t h = h0; h < h1; ++h) {
+        ctx.template psi_row<ACT>(h);
+        // ds = sum_c grad[c] * x[c]
+        A* acc = ctx.pacc.get();
+        std::memset(acc, 0, sizeof(A) * (size_t)a.W * CB);
+        for (int c0 = 0; c0 < a.Fl; c0 += CB) {
+          const int lanes = std::min(CB, a.Fl - c0);
+          for (int l = 0; l < CB; ++l) {
+            const int64_t c = c0 + std::min(l, lanes - 1);
+            off[l] = c * a.x.sc;
+            goff[l] = c * a.grad.sc;
+          }
+          A* xb = ctx.tmp.get();
+          A* gb = ctx.tmp2.get();
+          load_row<S, A>(a.x, ctx.n, h, off, lanes, a.x.sc == 1, xb, a.W, CB, 0);
+          load_row<S, A>(a.grad, ctx.n, h, goff, lanes, a.grad.sc == 1, gb, a.W, CB, 0);
+#pragma omp simd
+          for (int64_t i = 0; i < (int64_t)a.W * CB; ++i) acc[i] += xb[i] * gb[i];
+        }
+        double* pd = a.pbuf + (ctx.n * a.H + h) * a.W;
+        double* dd = a.dbuf + (ctx.n * a.H + h) * a.W;
+        double r1 = 0, r2 = 0;
+        for (int64_t w = 0; w < a.W; ++w) {
+          A ds = A(0);
+          for (int l = 0; l < CB; ++l) ds += acc[w * CB + l];
+          const double p = (double)ctx.prow.get()[w];
+          const double psi = sigmoid_val<double>(p * a.sp + a.tp);
+          const double dap = (double)ds * psi * (1.0 - psi);
+          pd[w] = p;
+          dd[w] = dap;
+          r1 += dap;
+          r2 += dap * ((p - a.mp) * a.rp);
+        }
+        s1 += r1;
+        s2 += r2;
+      }
+      a.sp0[item] = s1;
+      a.sp1[item] = s2;
+    }
+  });
+}
+
+// Block pass per row: recomputes z_g, z_x (conv + bias), u, h and du; optionally the BN-backward sums,
+// the psi weight-gradient sums and dz_g, dz_x.
+template <int ACT, typename S>
+void lgag_block_row(LgagCtx<S>& ctx, const LgagArgs& a, int b, int64_t h, double* su, double* sug, double* sux,
+                    double* sph, double* dpsum, typename LgagCtx<S>::A* dzg, typename LgagCtx<S>::A* dzx,
+                    double* bgs, double* bxs) {
+  using A = typename LgagCtx<S>::A;
+  constexpr int CB = LgagCtx<S>::CB;
+  ctx.z_rows(0, b, h, false);
+  // dp per pixel
+  double* dp = ctx.dprow_mem.get();
+  const double* pd = a.pbuf + (ctx.n * a.H + h) * a.W;
+  const double* dd = a.dbuf + (ctx.n * a.H + h) * a.W;
+  double dps = 0;
+  for (int64_t w = 0; w < a.W; ++w) {
+    dp[w] = a.cp1 * dd[w] + a.cp2 * ((pd[w] - a.mp) * a.rp) + a.cp3;
+    dps += dp[w];
+  }
+  if (dpsum) *dpsum += dps;
+  const A *sg = ctx.coef(b, kSg), *tg = ctx.coef(b, kTg), *sx = ctx.coef(b, kSx), *tx = ctx.coef(b, kTx);
+  const A *mg = ctx.coef(b, kMg), *rg = ctx.coef(b, kRg), *mx = ctx.coef(b, kMx), *rx = ctx.coef(b, kRx);
+  const A *c2g = ctx.coef(b, kC2g), *c3g = ctx.coef(b, kC3g), *c2x = ctx.coef(b, kC2x), *c3x = ctx.coef(b, kC3x);
+  const A* wp = ctx.coef(b, kWpsi);
+  A t_u[CB], t_ug[CB], t_ux[CB], t_ph[CB], t_bg[CB], t_bx[CB];
+  for (int l = 0; l < CB; ++l) t_u[l] = t_ug[l] = t_ux[l] = t_ph[l] = t_bg[l] = t_bx[l] = A(0);
+  const A* zgp = ctx.zg.get();
+  const A* zxp = ctx.zx.get();
+  for (int64_t w = 0; w < a.W; ++w) {
+    const A dpw = (A)dp[w];
+#pragma omp simd
+    for (int l = 0; l < CB; ++l) {
+      const A zg = zgp[w * CB + l], zx = zxp[w * CB + l];
+      const A uu = zg * sg[l] + tg[l] + zx * sx[l] + tx[l];
+      const A du = emcad::act_bwd<ACT>(uu, dpw * wp[l]);
+      const A zhg = (zg - mg[l]) * rg[l];
+      const A zhx = (zx - mx[l]) * rx[l];
+      t_u[l] += du;
+      t_ug[l] += du * zhg;
+      t_ux[l] += du * zhx;
+      t_ph[l] += dpw * emcad::act_fwd<ACT>(uu);
+      const A gzg = sg[l] * du + c2g[l] * zhg + c3g[l];
+      const A gzx = sx[l] * du + c2x[l] * zhx + c3x[l];
+      t_bg[l] += gzg;
+      t_bx[l] += gzx;
+      if (dzg) {
+        dzg[w * CB + l] = gzg;
+        dzx[w * CB + l] = gzx;
+      }
+    }
+  }
+  for (int l = 0; l < CB; ++l) {
+    if (su) {
+      su[l] += (double)t_u[l];
+      sug[l] += (double)t_ug[l];
+      sux[l] += (double)t_ux[l];
+      sph[l] += (double)t_ph[l];
+    }
+    if (bgs) {
+      bgs[l] += (double)t_bg[l];
+      bxs[l] += (double)t_bx[l];
+    }
+  }
+}
+
+template <typename S>
+void lgag_bwd_reduce(const LgagArgs& a, int64_t i0, int64_t i1) {
+  constexpr int CB = LgagCtx<S>::CB;
+  LgagCtx<S> ctx(a, false, false);
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.n = item / ctx.nblk;
+      const int b = (int)(item % ctx.nblk);
+      double su[CB] = {}, sug[CB] = {}, sux[CB] = {}, sph[CB] = {}, dps = 0;
+      for (int64_t h = 0; h < a.H; ++h) {
+        ctx.load_block_rows(0, b, h == 0 ? 0 : h + ctx.K - 1, h + ctx.K);
+        lgag_block_row<ACT, S>(ctx, a, b, h, su, sug, sux, sph, b == 0 ? &dps : nullptr, nullptr, nullptr, nullptr,
+                               nullptr);
+      }
+      for (int l = 0; l < ctx.lanes(b); ++l) {
+        const int64_t idx = ctx.n * a.Fi + ctx.o0(b) + l;
+        a.su[idx] = su[l];
+        a.sug[idx] = sug[l];
+        a.sux[idx] = sux[l];
+        a.sph[idx] = sph[l];
+      }
+      if (b == 0) a.dpsum[ctx.n] = dps;
+    }
+  });
+}
+
+// writes the finished padded gradient row r of one input (g or x) of block b
+template <typename S, typename A>
+void lgag_flush_row(LgagCtx<S>& ctx, const LgagArgs& a, int b, int64_t r, bool is_x) {
+  constexpr int CB = lanes_of<A>();
+  const int64_t h = r - ctx.P;
+  if (h < 0 || h >= a.H) return;
+  const int J = is_x ? a.jx : a.jg;
+  const View4& dst = is_x ? a.gx : a.gg;
+  const A* src = (is_x ? ctx.gring_x(r) : ctx.gring_g(r)) + (int64_t)ctx.P * J * CB;
+  const int og = a.og, lanes = ctx.lanes(b), nl = (lanes + og - 1) / og;
+  const int g0 = ctx.o0(b) / og;  // first group of the block
+  A* t = ctx.tmp.get();
+  A* e = ctx.tmp2.get();
+  std::vector<A> psi;
+  const bool add_grad = is_x || a.add_gate;
+  if (is_x) {
+    psi.resize((size_t)std::max(a.W, 1));
+    const double* p = a.pbuf + (ctx.n * a.H + h) * a.W;
+    for (int64_t w = 0; w < a.W; ++w) psi[w] = (A)sigmoid_val<double>(p[w] * a.sp + a.tp);
+  }
+  int64_t off[CB], goff[CB];
+  for (int j = 0; j < J; ++j) {
+    for (int i = 0; i < CB; ++i) {
+      const int64_t c = (int64_t)(g0 + std::min(i, nl - 1)) * J + j;
+      off[i] = c * dst.sc;
+      goff[i] = c * a.grad.sc;
+    }
+    for (int64_t w = 0; w < a.W; ++w) {
+      const A* s = src + w * J * CB + j * CB;
+      for (int i = 0; i < CB; ++i) {
+        A v = A(0);
+        if (i < nl)
+          for (int q = 0; q < og; ++q) v += s[i * og + q];
+        t[w * CB + i] = v;
+      }
+    }
+    if (add_grad) {
+      load_row<S, A>(a.grad, ctx.n, h, goff, nl, a.grad.sc == 1 && lanes_contiguous(goff, nl), e, a.W, CB, 0);
+      for (int64_t w = 0; w < a.W; ++w) {
+        const A m = is_x ? psi[w] : A(1);
+#pragma omp simd
+        for (int i = 0; i < CB; ++i) t[w * CB + i] += e[w * CB + i] * m;
+      }
+    }
+    store_row<S, A>(dst, ctx.n, h, off, nl, dst.sc == 1 && lanes_contiguous(off, nl), t, a.W, CB);
+  }
+}
+
+template <typename S>
+void lgag_bwd_grad(const LgagArgs& a, int64_t i0, int64_t i1) {
+  using A = typename LgagCtx<S>::A;
+  constexpr int CB = LgagCtx<S>::CB;
+  LgagCtx<S> ctx(a, false, true);
+  const int kk = ctx.kk;
+  Scratch<double> dg((size_t)kk * a.jg * CB), dx((size_t)kk * a.jx * CB);
+  Scratch<A> dzg((size_t)std::max(a.W, 1) * CB), dzx((size_t)std::max(a.W, 1) * CB);
+  const int64_t Hp = (int64_t)a.H + 2 * ctx.P;
+  const bool sums = a.su != nullptr;  // eval mode: BN-backward sums come from this pass
+  with_act(a.act, [&](auto AC) {
+    constexpr int ACT = decltype(AC)::value;
+    for (int64_t item = i0; item < i1; ++item) {
+      ctx.n = item / ctx.nblk;
+      const int b = (int)(item % ctx.nblk);
+      dg.zero();
+      dx.zero();
+      double su[CB] = {}, sug[CB] = {}, sux[CB] = {}, sph[CB] = {}, bgs[CB] = {}, bxs[CB] = {}, dps = 0;
+      int64_t inited = 0, flushed = 0;
+      auto init_row = [&](int64_t r) {
+        std::memset(ctx.gring_g(r), 0, sizeof(A) * ctx.ring_g_elems);
+        std::memset(ctx.gring_x(r), 0, sizeof(A) * ctx.ring_x_elems);
+      };
+      auto flush = [&](int64_t r) {
+        lgag_flush_row<S, A>(ctx, a, b, r, false);
+        lgag_flush_row<S, A>(ctx, a, b, r, true);
+      };
+      for (int64_t h = 0; h < a.H; ++h) {
+        ctx.load_block_rows(0, b, h == 0 ? 0 : h + ctx.K - 1, h + ctx.K);
+        for (; flushed < h; ++flushed) {
+          if (flushed >= inited) init_row(inited++);
+          flush(flushed);
+        }
+        for (; inited < h + ctx.K; ++inited) init_row(inited);
+        lgag_block_row<ACT, S>(ctx, a, b, h, sums ? su : nullptr, sug, sux, sph,
+                               (sums && b == 0) ? &dps : nullptr, dzg.get(), dzx.get(), bgs, bxs);
+        A* rows[kMaxKernel];
+        A* grows[kMaxKernel];
+        ctx.rows_of(0, h, false, rows);
+        for (int dy = 0; dy < ctx.K; ++dy) grows[dy] = ctx.gring_g(h + dy);
+        wgrad_row_k<A>(ctx.K, a.jg, rows, dzg.get(), 1, a.W, 1, dg.get());
+        scatter_row_k<A>(ctx.K, a.jg, grows, ctx.wgr(b), dzg.get(), 1, a.W, 1);
+        ctx.rows_of(0, h, true, rows);
+        for (int dy = 0; dy < ctx.K; ++dy) grows[dy] = ctx.gring_x(h + dy);
+        wgrad_row_k<A>(ctx.K, a.jx, rows, dzx.get(), 1, a.W, 1, dx.get());
+        scatter_row_k<A>(ctx.K, a.jx, grows, ctx.wxr(b), dzx.get(), 1, a.W, 1);
+      }
+      for (; flushed < Hp; ++flushed) {
+        if (flushed >= inited) init_row(inited++);
+        flush(flushed);
+      }
+      for (int l = 0; l < ctx.lanes(b); ++l) {
+        const int64_t o = ctx.o0(b) + l;
+        const int64_t idx = ctx.n * a.Fi + o;
+        for (int j = 0; j < a.jg; ++j)
+          for (int t = 0; t < kk; ++t)
+            a.wgpart[((ctx.n * a.Fi + o) * a.jg + j) * kk + t] = dg.get()[((size_t)t * a.jg + j) * CB + l];
+        for (int j = 0; j < a.jx; ++j)
+          for (int t = 0; t < kk; ++t)
+            a.wxpart[((ctx.n * a.Fi + o) * a.jx + j) * kk + t] = dx.get()[((size_t)t * a.jx + j) * CB + l];
+        a.bgpart[idx] = bgs[l];
+        a.bxpart[idx] = bxs[l];
+        if (sums) {
+          a.su[idx] = su[l];
+          a.sug[idx] = sug[l];
+          a.sux[idx] = sux[l];
+          a.sph[idx] = sph[l];
+        }
+      }
+      if (sums && b == 0) a.dpsum[ctx.n] = dps;
+    }
+  });
+}
+
+// ======================================================================================================
+// kernel table
+// ======================================================================================================
+#define EMCAD_DT3(fn) {&fn<float>, &fn<double>, &fn<bf16>}
+#define EMCAD_NULL3 {nullptr, nullptr, nullptr}
+
+inline const KernelTable& make_table(const char* name) {
+  static const KernelTable t = {
+      name,
+      EMCAD_DT3(msdc_stats), EMCAD_DT3(msdc_apply), EMCAD_DT3(msdc_bwd_reduce), EMCAD_DT3(msdc_bwd_grad),
+      EMCAD_DT3(updw_stats), EMCAD_DT3(updw_apply), EMCAD_DT3(updw_bwd_reduce), EMCAD_DT3(updw_bwd_grad),
+      EMCAD_DT3(lgag_stats), EMCAD_DT3(lgag_psi), EMCAD_DT3(lgag_apply), EMCAD_DT3(lgag_bwd_psi),
+      EMCAD_DT3(lgag_bwd_reduce), EMCAD_DT3(lgag_bwd_grad),
+  };
+  return t;
+}

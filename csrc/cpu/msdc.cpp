@@ -1,0 +1,176 @@
+// multi_scale_dwconv on CPU: argument checks, allocation, pass orchestration and fixed-order reductions.
+// The kernels themselves are in kernels_impl.h (per-ISA builds).
+#include <torch/library.h>
+
+#include "cpu/binding_utils.h"
+
+namespace emcad_cpu {
+namespace {
+
+struct MsdcSetup {
+  MsdcArgs a;
+  at::Tensor w_all;
+  int dt = 0;
+  int64_t N = 0, items = 0;
+};
+
+MsdcSetup setup_msdc(const at::Tensor& x, at::TensorList weights, bool concat, int64_t shuffle_groups,
+                     int64_t stride, c10::string_view activation) {
+  check_cpu4(x, "x");
+  MsdcSetup s;
+  s.dt = dtype_index(x, "x");
+  MsdcArgs& a = s.a;
+  const int64_t nb = (int64_t)weights.size();
+  TORCH_CHECK(nb >= 1 && nb <= kMaxBranches, "emcad_kernels cpu: 1 to ", kMaxBranches, " branches supported, got ",
+              nb);
+  TORCH_CHECK(stride == 1 || stride == 2, "emcad_kernels cpu: stride ", stride, " not supported");
+  a.C = (int)x.size(1);
+  a.H = (int)x.size(2);
+  a.W = (int)x.size(3);
+  a.nb = (int)nb;
+  a.stride = (int)stride;
+  a.Ho = (int)conv_out(a.H, stride);
+  a.Wo = (int)conv_out(a.W, stride);
+  a.concat = concat ? 1 : 0;
+  const int64_t cout = concat ? nb * a.C : a.C;
+  TORCH_CHECK(shuffle_groups >= 0 && (shuffle_groups == 0 || cout % shuffle_groups == 0),
+              "emcad_kernels cpu: shuffle_groups ", shuffle_groups, " must divide ", cout);
+  a.shuffle_groups = shuffle_groups;
+  a.act = act_id(activation);
+  std::vector<at::Tensor> flat;
+  int64_t off = 0, toff = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const auto& w = weights[b];
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == a.C && w.size(1) == 1 && w.size(2) == w.size(3) &&
+                    w.size(2) % 2 == 1 && w.size(2) <= kMaxKernel,
+                "emcad_kernels cpu: weights[", b, "] must be [C, 1, k, k] with odd k <= 9, got ", w.sizes());
+    a.ks[b] = (int)w.size(2);
+    a.woff[b] = off;
+    a.toff[b] = toff;
+    off += w.numel();
+    toff += w.size(2) * w.size(2);
+    flat.push_back(w.reshape({-1}).to(at::kDouble));
+  }
+  a.taps_total = toff;
+  s.w_all = at::cat(flat).contiguous();
+  a.w = s.w_all.data_ptr<double>();
+  a.x = view4(x);
+  s.N = x.size(0);
+  s.items = s.N * ((a.C + block_lanes(s.dt) - 1) / block_lanes(s.dt));
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> msdc_fwd(const at::Tensor& x, at::TensorList weights,
+                                                        const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                                        const at::Tensor& mean, const at::Tensor& var, bool training,
+                                                        double eps, c10::string_view activation, bool concat,
+                                                        int64_t shuffle_groups, int64_t stride) {
+  MsdcSetup s = setup_msdc(x, weights, concat, shuffle_groups, stride, activation);
+  MsdcArgs& a = s.a;
+  const KernelTable& kt = active_table();
+  const int64_t nb = a.nb, C = a.C;
+  const auto sd = stats_dtype(x.scalar_type());
+  at::Tensor m64, v64;
+  if (training) {
+    auto p0 = at::empty({s.N, nb, C}, at::kDouble), p1 = at::empty({s.N, nb, C}, at::kDouble);
+    a.p0 = p0.data_ptr<double>();
+    a.p1 = p1.data_ptr<double>();
+    run_items(kt.msdc_stats[s.dt], a, s.items);
+    std::tie(m64, v64) = merge_stats(p0, p1, s.N, nb * C, (double)a.Ho * a.Wo);
+    m64 = m64.view({nb, C});
+    v64 = v64.view({nb, C});
+  } else {
+    m64 = f64(mean).view({nb, C});
+    v64 = f64(var).view({nb, C});
+  }
+  auto rstd = (v64 + eps).rsqrt();
+  auto scale = (f64(bn_weight).view({nb, C}) * rstd).contiguous();
+  auto shift = (f64(bn_bias).view({nb, C}) - m64 * scale).contiguous();
+  a.scale = scale.data_ptr<double>();
+  a.shift = shift.data_ptr<double>();
+  const int64_t cout = concat ? nb * C : C;
+  at::Tensor y = empty_out(x, {s.N, cout, a.Ho, a.Wo});
+  a.y = view4(y);
+  run_items(kt.msdc_apply[s.dt], a, s.items);
+  at::Tensor save_mean, save_var;
+  if (training) {
+    save_mean = m64.to(sd).contiguous();
+    save_var = v64.to(sd).contiguous();
+  } else {  // copies: custom-op outputs must not alias inputs
+    save_mean = mean.to(sd, false, true).contiguous();
+    save_var = var.to(sd, false, true).contiguous();
+  }
+  return {y, save_mean, save_var};
+}
+
+std::vector<at::Tensor> msdc_bwd(const at::Tensor& grad, const at::Tensor& x, at::TensorList weights,
+                                 const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& save_mean,
+                                 const at::Tensor& save_var, bool training, double eps, c10::string_view activation,
+                                 bool concat, int64_t shuffle_groups, int64_t stride) {
+  MsdcSetup s = setup_msdc(x, weights, concat, shuffle_groups, stride, activation);
+  MsdcArgs& a = s.a;
+  check_cpu4(grad, "grad");
+  const int64_t nb = a.nb, C = a.C;
+  const int64_t cout = concat ? nb * C : C;
+  TORCH_CHECK(grad.size(0) == s.N && grad.size(1) == cout && grad.size(2) == a.Ho && grad.size(3) == a.Wo,
+              "emcad_kernels cpu: grad has shape ", grad.sizes(), ", expected [", s.N, ", ", cout, ", ", a.Ho, ", ",
+              a.Wo, "]");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "emcad_kernels cpu: grad dtype ", grad.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  const KernelTable& kt = active_table();
+  auto m64 = f64(save_mean).view({nb, C});
+  auto rstd = (f64(save_var).view({nb, C}) + eps).rsqrt().contiguous();
+  auto gamma = f64(bn_weight).view({nb, C});
+  auto scale = (gamma * rstd).contiguous();
+  auto shift = (f64(bn_bias).view({nb, C}) - m64 * scale).contiguous();
+  a.scale = scale.data_ptr<double>();
+  a.shift = shift.data_ptr<double>();
+  a.mean = m64.data_ptr<double>();
+  a.rstd = rstd.data_ptr<double>();
+  a.g = view4(grad);
+  auto p0 = at::zeros({s.N, nb, C}, at::kDouble), p1 = at::zeros({s.N, nb, C}, at::kDouble);
+  a.p0 = p0.data_ptr<double>();
+  a.p1 = p1.data_ptr<double>();
+  at::Tensor s1, s2, c2, c3;
+  const double count = (double)s.N * a.Ho * a.Wo;
+  if (training) {
+    run_items(kt.msdc_bwd_reduce[s.dt], a, s.items);
+    s1 = sum_items(p0, s.N, {nb, C});
+    s2 = sum_items(p1, s.N, {nb, C});
+    c2 = (-scale * s2 / count).contiguous();
+    c3 = (-scale * s1 / count).contiguous();
+    a.c2 = c2.data_ptr<double>();
+    a.c3 = c3.data_ptr<double>();
+    a.bn_partials = 0;
+  } else {
+    a.bn_partials = 1;
+  }
+  at::Tensor gx = empty_out(x, {s.N, C, a.H, a.W});
+  a.gx = view4(gx);
+  auto wpart = at::zeros({s.N, C, a.taps_total}, at::kDouble);
+  a.wpart = wpart.data_ptr<double>();
+  run_items(kt.msdc_bwd_grad[s.dt], a, s.items);
+  if (!training) {
+    s1 = sum_items(p0, s.N, {nb, C});
+    s2 = sum_items(p1, s.N, {nb, C});
+  }
+  auto wsum = sum_items(wpart, s.N, {C, a.taps_total});
+  std::vector<at::Tensor> out;
+  out.push_back(gx);
+  out.push_back(s2.to(bn_weight.scalar_type()));
+  out.push_back(s1.to(bn_bias.scalar_type()));
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k = a.ks[b];
+    out.push_back(wsum.narrow(1, a.toff[b], k * k).reshape({C, 1, k, k}).to(weights[b].scalar_type()).contiguous());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(emcad_kernels, CPU, m) {
+  m.impl("msdc_fwd_cpu_kernel", &msdc_fwd);
+  m.impl("msdc_bwd_cpu_kernel", &msdc_bwd);
+}
+
+}  // namespace emcad_cpu

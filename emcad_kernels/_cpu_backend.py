@@ -1,0 +1,133 @@
+"""Registers the ``cpu`` backend: fused C++/OpenMP kernels (``csrc/cpu``) for CPU tensors.
+
+The kernels are the ``emcad_kernels::*_cpu_kernel`` ops of the compiled extension ``emcad_kernels._C``; this
+module wraps them with the kernel interface of ``library.py`` and registers them as the custom ops
+``emcad_kernels::<op>_fwd_cpu`` / ``<op>_bwd_cpu`` (fake, autograd, FLOP formulas). Priority 10: above the
+reference backend, so ``auto`` picks it for every CPU call it supports. Without the extension the backend is
+unavailable and says why (``_ext.CPU_EXT_ERROR``).
+
+What the kernels support (``check`` refuses everything else with a reason; ``auto`` then uses ``reference``):
+
+* CPU tensors of dtype float32, float64 or bfloat16 (bf16 computes in fp32);
+* activations relu, relu6, leakyrelu (0.2), hswish, identity (not gelu);
+* ``multi_scale_dwconv``: 1 to 8 branches, odd kernel sizes <= 9, stride 1 or 2, sum or concat, any shuffle;
+* ``upsample_dwconv``: odd kernel sizes <= 9; nearest with scale 1 to 4, bilinear with scale 2;
+* ``grouped_attention_gate``: odd kernel sizes <= 9 and any grouping (group structures with more than 16 output
+  channels per group run a generic path).
+Any memory layout and strides are read natively; outputs have the input's memory format.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from . import _ext
+from .backends import Backend, OpCall, register_backend
+from .library import Kernels, OpSet, define_op_set
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+SUPPORTED_ACTIVATIONS = ("relu", "relu6", "leakyrelu", "hswish", "identity")
+MAX_BRANCHES = 8
+MAX_KERNEL_SIZE = 9
+NEAREST_SCALES = (1, 2, 3, 4)
+BILINEAR_SCALES = (2,)
+MSDC_STRIDES = (1, 2)
+# ops whose kernels are implemented and verified; others are refused with a reason
+IMPLEMENTED = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate")
+
+
+def _k():
+    return torch.ops.emcad_kernels
+
+
+# --------------------------------------------------------------------------------------------------
+# kernel interface (see library.py) -> C++ entry points
+# --------------------------------------------------------------------------------------------------
+def msdc_forward(x, weights, bn_weight, bn_bias, mean, var, training, eps, activation, concat, shuffle_groups,
+                 stride):
+    return _k().msdc_fwd_cpu_kernel(x, list(weights), bn_weight, bn_bias, mean, var, training, eps, activation,
+                                    concat, shuffle_groups, stride)
+
+
+def msdc_backward(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, training, eps, activation, concat,
+                  shuffle_groups, stride):
+    gx, gbw, gbb, *gws = _k().msdc_bwd_cpu_kernel(grad, x, list(weights), bn_weight, bn_bias, save_mean, save_var,
+                                                  training, eps, activation, concat, shuffle_groups, stride)
+    return gx, list(gws), gbw, gbb
+
+
+def updw_forward(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale):
+    return _k().updw_fwd_cpu_kernel(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation,
+                                    scale)
+
+
+def updw_backward(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, training, eps, mode, activation,
+                  scale):
+    return tuple(_k().updw_bwd_cpu_kernel(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, training, eps,
+                                          mode, activation, scale))
+
+
+def lgag_forward(*args):
+    return tuple(_k().lgag_fwd_cpu_kernel(*args))
+
+
+def lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, bn_x_weight, bn_x_bias,
+                  bn_psi_weight, bn_psi_bias, save_stats, training, eps, groups, activation, add_gate_input):
+    return list(_k().lgag_bwd_cpu_kernel(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias,
+                                         bn_x_weight, bn_x_bias, bn_psi_weight, bn_psi_bias, list(save_stats),
+                                         training, eps, groups, activation, add_gate_input))
+
+
+CPU_KERNELS = Kernels(
+    msdc_forward=msdc_forward, msdc_backward=msdc_backward,
+    updw_forward=updw_forward, updw_backward=updw_backward,
+    lgag_forward=lgag_forward, lgag_backward=lgag_backward,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# capability check
+# --------------------------------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check(call: OpCall) -> list[str]:
+    """Reasons why the cpu kernels cannot run ``call`` (empty: they can)."""
+    reasons = []
+    if call.op not in IMPLEMENTED:
+        reasons.append(f"{call.op} not implemented in the cpu backend yet")
+    if call.device != "cpu":
+        reasons.append(f"tensor is on {call.device}")
+    if call.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {_dtype_name(call.dtype)} not supported")
+    if call.activation not in SUPPORTED_ACTIVATIONS:
+        reasons.append(f"activation {call.activation} not supported")
+    for k in call.kernel_sizes:
+        if k % 2 == 0 or k > MAX_KERNEL_SIZE or k < 1:
+            reasons.append(f"kernel size {k} not supported")
+    if call.op == "multi_scale_dwconv":
+        if call.stride not in MSDC_STRIDES:
+            reasons.append(f"stride {call.stride} not supported")
+        if len(call.kernel_sizes) > MAX_BRANCHES:
+            reasons.append(f"{len(call.kernel_sizes)} branches not supported (at most {MAX_BRANCHES})")
+    elif call.op == "upsample_dwconv":
+        if call.mode == "bilinear" and call.scale not in BILINEAR_SCALES:
+            reasons.append(f"bilinear scale {call.scale} not supported")
+        elif call.mode == "nearest" and call.scale not in NEAREST_SCALES:
+            reasons.append(f"nearest scale {call.scale} not supported")
+        elif call.mode not in ("nearest", "bilinear"):
+            reasons.append(f"upsample mode {call.mode} not supported")
+    return reasons
+
+
+def _load() -> OpSet:
+    _ext.require_cpu_ext()
+    return define_op_set("cpu", CPU_KERNELS, device_types=("cpu",))
+
+
+_register_kwargs = {"load_now": True} if "load_now" in inspect.signature(register_backend).parameters else {}
+register_backend(Backend(name="cpu", priority=10, load=_load, check=check,
+                         description="fused C++/OpenMP CPU kernels (emcad_kernels._C)"), **_register_kwargs)
