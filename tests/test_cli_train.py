@@ -151,3 +151,45 @@ def test_sigterm_to_a_real_training_process(tmp_path):
     assert proc.returncode == 143, "".join(lines) + rest
     from emcad.training.checkpoint import load_training_checkpoint
     assert 1 <= load_training_checkpoint(run / "checkpoints" / "last.pt")["step"] < 1000
+
+
+def test_folder_binary_training_and_synapse_volume_evaluation(tmp_path, capsys):
+    """RGB image/mask folder with 0/255 masks: a binary model (structure loss); then Synapse-style volumes."""
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        img = (rng.random((40, 36, 3)) * 120).astype(np.uint8)
+        mask = np.zeros((40, 36), np.uint8)
+        mask[8 + i:20 + i, 6:18] = 255
+        img[mask > 0] += 100
+        write_png(tmp_path / "data" / "images" / f"im{i}.png", img)
+        write_png(tmp_path / "data" / "masks" / f"im{i}.png", mask)
+    run = tmp_path / "run"
+    assert main(["train", "--data", "folder", "--data-dir", str(tmp_path / "data"), "--size", "32", "32",
+                 "--batch-size", "2", "--steps", "2", "--val-fraction", "0.25", "--no-progress", "--threads", "1",
+                 "--no-plots", "-o", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "heads_and_sum supervision of structure" in err and "1 classes" in err
+    pre = json.loads((run / "checkpoints" / "final" / "preprocess.json").read_text())
+    assert pre["num_classes"] == 1 and pre["in_channels"] == 3
+    assert main(["predict", str(tmp_path / "data" / "images" / "im0.png"), "--checkpoint",
+                 str(run / "checkpoints" / "final"), "-o", str(tmp_path / "pred")]) == 0
+    assert set(np.unique(read_image(tmp_path / "pred" / "im0_mask.png"))) <= {0, 255}
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "final"), "--data", "folder",
+                 "--data-dir", str(tmp_path / "data")]) == 0
+    capsys.readouterr()
+
+    import torch
+
+    import emcad
+    torch.manual_seed(0)
+    model = emcad.create_model("emcad_b0", num_classes=9, in_channels=1)
+    emcad.save_pretrained(model, tmp_path / "syn")
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    for case in (1, 2):
+        np.savez(vols / f"case{case:04d}.npz", image=rng.random((2, 40, 40)).astype(np.float32),
+                 label=rng.integers(0, 9, (2, 40, 40)))
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "syn"), "--data", "synapse_volumes", "--data-dir",
+                 str(vols), "--size", "32", "32", "--spacing", "3", "1", "1", "-o", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "2 Synapse volumes" in out and "spleen" in out and "aorta" in out

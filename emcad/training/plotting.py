@@ -178,11 +178,12 @@ def plot_curves(path: str | os.PathLike, train_rows: Sequence[dict], val_rows: S
     # text is drawn after the numpy lines: draw into a Pillow image that shares nothing, then copy back
     steps = [r["step"] for r in train_rows]
     losses = [float(r["loss"]) for r in train_rows]
-    smooth, ema = [], None
-    for v in losses:
-        ema = v if ema is None else 0.9 * ema + 0.1 * v
-        smooth.append(ema)
-    loss_series = [("loss", steps, losses, (170, 200, 230)), ("loss (EMA 0.9)", steps, smooth, _LINE_COLOURS[0])]
+    beta = 0.9 if len(losses) > 50 else 0.6
+    smooth, ema = [], 0.0
+    for t, v in enumerate(losses, 1):  # debiased exponential moving average
+        ema = beta * ema + (1 - beta) * v
+        smooth.append(ema / (1 - beta ** t))
+    loss_series = [("loss", steps, losses, (170, 200, 230)), (f"loss (EMA {beta})", steps, smooth, _LINE_COLOURS[0])]
     val_steps = [r["step"] for r in val_rows]
     dice_keys = sorted({k for r in val_rows for k in r if k.startswith("dice_")},
                        key=lambda k: (k != "dice_mean", k))
