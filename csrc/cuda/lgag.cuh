@@ -287,7 +287,9 @@ __global__ void __launch_bounds__(kMaxThreads) zp_kernel(Params<T> p) {
     const int groups = g.gh * g.gw;
     if (!BWD) {
         if (jl == 0)
-            for (int v = 0; v < valid; ++v) p.zp[base + v] = zp[v];
+#pragma unroll
+            for (int v = 0; v < kV; ++v)
+                if (v < valid) p.zp[base + v] = zp[v];
         if (p.training) {
             const Welford<A> wf = local_welford<A, kV>(zp, jl == 0 ? valid : 0);
             sred[tid * 3 + 0] = wf.n;
@@ -303,7 +305,9 @@ __global__ void __launch_bounds__(kMaxThreads) zp_kernel(Params<T> p) {
 #pragma unroll
         for (int v = 0; v < kV; ++v) gacc[v] = A(0);
         for (int64_t c = jl; c < p.Cx; c += cb)
-            for (int v = 0; v < valid; ++v) {
+#pragma unroll
+            for (int v = 0; v < kV; ++v) {
+                if (v >= valid) continue;
                 const int64_t w = t.w0 + col0 + v;
                 gacc[v] += to_acc(p.gout[offset4(p.os, t.n, c, h, w)]) * to_acc(p.x[offset4(p.xs, t.n, c, h, w)]);
             }
@@ -321,7 +325,9 @@ __global__ void __launch_bounds__(kMaxThreads) zp_kernel(Params<T> p) {
         const A mean = psi_coef(p, COEF_MEAN), rstd = psi_coef(p, COEF_RSTD);
         A s1 = A(0), s2 = A(0);
         if (jl == 0) {
-            for (int v = 0; v < valid; ++v) {
+#pragma unroll
+            for (int v = 0; v < kV; ++v) {
+                if (v >= valid) continue;
                 const A gpsi = lred[(sg * kV + v) * cb];
                 const A psi = sigmoid<A>(zp[v] * scale + shift);
                 const A gap = gpsi * psi * (A(1) - psi);
@@ -415,7 +421,9 @@ __global__ void __launch_bounds__(kMaxThreads) bwd_sums_kernel(Params<T> p) {
     if (h < p.H) valid = int(m_min<int64_t>(m_max<int64_t>(p.W - (t.w0 + col0), 0), kV));
     A q[5] = {A(0), A(0), A(0), A(0), A(0)};
     const int64_t base = (t.n * p.H + h) * p.W + t.w0 + col0;
-    for (int v = 0; v < valid; ++v) {
+#pragma unroll
+    for (int v = 0; v < kV; ++v) {
+        if (v >= valid) continue;
         const A gzp = grad_zp(p, base + v);
         q[4] += gzp;
         if (j < p.F) {
