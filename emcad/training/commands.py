@@ -236,8 +236,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("-o", "--output", help="write per_case.csv and summary.json here")
-    p.set_defaults(func=_cmd_evaluate)
+    p.set_defaults(func=_with_threads(_cmd_evaluate))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,7 +318,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--no-overlay", dest="overlay", action="store_false", help="write masks only")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
-    p.set_defaults(func=_cmd_predict)
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.set_defaults(func=_with_threads(_cmd_predict))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,8 +357,26 @@ def _add_bench(sub) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("-o", "--output", help="also write the table as CSV")
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=_with_threads(_cmd_bench))
+
+
+def _with_threads(fn):
+    """Apply ``--threads`` for the duration of a command."""
+    def run(args: argparse.Namespace) -> int:
+        threads = getattr(args, "threads", None)
+        if not threads:
+            return fn(args)
+        import torch
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn(args)
+        finally:
+            torch.set_num_threads(before)
+    run.__name__ = fn.__name__
+    return run
 
 
 def add_commands(sub) -> None:
