@@ -39,6 +39,79 @@ if not CUDA and not ek_triton.INTERPRET:
                 "set before emcad_kernels is imported (tests/conftest.py does that)", allow_module_level=True)
 
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+# --------------------------------------------------------------------------------------------------
+# memory checking under the interpreter (compute-sanitizer's job on a GPU)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def interpreter_bounds_check(monkeypatch):
+    """Under the interpreter, every unmasked load and store of a kernel must fall inside the storage of one of
+    the kernel's tensor arguments; anything else fails the test (the interpreter itself would read garbage)."""
+    if not ek_triton.INTERPRET:
+        yield
+        return
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    ranges = []
+    init_args = interp.GridExecutor._init_args_hst
+
+    def init_args_checked(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        ranges.clear()
+        for arg in list(args_hst) + list(kwargs_hst.values()):
+            if isinstance(arg, torch.Tensor):
+                storage = arg.untyped_storage()
+                ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+        return args_hst, kwargs_hst
+
+    def check(ptrs, mask, what):
+        addr = np.asarray(ptrs.data)
+        live = np.broadcast_to(np.asarray(mask.data), addr.shape).reshape(-1)
+        addr = addr.reshape(-1)[live].astype(np.uint64)
+        if addr.size == 0:
+            return
+        size = np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize
+        inside = np.zeros(addr.size, dtype=bool)
+        for lo, hi in ranges:
+            inside |= (addr >= lo) & (addr + size <= hi)
+        if not inside.all():
+            raise AssertionError(f"out-of-bounds {what} of {np.count_nonzero(~inside)} of {addr.size} elements")
+
+    masked_load = interp.InterpreterBuilder.create_masked_load
+    masked_store = interp.InterpreterBuilder.create_masked_store
+
+    def load_checked(self, ptrs, mask, other, cache_policy, is_volatile):
+        check(ptrs, mask, "load")
+        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def store_checked(self, ptrs, value, mask, cache_policy):
+        check(ptrs, mask, "store")
+        return masked_store(self, ptrs, value, mask, cache_policy)
+
+    monkeypatch.setattr(interp.GridExecutor, "_init_args_hst", init_args_checked)
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", load_checked)
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_store", store_checked)
+    yield
+
+
+if ek_triton.INTERPRET:
+    import triton.language as tl
+
+    @triton.jit
+    def _read_past_end(x, y, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y + offs, tl.load(x + offs, mask=offs < n + 1), mask=offs < n)
+
+
+@pytest.mark.skipif(not ek_triton.INTERPRET, reason="the bounds check is for the interpreter")
+def test_interpreter_bounds_check_catches_out_of_bounds_reads():
+    x = torch.zeros(8)[:5]  # a view: the storage holds 8 elements
+    y = torch.zeros(8)
+    _read_past_end[(1,)](x, y, 7, BLOCK=16)  # reads elements 0..7: inside the storage
+    with pytest.raises(Exception, match="out-of-bounds load"):
+        _read_past_end[(1,)](x, y, 8, BLOCK=16)  # reads element 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -342,9 +415,9 @@ def test_check_reasons():
                               backend="triton")
 
 
-def _python(code: str, env: dict) -> str:
+def _python(code: str, env: dict, timeout: int = 300) -> str:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO,
-                            timeout=300)
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -390,6 +463,88 @@ def test_bench_gpu_dry_run_smoke(tmp_path):
     assert "results:" in out
     suffixes = sorted(p.suffix for p in tmp_path.iterdir())
     assert suffixes == [".csv", ".json", ".md"], suffixes
+
+
+_COMPILE_CHECK = r"""
+import os, re, subprocess, sys, tempfile
+import torch, triton
+import triton.runtime.autotuner as autotuner
+import triton.runtime.jit as jit
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+seen, report = set(), []
+
+def compile_launch(fn, args, kwargs):
+    vals = dict(zip(fn.arg_names, args))
+    vals.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    sig, consts = {}, {}
+    for p in fn.params:
+        v = vals[p.name]
+        if p.is_constexpr or (type(v) is int and v == 1):  # launches specialise ints equal to 1
+            sig[p.name], consts[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + DT[v.dtype]
+        else:
+            sig[p.name] = "i1" if isinstance(v, bool) else "i32" if isinstance(v, int) else "fp32"
+    key = (fn.__name__, repr(sorted(consts.items())), repr(sorted(opts.items())))
+    if key in seen:
+        return
+    seen.add(key)
+    c = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"])
+    usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    report.append((fn.__name__, int(re.findall(r"REG:(\d+)", usage)[0]), int(re.findall(r"STACK:(\d+)", usage)[0])))
+
+jit.JITFunction.run = lambda self, *a, grid, warmup, **k: compile_launch(self, a, k)
+
+def all_configs(self, *args, **kwargs):
+    for cfg in self.configs:
+        compile_launch(self.fn, args, {**kwargs, **cfg.all_kwargs()})
+
+autotuner.Autotuner.run = all_configs
+from emcad_kernels.triton import lgag, msdc, updw
+bf = dict(dtype=torch.bfloat16)
+
+def cl(*shape):
+    return torch.zeros(shape, **bf).contiguous(memory_format=torch.channels_last)
+
+x, c1, c0 = cl(2, 64, 13, 11), torch.ones(64), torch.zeros(64)
+ws = [torch.zeros(64, 1, k, k, **bf) for k in (1, 3, 5)]
+o3, z3 = torch.ones(3, 64), torch.zeros(3, 64)
+for training in (True, False):
+    msdc.msdc_forward(x, ws, o3, z3, z3, o3, training, 1e-5, "relu6", False, 32, 1)
+    msdc.msdc_backward(x, x, ws, o3, z3, z3, o3, training, 1e-5, "relu6", False, 32, 1)
+    for mode in ("nearest", "bilinear"):
+        updw.updw_forward(x, ws[1], c1, c0, c0, c1, training, 1e-5, mode, "relu", 2)
+        updw.updw_backward(cl(2, 64, 26, 22), x, ws[1], c1, c0, c0, c1, training, 1e-5, mode, "relu", 2)
+    f1, f0, p1, p0 = torch.ones(32), torch.zeros(32), torch.ones(1), torch.zeros(1)
+    wg, bg = torch.zeros(32, 2, 3, 3, **bf), torch.zeros(32, **bf)
+    wp, bp = torch.zeros(1, 32, 1, 1, **bf), torch.zeros(1, **bf)
+    lgag.lgag_forward(x, x, wg, bg, wg, bg, wp, bp, f1, f0, f0, f1, f1, f0, f0, f1, p1, p0, p0, p1, training, 1e-5,
+                      32, "relu", True)
+    lgag.lgag_backward(x, x, x, wg, bg, wg, bg, wp, bp, f1, f0, f1, f0, p1, p0, [f0, f1, f0, f1, p0, p1], training,
+                       1e-5, 32, "relu", True)
+for name, regs, stack in report:
+    print(f"{name} {regs} {stack}")
+"""
+
+
+@pytest.mark.skipif(os.environ.get("EMCAD_TRITON_COMPILE_CHECK") != "1",
+                    reason="set EMCAD_TRITON_COMPILE_CHECK=1 to compile every kernel and autotune configuration "
+                           "for sm_90 without a GPU (about 10 minutes on 2 cores)")
+def test_kernels_compile_for_sm90_without_spills():
+    """Compiles every launch (bf16, channels_last, train and eval, all autotune configurations) with the real
+    Triton compiler for sm_90 and checks the register spill (stack) of each kernel."""
+    out = _python(_COMPILE_CHECK, _clean_env(), timeout=3600)
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    assert len(rows) >= 20, out
+    spilling = [r for r in rows if int(r[2]) > 256]
+    assert not spilling, f"kernels spilling more than 256 bytes of stack: {spilling}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -64,15 +64,15 @@ def config(num_warps: int = 4, num_stages: int = 2, **block) -> "triton.Config":
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tile:
-    """A spatial tile ``BLOCK_H × BLOCK_W`` (flattened, W fastest) times ``BLOCK_C`` channels."""
+    """A spatial tile ``BLOCK_H × BLOCK_W`` (flattened, W fastest) times ``BLOCK_C`` channels; kernels that write
+    reduction partials let one program loop over ``SUB`` consecutive tiles (a *chunk*) and write one partial row
+    per chunk, so partial buffers stay small while tiles stay small enough not to spill registers."""
 
     BLOCK_H: int
     BLOCK_W: int
     BLOCK_C: int
     num_warps: int
-
-    def grid(self, n: int, h: int, w: int, c: int) -> tuple[int, int]:
-        return (n * self.tiles_per_image(h, w), cdiv(c, self.BLOCK_C))
+    SUB: int = 1
 
     def tiles_per_image(self, h: int, w: int) -> int:
         return cdiv(h, self.BLOCK_H) * cdiv(w, self.BLOCK_W)
@@ -80,33 +80,56 @@ class Tile:
     def num_tiles(self, n: int, h: int, w: int) -> int:
         return n * self.tiles_per_image(h, w)
 
-    def meta(self) -> dict:
-        return dict(BLOCK_H=self.BLOCK_H, BLOCK_W=self.BLOCK_W, BLOCK_C=self.BLOCK_C, num_warps=self.num_warps)
+    def num_chunks(self, n: int, h: int, w: int) -> int:
+        return cdiv(self.num_tiles(n, h, w), self.SUB)
+
+    def grid(self, n: int, h: int, w: int, c: int) -> tuple[int, int]:
+        """One program per tile and channel block."""
+        return (self.num_tiles(n, h, w), cdiv(c, self.BLOCK_C))
+
+    def chunk_grid(self, n: int, h: int, w: int, c: int) -> tuple[int, int]:
+        """One program per chunk of SUB tiles and channel block."""
+        return (self.num_chunks(n, h, w), cdiv(c, self.BLOCK_C))
+
+    def meta(self, sub: bool = False) -> dict:
+        out = dict(BLOCK_H=self.BLOCK_H, BLOCK_W=self.BLOCK_W, BLOCK_C=self.BLOCK_C, num_warps=self.num_warps)
+        if sub:
+            out["SUB"] = self.SUB
+        return out
 
 
 # Interpreter tiles are small on purpose: the CPU tests use tiny odd shapes and must still see several
-# spatial tiles with ragged edges and a channel count that is not a multiple of the channel block.
-INTERPRETER_TILE = Tile(BLOCK_H=8, BLOCK_W=8, BLOCK_C=4, num_warps=1)
+# spatial tiles with ragged edges, a channel count that is not a multiple of the channel block, and chunks whose
+# last tiles lie past the end (SUB = 3).
+INTERPRETER_TILE = Tile(BLOCK_H=8, BLOCK_W=8, BLOCK_C=4, num_warps=1, SUB=3)
 
 
-def reduction_tile(h: int, w: int, c: int, pixels: int = 128, max_block_c: int = 32) -> Tile:
-    """Tile for kernels writing reduction partials: a function of the shape only (never autotuned)."""
+def reduction_tile(h: int, w: int, c: int, pixels: int = 32, max_block_c: int = 32, sub: int = 8) -> Tile:
+    """Tile for kernels writing reduction partials: a function of the shape only, never autotuned, so the
+    reduction tree is fixed. 32 pixels × 32 channels on 8 warps (4 values per thread): the heavily unrolled
+    stencils spill registers with more (sm_90 compile check, ``cuobjdump --dump-resource-usage``); ``SUB`` tiles
+    per program keep the partial buffers at 1/256 of the pixels."""
     if INTERPRET:
         return INTERPRETER_TILE
-    block_w = min(next_pow2(w), 32)
-    block_h = max(1, min(next_pow2(h), pixels // block_w))
+    block_w = min(next_pow2(w), 8)
+    block_h = max(1, pixels // block_w)
     block_c = min(next_pow2(c), max_block_c)
-    num_warps = 4 if block_h * block_w * block_c >= 2048 else 2
-    return Tile(block_h, block_w, block_c, num_warps)
+    num_warps = 8 if block_h * block_w * block_c >= 1024 else 4
+    return Tile(block_h, block_w, block_c, num_warps, sub)
 
 
-def spatial_configs() -> list:
-    """The small autotuning set of the elementwise (non-reducing) passes on GPU. Kept to four configurations:
-    every configuration of these heavily unrolled stencils costs seconds of compilation at first use."""
-    return [config(BLOCK_H=8, BLOCK_W=8, BLOCK_C=32, num_warps=4),
-            config(BLOCK_H=4, BLOCK_W=16, BLOCK_C=64, num_warps=4),
-            config(BLOCK_H=4, BLOCK_W=8, BLOCK_C=64, num_warps=4),
-            config(BLOCK_H=8, BLOCK_W=16, BLOCK_C=32, num_warps=8)]
+_SPATIAL_CANDIDATES = [  # (BLOCK_H, BLOCK_W, BLOCK_C, num_warps)
+    (4, 8, 32, 8), (2, 8, 32, 4), (8, 8, 32, 8), (4, 8, 64, 8), (2, 8, 64, 8), (2, 16, 32, 8)]
+
+
+def spatial_configs(max_per_thread: int = 8, limit: int = 4) -> list:
+    """The small autotuning set of the elementwise (non-reducing) passes on GPU: at most ``limit`` configurations
+    holding at most ``max_per_thread`` values of a tile per thread, the most the unrolled stencils keep in registers
+    without spilling on sm_90 (compile check with ``cuobjdump --dump-resource-usage``: the forward stencils take 8,
+    the backward ∂L/∂z passes 4). Each configuration costs seconds of compilation at first use."""
+    out = [config(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=nw) for bh, bw, bc, nw in _SPATIAL_CANDIDATES
+           if bh * bw * bc <= max_per_thread * 32 * nw]
+    return out[:limit]
 
 
 INTERPRETER_CONFIG = config(num_warps=1, BLOCK_H=INTERPRETER_TILE.BLOCK_H, BLOCK_W=INTERPRETER_TILE.BLOCK_W,
@@ -176,8 +199,9 @@ def activate_grad(z, g, ACT: tl.constexpr):
 
 
 @triton.jit
-def tile_coords(t, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Tile index ``t`` (over N × tiles-per-image) → (n, h[P], w[P], valid[P], count) with P = BLOCK_H·BLOCK_W."""
+def tile_coords(t, N, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Tile index ``t`` (over N × tiles-per-image) → (n, h[P], w[P], valid[P], count) with P = BLOCK_H·BLOCK_W.
+    Tiles past the end (t >= N × tiles-per-image, the tail of the last chunk) have no valid pixel and count 0."""
     tiles_w = tl.cdiv(W, BLOCK_W)
     tiles_per_image = tl.cdiv(H, BLOCK_H) * tiles_w
     n = t // tiles_per_image
@@ -187,17 +211,36 @@ def tile_coords(t, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     p = tl.arange(0, BLOCK_H * BLOCK_W)
     hh = h0 + p // BLOCK_W
     ww = w0 + p % BLOCK_W
-    valid = (hh < H) & (ww < W)
-    count = (tl.minimum(H - h0, BLOCK_H) * tl.minimum(W - w0, BLOCK_W)).to(tl.float32)
+    h_live = tl.where(n < N, H, 0)  # (a scalar-bool & vector mask is not supported by the interpreter)
+    valid = (hh < h_live) & (ww < W)
+    count = tl.where(n < N, tl.minimum(H - h0, BLOCK_H) * tl.minimum(W - w0, BLOCK_W), 0).to(tl.float32)
     return n, hh, ww, valid, count
 
 
 @triton.jit
 def tile_mean_m2(z, valid2d, count):
-    """Per-column mean and sum of squared deviations of ``z`` over the valid rows (exact two-pass in registers)."""
-    mean = tl.sum(tl.where(valid2d, z, 0.0), 0) / count
+    """Per-column mean and sum of squared deviations of ``z`` over the valid rows (exact two-pass in registers);
+    (0, 0) for an empty tile."""
+    mean = tl.sum(tl.where(valid2d, z, 0.0), 0) / tl.maximum(count, 1.0)
     d = tl.where(valid2d, z - mean[None, :], 0.0)
     return mean, tl.sum(d * d, 0)
+
+
+@triton.jit
+def welford_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of (count, mean, M2) statistics; the counts are scalars, ``n_b`` may be 0."""
+    n = tl.maximum(n_a + n_b, 1.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
+
+
+@triton.jit
+def accumulate_partial(ptr, value, c, C, first):
+    """``*ptr (+)= value`` on a program's own partial row: stored on the chunk's first tile, added afterwards.
+    Call ``tl.debug_barrier()`` before the next read-modify-write of the same row (other threads may own the
+    element)."""
+    old = tl.load(ptr, mask=c < tl.where(first, 0, C), other=0.0)
+    tl.store(ptr, old + value, mask=c < C)
 
 
 @triton.jit

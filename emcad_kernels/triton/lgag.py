@@ -123,7 +123,7 @@ def _gate(psi, gam_p, bet_p, mu_p, var_p, eps):
 # forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _lgag_stats_kernel(g, x, wg, bg, wx, bx, mean_part, m2_part, count_part, F, H, W,
+def _lgag_stats_kernel(g, x, wg, bg, wx, bx, mean_part, m2_part, count_part, N, F, H, W,
                        sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, FPG,
                        CING: tl.constexpr, CINX: tl.constexpr, K: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -132,7 +132,7 @@ def _lgag_stats_kernel(g, x, wg, bg, wx, bx, mean_part, m2_part, count_part, F, 
     f = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     fm = f < F
     fl = tl.minimum(f, F - 1)
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     zg = _gconv(g + n.to(tl.int64) * sgn, sgc, sgh, sgw, wg, bg, fl, hh, ww, valid, H, W, FPG, CING, K,
                 BLOCK_H * BLOCK_W, BLOCK_C)
     zx = _gconv(x + n.to(tl.int64) * sxn, sxc, sxh, sxw, wx, bx, fl, hh, ww, valid, H, W, FPG, CINX, K,
@@ -152,14 +152,14 @@ def _lgag_gate_kernel(g, x, out, wg, bg, wx, bx, wpsi, bpsi,
                       gam_g, bet_g, mu_g, var_g, gam_x, bet_x, mu_x, var_x, gam_p, bet_p, mu_p, var_p,
                       psi_buf, mean_part, m2_part, count_part,
                       cp_mu_g, cp_var_g, cp_mu_x, cp_var_x, cp_mu_p, cp_var_p,
-                      F, CX, H, W, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, son, soc, soh, sow, eps, FPG,
+                      N, F, CX, H, W, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, son, soc, soh, sow, eps, FPG,
                       CING: tl.constexpr, CINX: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
                       APPLY: tl.constexpr, ADD: tl.constexpr,
                       BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """One program per tile. ``APPLY`` (eval): the whole gate, ``out = x·ψ (+ g)``, plus copies of the running
     statistics used. Otherwise (training): ψ's pre-activation into ``psi_buf`` and its per-tile (mean, M2)."""
     t = tl.program_id(0)
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     gb = g + n.to(tl.int64) * sgn
     xb = x + n.to(tl.int64) * sxn
     psi = _psi_pre(gb, xb, wg, bg, wx, bx, wpsi, bpsi, gam_g, bet_g, mu_g, var_g, gam_x, bet_x, mu_x, var_x,
@@ -202,13 +202,13 @@ def _lgag_gate_kernel(g, x, out, wg, bg, wx, bx, wpsi, bpsi,
 
 @autotune(configs=spatial_configs(), key=["CX", "H", "W", "sxc", "ADD"], interpreter_config=INTERPRETER_CONFIG)
 @triton.jit
-def _lgag_apply_kernel(g, x, out, psi_buf, gam_p, bet_p, mu_p, var_p, CX, H, W,
+def _lgag_apply_kernel(g, x, out, psi_buf, gam_p, bet_p, mu_p, var_p, N, CX, H, W,
                        sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, son, soc, soh, sow, eps, ADD: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """Training forward, last pass: ``out = x·sigmoid(BN_ψ(pre_ψ)) (+ g)`` with ψ's batch statistics."""
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     psi = tl.load(psi_buf + n.to(tl.int64) * (H * W) + hh * W + ww, mask=valid, other=0.0)
     _, s = _gate(psi, gam_p, bet_p, mu_p, var_p, eps)
     m2d = valid[:, None] & (c < CX)[None, :]
@@ -227,13 +227,13 @@ def _lgag_apply_kernel(g, x, out, psi_buf, gam_p, bet_p, mu_p, var_p, CX, H, W,
 @triton.jit
 def _lgag_bwd_gate_kernel(grad, g, x, wg, bg, wx, bx, wpsi, bpsi,
                           gam_g, bet_g, mu_g, var_g, gam_x, bet_x, mu_x, var_x, gam_p, bet_p, mu_p, var_p,
-                          psi_buf, dap_buf, part, F, CX, H, W, srn, src, srh, srw,
+                          psi_buf, dap_buf, part, N, F, CX, H, W, srn, src, srh, srw,
                           sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, eps, FPG,
                           CING: tl.constexpr, CINX: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
                           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """ψ (recomputed), ``∂L/∂a_ψ = (Σ_c grad·x)·s(1 − s)``; per-pixel buffers and partials [Σ ∂L/∂a_ψ, Σ ·ẑ_ψ]."""
     t = tl.program_id(0)
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     gb = g + n.to(tl.int64) * sgn
     xb = x + n.to(tl.int64) * sxn
     psi = _psi_pre(gb, xb, wg, bg, wx, bx, wpsi, bpsi, gam_g, bet_g, mu_g, var_g, gam_x, bet_x, mu_x, var_x,
@@ -284,7 +284,7 @@ def _dsum_block(g, x, wg, bg, wx, bx, wpsi, gam_g, bet_g, mu_g, var_g, gam_x, be
 
 @triton.jit
 def _lgag_bwd_h_kernel(g, x, wg, bg, wx, bx, wpsi, gam_g, bet_g, mu_g, var_g, gam_x, bet_x, mu_x, var_x,
-                       gam_p, bet_p, mu_p, var_p, psi_buf, dap_buf, red_p, part, F, H, W,
+                       gam_p, bet_p, mu_p, var_p, psi_buf, dap_buf, red_p, part, N, F, H, W,
                        sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, eps, inv_count, FPG,
                        CING: tl.constexpr, CINX: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
                        TRAINING: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -293,7 +293,7 @@ def _lgag_bwd_h_kernel(g, x, wg, bg, wx, bx, wpsi, gam_g, bet_g, mu_g, var_g, ga
     f = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     fm = f < F
     fl = tl.minimum(f, F - 1)
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     zhg, zhx, h, dpsi, dsum = _dsum_block(g, x, wg, bg, wx, bx, wpsi, gam_g, bet_g, mu_g, var_g, gam_x, bet_x,
                                           mu_x, var_x, gam_p, bet_p, mu_p, var_p, psi_buf, dap_buf, red_p, n, hh,
                                           ww, valid, fl, fm, H, W, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, eps,
@@ -311,7 +311,7 @@ def _lgag_bwd_h_kernel(g, x, wg, bg, wx, bx, wpsi, gam_g, bet_g, mu_g, var_g, ga
 def _lgag_bwd_dz_kernel(g, x, wg, bg, wx, bx, wpsi, gam_g, bet_g, mu_g, var_g, gam_x, bet_x, mu_x, var_x,
                         gam_p, bet_p, mu_p, var_p, psi_buf, dap_buf, red_p, red_h, dz,
                         g_wpsi, g_bpsi, g_gam_g, g_bet_g, g_gam_x, g_bet_x, g_gam_p, g_bet_p,
-                        F, H, W, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, sdb, sdn, sdc, sdh, sdw, eps, inv_count,
+                        N, F, H, W, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, sdb, sdn, sdc, sdh, sdw, eps, inv_count,
                         FPG, CING: tl.constexpr, CINX: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
                         TRAINING: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -320,7 +320,7 @@ def _lgag_bwd_dz_kernel(g, x, wg, bg, wx, bx, wpsi, gam_g, bet_g, mu_g, var_g, g
     f = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     fm = f < F
     fl = tl.minimum(f, F - 1)
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     zhg, zhx, h, dpsi, dsum = _dsum_block(g, x, wg, bg, wx, bx, wpsi, gam_g, bet_g, mu_g, var_g, gam_x, bet_x,
                                           mu_x, var_x, gam_p, bet_p, mu_p, var_p, psi_buf, dap_buf, red_p, n, hh,
                                           ww, valid, fl, fm, H, W, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, eps,
@@ -357,7 +357,7 @@ def _lgag_bwd_dz_kernel(g, x, wg, bg, wx, bx, wpsi, gam_g, bet_g, mu_g, var_g, g
 
 @triton.jit
 def _lgag_bwd_input_kernel(inp, grad, dz, gin, w, psi_buf, gam_p, bet_p, mu_p, var_p, part,
-                           CIN_TOTAL, H, W, R, ROW0, BROW0,
+                           N, CIN_TOTAL, H, W, R, ROW0, BROW0,
                            sin, sic, sih, siw, srn, src, srh, srw, sdn, sdc, sdh, sdw, son, soc, soh, sow, eps, FPG,
                            CIN: tl.constexpr, K: tl.constexpr, IS_X: tl.constexpr, ADD: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -373,7 +373,7 @@ def _lgag_bwd_input_kernel(inp, grad, dz, gin, w, psi_buf, gam_p, bet_p, mu_p, v
     cl = tl.minimum(c, CIN_TOTAL - 1)
     grp = cl // CIN
     ci = cl % CIN
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     inc = inp + n.to(tl.int64) * sin + (cl * sic)[None, :]
     dzn = dz + n.to(tl.int64) * sdn
     prow = part + t.to(tl.int64) * R
@@ -426,7 +426,7 @@ def _layout(g, x, wg, wx, groups):
 
 
 def _tile(h, w, channels):
-    return reduction_tile(h, w, channels, pixels=64)
+    return reduction_tile(h, w, channels)
 
 
 def lgag_forward(g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, mean_g, var_g, bn_x_weight, bn_x_bias,
@@ -450,25 +450,25 @@ def lgag_forward(g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, mean_
         mean_part = torch.empty((t, 2 * f), dtype=torch.float32, device=dev)
         m2_part = torch.empty_like(mean_part)
         count = torch.empty((t,), dtype=torch.float32, device=dev)
-        _lgag_stats_kernel[tile.grid(n, h, w, f)](g, x, wg, bg, wx, bx, mean_part, m2_part, count, f, h, w, *strides,
+        _lgag_stats_kernel[tile.grid(n, h, w, f)](g, x, wg, bg, wx, bx, mean_part, m2_part, count, n, f, h, w, *strides,
                                                  fpg, **static, **tile.meta())
         _reduce.merge_stats(mean_part, m2_part, count, [(stats[0], stats[1]), (stats[2], stats[3])])
         psi_buf = torch.empty((n, h, w), dtype=torch.float32, device=dev)
         psi_mean = torch.empty((t, 1), dtype=torch.float32, device=dev)
         psi_m2 = torch.empty_like(psi_mean)
         _lgag_gate_kernel[(t,)](g, x, out, wg, bg, wx, bx, wpsi, bpsi, *bng, stats[0], stats[1], *bnx, stats[2],
-                                stats[3], *bnp, stats[4], stats[5], psi_buf, psi_mean, psi_m2, count, *stats, f, cx, h,
-                                w, *strides, *out.stride(), eps, fpg, **static, ACT=act, APPLY=False,
+                                stats[3], *bnp, stats[4], stats[5], psi_buf, psi_mean, psi_m2, count, *stats, n, f, cx,
+                                h, w, *strides, *out.stride(), eps, fpg, **static, ACT=act, APPLY=False,
                                 ADD=bool(add_gate_input), **tile.meta())
         _reduce.merge_stats(psi_mean, psi_m2, count, [(stats[4], stats[5])])
         grid = lambda meta: (n * cdiv(h, meta["BLOCK_H"]) * cdiv(w, meta["BLOCK_W"]), cdiv(cx, meta["BLOCK_C"]))
-        _lgag_apply_kernel[grid](g, x, out, psi_buf, *bnp, stats[4], stats[5], cx, h, w, *strides, *out.stride(),
+        _lgag_apply_kernel[grid](g, x, out, psi_buf, *bnp, stats[4], stats[5], n, cx, h, w, *strides, *out.stride(),
                                  eps, ADD=bool(add_gate_input))
     else:
         running = [tt.contiguous() for tt in (mean_g, var_g, mean_x, var_x, mean_psi, var_psi)]
         _lgag_gate_kernel[(t,)](g, x, out, wg, bg, wx, bx, wpsi, bpsi, *bng, running[0], running[1], *bnx,
                                 running[2], running[3], *bnp, running[4], running[5], out, out, out, out, *stats,
-                                f, cx, h, w, *strides, *out.stride(), eps, fpg, **static, ACT=act, APPLY=True,
+                                n, f, cx, h, w, *strides, *out.stride(), eps, fpg, **static, ACT=act, APPLY=True,
                                 ADD=bool(add_gate_input), **tile.meta())
     return (out, *stats)
 
@@ -494,13 +494,13 @@ def lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias
     dap_buf = torch.empty((n, h, w), dtype=torch.float32, device=dev)
     part_p = torch.empty((t, 2), dtype=torch.float32, device=dev)
     _lgag_bwd_gate_kernel[(t,)](grad, g, x, wg_c, bg_c, wx_c, bx_c, wpsi_c, bpsi_c, *bn_all, psi_buf, dap_buf, part_p,
-                                f, cx, h, w, *grad.stride(), *strides, eps, fpg, **static, **tile.meta())
+                                n, f, cx, h, w, *grad.stride(), *strides, eps, fpg, **static, **tile.meta())
     red_p = torch.empty((2,), dtype=torch.float32, device=dev)
     _reduce.sum_partials(part_p, [red_p])
 
     part_h = torch.empty((t, 4 * f + 1), dtype=torch.float32, device=dev)
     common = (wg_c, bg_c, wx_c, bx_c, wpsi_c, *bn_all, psi_buf, dap_buf, red_p)
-    _lgag_bwd_h_kernel[tile.grid(n, h, w, f)](g, x, *common, part_h, f, h, w, *strides, eps, inv_count, fpg,
+    _lgag_bwd_h_kernel[tile.grid(n, h, w, f)](g, x, *common, part_h, n, f, h, w, *strides, eps, inv_count, fpg,
                                               **static, TRAINING=bool(training), **tile.meta())
     red_h = torch.empty((4 * f + 1,), dtype=torch.float32, device=dev)
     _reduce.sum_partials(part_h, [red_h])
@@ -508,7 +508,7 @@ def lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias
     dz = empty_scratch(2, n, f, h, w, is_channels_last(x), dev)
     small = [torch.empty(p.shape, dtype=p.dtype, device=dev)
              for p in (wpsi, bpsi, bn_g_weight, bn_g_bias, bn_x_weight, bn_x_bias, bn_psi_weight, bn_psi_bias)]
-    _lgag_bwd_dz_kernel[tile.grid(n, h, w, f)](g, x, *common, red_h, dz, *small, f, h, w, *strides, *dz.stride(), eps,
+    _lgag_bwd_dz_kernel[tile.grid(n, h, w, f)](g, x, *common, red_h, dz, *small, n, f, h, w, *strides, *dz.stride(), eps,
                                                inv_count, fpg, **static, TRAINING=bool(training), **tile.meta())
 
     kk = k * k
@@ -520,7 +520,7 @@ def lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias
     for is_x, inp, gin, wt, cin, row0, brow0 in ((False, g, gg, wg_c, cing, 0, rows[0] + rows[1]),
                                                  (True, x, gx, wx_c, cinx, rows[0], rows[0] + rows[1] + f)):
         _lgag_bwd_input_kernel[tile.grid(n, h, w, inp.shape[1])](
-            inp, grad, dz[1] if is_x else dz[0], gin, wt, psi_buf, *bn_all[8:], part_w, inp.shape[1], h, w,
+            inp, grad, dz[1] if is_x else dz[0], gin, wt, psi_buf, *bn_all[8:], part_w, n, inp.shape[1], h, w,
             sum(rows), row0, brow0, *inp.stride(), *grad.stride(), *dzs[1:], *gin.stride(), eps, fpg, CIN=cin, K=k,
             IS_X=is_x, ADD=bool(add_gate_input), **tile.meta())
     gwg = torch.empty(wg.shape, dtype=wg.dtype, device=dev)

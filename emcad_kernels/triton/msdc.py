@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 
 from . import _reduce
-from ._utils import (INTERPRETER_CONFIG, activate, activate_grad, activation_code, cdiv, empty_4d, empty_scratch,
-                     first_program_limit, is_channels_last, reduction_tile, spatial_configs, tile_coords,
-                     tile_mean_m2, autotune)
+from ._utils import (INTERPRETER_CONFIG, accumulate_partial, activate, activate_grad, activation_code, autotune,
+                     cdiv, empty_4d, empty_scratch, first_program_limit, is_channels_last, reduction_tile,
+                     spatial_configs, tile_coords, tile_mean_m2, welford_merge)
 
 MAX_BRANCHES = 3
 MAX_KERNEL_SIZE = 7
@@ -138,42 +138,57 @@ def _load_grad(gb, pix, m2d, b, c, C, sgc, shuffle_n, shuffle_g, SHUFFLE: tl.con
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _msdc_stats_kernel(x, W0, W1, W2, mean_part, m2_part, count_part,
-                       C, H, W, sxn, sxc, sxh, sxw,
+                       N, C, H, W, sxn, sxc, sxh, sxw,
                        NB: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, KMAX: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    t = tl.program_id(0)
+                       SUB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Training statistics pass: (count, mean, M2) of every branch's conv output over a chunk of SUB tiles (tile
+    statistics merged in registers, in order); partial rows ``[T_chunks, NB·C]``. Nothing else is written."""
+    chunk = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
-    xb = x + n.to(tl.int64) * sxn
-    z0, z1, z2 = _msdc_z(xb, hh, ww, valid, c, C, H, W, sxc, sxh, sxw, W0, W1, W2, NB, K0, K1, K2, KMAX,
-                         BLOCK_H * BLOCK_W, BLOCK_C)
-    row = t.to(tl.int64) * (NB * C) + c
-    mu, m2 = tile_mean_m2(z0, valid[:, None], count)
-    tl.store(mean_part + row, mu, mask=cmask)
-    tl.store(m2_part + row, m2, mask=cmask)
+    cnt = 0.0
+    mean0 = tl.zeros([BLOCK_C], tl.float32)
+    m2_0 = tl.zeros([BLOCK_C], tl.float32)
+    mean1 = tl.zeros([BLOCK_C], tl.float32)
+    m2_1 = tl.zeros([BLOCK_C], tl.float32)
+    mean2 = tl.zeros([BLOCK_C], tl.float32)
+    m2_2 = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(SUB):
+        n, hh, ww, valid, count = tile_coords(chunk * SUB + s, N, H, W, BLOCK_H, BLOCK_W)
+        z0, z1, z2 = _msdc_z(x + n.to(tl.int64) * sxn, hh, ww, valid, c, C, H, W, sxc, sxh, sxw, W0, W1, W2, NB,
+                             K0, K1, K2, KMAX, BLOCK_H * BLOCK_W, BLOCK_C)
+        mu, m2 = tile_mean_m2(z0, valid[:, None], count)
+        mean0, m2_0 = welford_merge(cnt, mean0, m2_0, count, mu, m2)
+        if NB > 1:
+            mu, m2 = tile_mean_m2(z1, valid[:, None], count)
+            mean1, m2_1 = welford_merge(cnt, mean1, m2_1, count, mu, m2)
+        if NB > 2:
+            mu, m2 = tile_mean_m2(z2, valid[:, None], count)
+            mean2, m2_2 = welford_merge(cnt, mean2, m2_2, count, mu, m2)
+        cnt += count
+    row = chunk.to(tl.int64) * (NB * C) + c
+    tl.store(mean_part + row, mean0, mask=cmask)
+    tl.store(m2_part + row, m2_0, mask=cmask)
     if NB > 1:
-        mu, m2 = tile_mean_m2(z1, valid[:, None], count)
-        tl.store(mean_part + row + C, mu, mask=cmask)
-        tl.store(m2_part + row + C, m2, mask=cmask)
+        tl.store(mean_part + row + C, mean1, mask=cmask)
+        tl.store(m2_part + row + C, m2_1, mask=cmask)
     if NB > 2:
-        mu, m2 = tile_mean_m2(z2, valid[:, None], count)
-        tl.store(mean_part + row + 2 * C, mu, mask=cmask)
-        tl.store(m2_part + row + 2 * C, m2, mask=cmask)
-    tl.store(count_part + t, count)
+        tl.store(mean_part + row + 2 * C, mean2, mask=cmask)
+        tl.store(m2_part + row + 2 * C, m2_2, mask=cmask)
+    tl.store(count_part + chunk, cnt)
 
 
 @autotune(configs=spatial_configs(), key=_AUTOTUNE_KEY, interpreter_config=INTERPRETER_CONFIG)
 @triton.jit
 def _msdc_fwd_kernel(x, y, W0, W1, W2, gamma, beta, mean, var, copy_mean, copy_var,
-                     C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, eps, shuffle_n, shuffle_g,
+                     N, C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, eps, shuffle_n, shuffle_g,
                      NB: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, KMAX: tl.constexpr,
                      ACT: tl.constexpr, CONCAT: tl.constexpr, SHUFFLE: tl.constexpr, COPY_STATS: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     xb = x + n.to(tl.int64) * sxn
     z0, z1, z2 = _msdc_z(xb, hh, ww, valid, c, C, H, W, sxc, sxh, sxw, W0, W1, W2, NB, K0, K1, K2, KMAX,
                          BLOCK_H * BLOCK_W, BLOCK_C)
@@ -222,36 +237,50 @@ def _branch_grad(z, gb, pix, m2d, gamma, beta, mean, var, b, c, cmask, C, eps, s
 
 @triton.jit
 def _msdc_bwd_stats_kernel(x, grad, W0, W1, W2, gamma, beta, mean, var, part,
-                           C, H, W, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, eps, shuffle_n, shuffle_g,
+                           N, C, H, W, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, eps, shuffle_n, shuffle_g,
                            NB: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                            KMAX: tl.constexpr, ACT: tl.constexpr, CONCAT: tl.constexpr, SHUFFLE: tl.constexpr,
-                           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Pass A: partial rows [Σ g_a (branch 0..NB-1) | Σ g_a·ẑ (branch 0..NB-1)] of one tile."""
-    t = tl.program_id(0)
+                           SUB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pass A: partial rows [Σ g_a (branch 0..NB-1) | Σ g_a·ẑ (branch 0..NB-1)] of a chunk of SUB tiles."""
+    chunk = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
-    xb = x + n.to(tl.int64) * sxn
-    gb = grad + n.to(tl.int64) * sgn
-    z0, z1, z2 = _msdc_z(xb, hh, ww, valid, c, C, H, W, sxc, sxh, sxw, W0, W1, W2, NB, K0, K1, K2, KMAX,
-                         BLOCK_H * BLOCK_W, BLOCK_C)
-    pix = (hh * sgh + ww * sgw)[:, None]
-    m2d = valid[:, None] & cmask[None, :]
-    row = part + t.to(tl.int64) * (2 * NB * C) + c
-    zhat, ga = _branch_grad(z0, gb, pix, m2d, gamma, beta, mean, var, 0, c, cmask, C, eps, sgc, shuffle_n,
-                            shuffle_g, ACT, SHUFFLE, CONCAT)
-    tl.store(row, tl.sum(ga, 0), mask=cmask)
-    tl.store(row + NB * C, tl.sum(ga * zhat, 0), mask=cmask)
+    sg0 = tl.zeros([BLOCK_C], tl.float32)
+    sz0 = tl.zeros([BLOCK_C], tl.float32)
+    sg1 = tl.zeros([BLOCK_C], tl.float32)
+    sz1 = tl.zeros([BLOCK_C], tl.float32)
+    sg2 = tl.zeros([BLOCK_C], tl.float32)
+    sz2 = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(SUB):
+        n, hh, ww, valid, count = tile_coords(chunk * SUB + s, N, H, W, BLOCK_H, BLOCK_W)
+        gb = grad + n.to(tl.int64) * sgn
+        z0, z1, z2 = _msdc_z(x + n.to(tl.int64) * sxn, hh, ww, valid, c, C, H, W, sxc, sxh, sxw, W0, W1, W2, NB,
+                             K0, K1, K2, KMAX, BLOCK_H * BLOCK_W, BLOCK_C)
+        pix = (hh * sgh + ww * sgw)[:, None]
+        m2d = valid[:, None] & cmask[None, :]
+        zhat, ga = _branch_grad(z0, gb, pix, m2d, gamma, beta, mean, var, 0, c, cmask, C, eps, sgc, shuffle_n,
+                                shuffle_g, ACT, SHUFFLE, CONCAT)
+        sg0 += tl.sum(ga, 0)
+        sz0 += tl.sum(ga * zhat, 0)
+        if NB > 1:
+            zhat, ga = _branch_grad(z1, gb, pix, m2d, gamma, beta, mean, var, 1, c, cmask, C, eps, sgc, shuffle_n,
+                                    shuffle_g, ACT, SHUFFLE, CONCAT)
+            sg1 += tl.sum(ga, 0)
+            sz1 += tl.sum(ga * zhat, 0)
+        if NB > 2:
+            zhat, ga = _branch_grad(z2, gb, pix, m2d, gamma, beta, mean, var, 2, c, cmask, C, eps, sgc, shuffle_n,
+                                    shuffle_g, ACT, SHUFFLE, CONCAT)
+            sg2 += tl.sum(ga, 0)
+            sz2 += tl.sum(ga * zhat, 0)
+    row = part + chunk.to(tl.int64) * (2 * NB * C) + c
+    tl.store(row, sg0, mask=cmask)
+    tl.store(row + NB * C, sz0, mask=cmask)
     if NB > 1:
-        zhat, ga = _branch_grad(z1, gb, pix, m2d, gamma, beta, mean, var, 1, c, cmask, C, eps, sgc, shuffle_n,
-                                shuffle_g, ACT, SHUFFLE, CONCAT)
-        tl.store(row + C, tl.sum(ga, 0), mask=cmask)
-        tl.store(row + NB * C + C, tl.sum(ga * zhat, 0), mask=cmask)
+        tl.store(row + C, sg1, mask=cmask)
+        tl.store(row + NB * C + C, sz1, mask=cmask)
     if NB > 2:
-        zhat, ga = _branch_grad(z2, gb, pix, m2d, gamma, beta, mean, var, 2, c, cmask, C, eps, sgc, shuffle_n,
-                                shuffle_g, ACT, SHUFFLE, CONCAT)
-        tl.store(row + 2 * C, tl.sum(ga, 0), mask=cmask)
-        tl.store(row + NB * C + 2 * C, tl.sum(ga * zhat, 0), mask=cmask)
+        tl.store(row + 2 * C, sg2, mask=cmask)
+        tl.store(row + NB * C + 2 * C, sz2, mask=cmask)
 
 
 @triton.jit
@@ -272,10 +301,11 @@ def _branch_dz(z, gb, pix, m2d, gamma, beta, mean, var, red, b, c, cmask, C, eps
     return tl.where(m2d, dz, 0.0)
 
 
-@autotune(configs=spatial_configs(), key=_AUTOTUNE_KEY + ["TRAINING"], interpreter_config=INTERPRETER_CONFIG)
+@autotune(configs=spatial_configs(max_per_thread=4), key=_AUTOTUNE_KEY + ["TRAINING"],
+          interpreter_config=INTERPRETER_CONFIG)
 @triton.jit
 def _msdc_bwd_dz_kernel(x, grad, W0, W1, W2, gamma, beta, mean, var, red, dz, gbw, gbb,
-                        C, H, W, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdb, sdn, sdc, sdh, sdw,
+                        N, C, H, W, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdb, sdn, sdc, sdh, sdw,
                         eps, inv_count, shuffle_n, shuffle_g,
                         NB: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                         KMAX: tl.constexpr, ACT: tl.constexpr, CONCAT: tl.constexpr, SHUFFLE: tl.constexpr,
@@ -286,7 +316,7 @@ def _msdc_bwd_dz_kernel(x, grad, W0, W1, W2, gamma, beta, mean, var, red, dz, gb
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     xb = x + n.to(tl.int64) * sxn
     gb = grad + n.to(tl.int64) * sgn
     z0, z1, z2 = _msdc_z(xb, hh, ww, valid, c, C, H, W, sxc, sxh, sxw, W0, W1, W2, NB, K0, K1, K2, KMAX,
@@ -316,73 +346,79 @@ def _msdc_bwd_dz_kernel(x, grad, W0, W1, W2, gamma, beta, mean, var, red, dz, gb
 
 @triton.jit
 def _msdc_bwd_dx_kernel(x, dz, gx, W0, W1, W2, wpart,
-                        C, H, W, RW, sxn, sxc, sxh, sxw, sdb, sdn, sdc, sdh, sdw, son, soc, soh, sow,
+                        N, C, H, W, RW, sxn, sxc, sxh, sxw, sdb, sdn, sdc, sdh, sdw, son, soc, soh, sow,
                         NB: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-                        KMAX: tl.constexpr,
+                        KMAX: tl.constexpr, SUB: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Pass B2: ∂L/∂x and this tile's weight-gradient partials.
+    """Pass B2: ∂L/∂x and the weight-gradient partials of a chunk of SUB tiles.
 
     Gather form: ``z_b(q) = Σ_t w_b[t]·x(q + o_t)``, so ``∂L/∂x(p) = Σ_b Σ_t w_b[t]·dz_b(p − o_t)`` and
     ``∂L/∂w_b[t] = Σ_q dz_b(q)·x(q + o_t)``. Partial row layout: ``[branch 0: C·K0² | branch 1: C·K1² | …]``,
-    each block in the weight's own contiguous layout, so the reduction writes the gradients directly."""
-    t = tl.program_id(0)
+    each block in the weight's own contiguous layout, so the reduction writes the gradients directly. The
+    35 per-tap sums of a tile are added to the program's own row (``accumulate_partial``)."""
+    chunk = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    n, hh, ww, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
-    m2d = valid[:, None] & cmask[None, :]
     cl = tl.minimum(c, C - 1)  # clamped for loads; partials of channels >= C are not stored
-    xc = x + n.to(tl.int64) * sxn + (cl * sxc)[None, :]
-    dzc = dz + n.to(tl.int64) * sdn + (cl * sdc)[None, :]
-    centre = (hh * sdh + ww * sdw)[:, None]
-    d0 = tl.load(dzc + centre, mask=valid[:, None], other=0.0)
-    d1 = d0
-    d2 = d0
-    if NB > 1:
-        d1 = tl.load(dzc + sdb + centre, mask=valid[:, None], other=0.0)
-    if NB > 2:
-        d2 = tl.load(dzc + 2 * sdb + centre, mask=valid[:, None], other=0.0)
-    prow0 = wpart + t.to(tl.int64) * RW + c * (K0 * K0)
-    prow1 = wpart + t.to(tl.int64) * RW + C * (K0 * K0) + c * (K1 * K1)
-    prow2 = wpart + t.to(tl.int64) * RW + C * (K0 * K0 + K1 * K1) + c * (K2 * K2)
+    prow0 = wpart + chunk.to(tl.int64) * RW + c * (K0 * K0)
+    prow1 = wpart + chunk.to(tl.int64) * RW + C * (K0 * K0) + c * (K1 * K1)
+    prow2 = wpart + chunk.to(tl.int64) * RW + C * (K0 * K0 + K1 * K1) + c * (K2 * K2)
     w0 = W0 + cl * (K0 * K0)
     w1 = W1 + cl * (K1 * K1)
     w2 = W2 + cl * (K2 * K2)
-
-    dx = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], tl.float32)
     R: tl.constexpr = KMAX // 2
     LO0: tl.constexpr = R - K0 // 2
     LO1: tl.constexpr = R - K1 // 2
     LO2: tl.constexpr = R - K2 // 2
-    for i in tl.static_range(KMAX):
-        hi = hh + (i - R)  # x(p + o) for the weight gradient
-        hg = hh - (i - R)  # dz(p − o) for the input gradient
-        mh = valid & (hi >= 0) & (hi < H)
-        mg = valid & (hg >= 0) & (hg < H)
-        xrow = hi * sxh
-        drow = hg * sdh
-        for j in tl.static_range(KMAX):
-            wi = ww + (j - R)
-            wg = ww - (j - R)
-            mx = mh & (wi >= 0) & (wi < W)
-            md = (mg & (wg >= 0) & (wg < W))[:, None]
-            v = tl.load(xc + (xrow + wi * sxw)[:, None], mask=mx[:, None], other=0.0).to(tl.float32)
-            dofs = (drow + wg * sdw)[:, None]
-            if (i >= LO0) & (i < LO0 + K0) & (j >= LO0) & (j < LO0 + K0):
-                tap = (i - LO0) * K0 + (j - LO0)
-                dx += tl.load(dzc + dofs, mask=md, other=0.0) * tl.load(w0 + tap).to(tl.float32)[None, :]
-                tl.store(prow0 + tap, tl.sum(d0 * v, 0), mask=cmask)
-            if NB > 1:
-                if (i >= LO1) & (i < LO1 + K1) & (j >= LO1) & (j < LO1 + K1):
-                    tap = (i - LO1) * K1 + (j - LO1)
-                    dx += tl.load(dzc + sdb + dofs, mask=md, other=0.0) * tl.load(w1 + tap).to(tl.float32)[None, :]
-                    tl.store(prow1 + tap, tl.sum(d1 * v, 0), mask=cmask)
-            if NB > 2:
-                if (i >= LO2) & (i < LO2 + K2) & (j >= LO2) & (j < LO2 + K2):
-                    tap = (i - LO2) * K2 + (j - LO2)
-                    dx += tl.load(dzc + 2 * sdb + dofs, mask=md, other=0.0) * tl.load(w2 + tap).to(tl.float32)[None, :]
-                    tl.store(prow2 + tap, tl.sum(d2 * v, 0), mask=cmask)
-    ob = gx + n.to(tl.int64) * son
-    tl.store(ob + (hh * soh + ww * sow)[:, None] + (c * soc)[None, :], dx.to(gx.dtype.element_ty), mask=m2d)
+    for s in range(SUB):
+        t = chunk * SUB + s
+        first = t == chunk * SUB
+        n, hh, ww, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
+        m2d = valid[:, None] & cmask[None, :]
+        xc = x + n.to(tl.int64) * sxn + (cl * sxc)[None, :]
+        dzc = dz + n.to(tl.int64) * sdn + (cl * sdc)[None, :]
+        centre = (hh * sdh + ww * sdw)[:, None]
+        d0 = tl.load(dzc + centre, mask=valid[:, None], other=0.0)
+        d1 = d0
+        d2 = d0
+        if NB > 1:
+            d1 = tl.load(dzc + sdb + centre, mask=valid[:, None], other=0.0)
+        if NB > 2:
+            d2 = tl.load(dzc + 2 * sdb + centre, mask=valid[:, None], other=0.0)
+        dx = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], tl.float32)
+        for i in tl.static_range(KMAX):
+            hi = hh + (i - R)  # x(p + o) for the weight gradient
+            hg = hh - (i - R)  # dz(p − o) for the input gradient
+            mh = valid & (hi >= 0) & (hi < H)
+            mg = valid & (hg >= 0) & (hg < H)
+            xrow = hi * sxh
+            drow = hg * sdh
+            for j in tl.static_range(KMAX):
+                wi = ww + (j - R)
+                wg = ww - (j - R)
+                mx = mh & (wi >= 0) & (wi < W)
+                md = (mg & (wg >= 0) & (wg < W))[:, None]
+                v = tl.load(xc + (xrow + wi * sxw)[:, None], mask=mx[:, None], other=0.0).to(tl.float32)
+                dofs = (drow + wg * sdw)[:, None]
+                if (i >= LO0) & (i < LO0 + K0) & (j >= LO0) & (j < LO0 + K0):
+                    tap = (i - LO0) * K0 + (j - LO0)
+                    dx += tl.load(dzc + dofs, mask=md, other=0.0) * tl.load(w0 + tap).to(tl.float32)[None, :]
+                    accumulate_partial(prow0 + tap, tl.sum(d0 * v, 0), c, C, first)
+                if NB > 1:
+                    if (i >= LO1) & (i < LO1 + K1) & (j >= LO1) & (j < LO1 + K1):
+                        tap = (i - LO1) * K1 + (j - LO1)
+                        dx += tl.load(dzc + sdb + dofs, mask=md, other=0.0) * tl.load(w1 + tap).to(
+                            tl.float32)[None, :]
+                        accumulate_partial(prow1 + tap, tl.sum(d1 * v, 0), c, C, first)
+                if NB > 2:
+                    if (i >= LO2) & (i < LO2 + K2) & (j >= LO2) & (j < LO2 + K2):
+                        tap = (i - LO2) * K2 + (j - LO2)
+                        dx += tl.load(dzc + 2 * sdb + dofs, mask=md, other=0.0) * tl.load(w2 + tap).to(
+                            tl.float32)[None, :]
+                        accumulate_partial(prow2 + tap, tl.sum(d2 * v, 0), c, C, first)
+        ob = gx + n.to(tl.int64) * son
+        tl.store(ob + (hh * soh + ww * sow)[:, None] + (c * soc)[None, :], dx.to(gx.dtype.element_ty), mask=m2d)
+        tl.debug_barrier()  # the next tile's read-modify-write of the partial row sees these stores
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,19 +464,19 @@ def msdc_forward(x, weights, bn_weight, bn_bias, mean, var, training, eps, activ
     gamma, beta = bn_weight.contiguous(), bn_bias.contiguous()
     if training:
         tile = reduction_tile(h, w, c)
-        t = tile.num_tiles(n, h, w)
+        t = tile.num_chunks(n, h, w)
         mean_part = torch.empty((t, nb * c), dtype=torch.float32, device=x.device)
         m2_part = torch.empty_like(mean_part)
         count = torch.empty((t,), dtype=torch.float32, device=x.device)
-        _msdc_stats_kernel[tile.grid(n, h, w, c)](x, *ws, mean_part, m2_part, count, c, h, w, *x.stride(),
-                                                 **static, **tile.meta())
+        _msdc_stats_kernel[tile.chunk_grid(n, h, w, c)](x, *ws, mean_part, m2_part, count, n, c, h, w, *x.stride(),
+                                                       **static, **tile.meta(sub=True))
         _reduce.merge_stats(mean_part, m2_part, count, [(save_mean, save_var)])
         stat_mean, stat_var = save_mean, save_var
     else:
         stat_mean, stat_var = mean.contiguous(), var.contiguous()
     sn, sg, shuffle = _shuffle(out_c, shuffle_groups)
     _msdc_fwd_kernel[_grid(n, h, w, c)](x, y, *ws, gamma, beta, stat_mean, stat_var, save_mean, save_var,
-                                        c, h, w, *x.stride(), *y.stride(), eps, sn, sg, **static,
+                                        n, c, h, w, *x.stride(), *y.stride(), eps, sn, sg, **static,
                                         ACT=activation_code(activation), CONCAT=bool(concat), SHUFFLE=shuffle,
                                         COPY_STATS=not training)
     return y, save_mean, save_var
@@ -459,13 +495,14 @@ def msdc_backward(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, tra
     mean, var = save_mean.contiguous(), save_var.contiguous()
     dev = x.device
     tile = reduction_tile(h, w, c)
-    t = tile.num_tiles(n, h, w)
+    t = tile.num_chunks(n, h, w)
 
     # pass A: Σ g_a and Σ g_a·ẑ per branch and channel
     part = torch.empty((t, 2 * nb * c), dtype=torch.float32, device=dev)
-    _msdc_bwd_stats_kernel[tile.grid(n, h, w, c)](x, grad, *ws, gamma, beta, mean, var, part, c, h, w,
-                                                   *x.stride(), *grad.stride(), eps, sn, sg, **static, ACT=act,
-                                                   CONCAT=bool(concat), SHUFFLE=shuffle, **tile.meta())
+    _msdc_bwd_stats_kernel[tile.chunk_grid(n, h, w, c)](x, grad, *ws, gamma, beta, mean, var, part, n, c, h, w,
+                                                         *x.stride(), *grad.stride(), eps, sn, sg, **static,
+                                                         ACT=act, CONCAT=bool(concat), SHUFFLE=shuffle,
+                                                         **tile.meta(sub=True))
     red = torch.empty((2, nb, c), dtype=torch.float32, device=dev)
     _reduce.sum_partials(part, [red])
 
@@ -473,7 +510,7 @@ def msdc_backward(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, tra
     dz = empty_scratch(nb, n, c, h, w, is_channels_last(x), dev)
     gbw = torch.empty(bn_weight.shape, dtype=bn_weight.dtype, device=dev)
     gbb = torch.empty(bn_bias.shape, dtype=bn_bias.dtype, device=dev)
-    _msdc_bwd_dz_kernel[_grid(n, h, w, c)](x, grad, *ws, gamma, beta, mean, var, red, dz, gbw, gbb, c, h, w,
+    _msdc_bwd_dz_kernel[_grid(n, h, w, c)](x, grad, *ws, gamma, beta, mean, var, red, dz, gbw, gbb, n, c, h, w,
                                            *x.stride(), *grad.stride(), *dz.stride(), eps, 1.0 / (n * h * w),
                                            sn, sg, **static, ACT=act, CONCAT=bool(concat), SHUFFLE=shuffle,
                                            TRAINING=bool(training))
@@ -482,8 +519,8 @@ def msdc_backward(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, tra
     gx = empty_4d(x.shape, x.dtype, dev, is_channels_last(x))
     rw = c * sum(k * k for k in ks[:nb])
     wpart = torch.empty((t, rw), dtype=torch.float32, device=dev)
-    _msdc_bwd_dx_kernel[tile.grid(n, h, w, c)](x, dz, gx, *ws, wpart, c, h, w, rw, *x.stride(), *dz.stride(),
-                                                *gx.stride(), **static, **tile.meta())
+    _msdc_bwd_dx_kernel[tile.chunk_grid(n, h, w, c)](x, dz, gx, *ws, wpart, n, c, h, w, rw, *x.stride(),
+                                                      *dz.stride(), *gx.stride(), **static, **tile.meta(sub=True))
     gws = [torch.empty(wt.shape, dtype=wt.dtype, device=dev) for wt in weights]
     _reduce.sum_partials(wpart, gws)
     return gx, gws, gbw, gbb

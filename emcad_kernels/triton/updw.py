@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from . import _reduce
-from ._utils import (INTERPRETER_CONFIG, activate, activate_grad, activation_code, autotune, cdiv, empty_4d,
-                     empty_scratch, first_program_limit, is_channels_last, reduction_tile, spatial_configs,
-                     tile_coords)
+from ._utils import (INTERPRETER_CONFIG, accumulate_partial, activate, activate_grad, activation_code, autotune,
+                     cdiv, empty_4d, empty_scratch, first_program_limit, is_channels_last, reduction_tile,
+                     spatial_configs, tile_coords, welford_merge)
 
 MAX_KERNEL_SIZE = 5
 MODES = {"nearest": 0, "bilinear": 1}
@@ -59,11 +59,12 @@ def _bilinear_u(xc, ii, jj, valid, H, W, sxh, sxw, OA: tl.constexpr, OB: tl.cons
     c1 = tl.minimum(tl.maximum(n + EB, 0), W - 1) * sxw
     CA0: tl.constexpr = 0.25 if EA == 0 else 0.75
     CB0: tl.constexpr = 0.25 if EB == 0 else 0.75
-    v0 = (CB0 * tl.load(xc + (r0 + c0)[:, None]).to(tl.float32)
-          + (1.0 - CB0) * tl.load(xc + (r0 + c1)[:, None]).to(tl.float32))
-    v1 = (CB0 * tl.load(xc + (r1 + c0)[:, None]).to(tl.float32)
-          + (1.0 - CB0) * tl.load(xc + (r1 + c1)[:, None]).to(tl.float32))
-    return tl.where(ok[:, None], CA0 * v0 + (1.0 - CA0) * v1, 0.0)
+    ok2 = ok[:, None]  # the clamped addresses are inside the image, but not inside the batch for dead tiles
+    v0 = (CB0 * tl.load(xc + (r0 + c0)[:, None], mask=ok2, other=0.0).to(tl.float32)
+          + (1.0 - CB0) * tl.load(xc + (r0 + c1)[:, None], mask=ok2, other=0.0).to(tl.float32))
+    v1 = (CB0 * tl.load(xc + (r1 + c0)[:, None], mask=ok2, other=0.0).to(tl.float32)
+          + (1.0 - CB0) * tl.load(xc + (r1 + c1)[:, None], mask=ok2, other=0.0).to(tl.float32))
+    return CA0 * v0 + (1.0 - CA0) * v1
 
 
 @triton.jit
@@ -128,12 +129,12 @@ def _bn_params(gamma, beta, mean, var, c, cmask, eps):
 
 
 @triton.jit
-def _tile_setup(x, w, t, cb, C, H, W, sxn, sxc, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                BLOCK_C: tl.constexpr):
+def _tile_setup(x, w, t, cb, N, C, H, W, sxn, sxc, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     cl = tl.minimum(c, C - 1)  # clamped channel for loads; nothing is stored for channels >= C
-    n, ii, jj, valid, count = tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+    n, ii, jj, valid, count = tile_coords(t, N, H, W, BLOCK_H, BLOCK_W)
     xc = x + n.to(tl.int64) * sxn + (cl * sxc)[None, :]
     wc = w + cl * (K * K)
     return c, cmask, n, ii, jj, valid, count, xc, wc
@@ -143,26 +144,33 @@ def _tile_setup(x, w, t, cb, C, H, W, sxn, sxc, K: tl.constexpr, BLOCK_H: tl.con
 # forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _updw_stats_kernel(x, w, mean_part, m2_part, count_part, C, H, W, sxn, sxc, sxh, sxw,
-                       K: tl.constexpr, MODE: tl.constexpr,
+def _updw_stats_kernel(x, w, mean_part, m2_part, count_part, N, C, H, W, sxn, sxc, sxh, sxw,
+                       K: tl.constexpr, MODE: tl.constexpr, SUB: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-tile (mean, M2) over the tile's four output phases; count = 4 × valid low-resolution pixels."""
-    t = tl.program_id(0)
-    c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, t, tl.program_id(1), C, H, W, sxn, sxc, K,
-                                                            BLOCK_H, BLOCK_W, BLOCK_C)
-    z00, z01, z10, z11 = _updw_z(xc, wc, ii, jj, valid, H, W, sxh, sxw, K, MODE, BLOCK_H * BLOCK_W, BLOCK_C)
-    v2 = valid[:, None]
-    count4 = 4.0 * count
-    mu = tl.sum(tl.where(v2, z00 + z01 + z10 + z11, 0.0), 0) / count4
-    d00 = tl.where(v2, z00 - mu[None, :], 0.0)
-    d01 = tl.where(v2, z01 - mu[None, :], 0.0)
-    d10 = tl.where(v2, z10 - mu[None, :], 0.0)
-    d11 = tl.where(v2, z11 - mu[None, :], 0.0)
-    m2 = tl.sum(d00 * d00 + d01 * d01 + d10 * d10 + d11 * d11, 0)
-    row = t.to(tl.int64) * C + c
-    tl.store(mean_part + row, mu, mask=cmask)
-    tl.store(m2_part + row, m2, mask=cmask)
-    tl.store(count_part + t, count4)
+    """Per-chunk (count, mean, M2) over the four output phases of SUB low-resolution tiles."""
+    chunk = tl.program_id(0)
+    cnt = 0.0
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(SUB):
+        c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, chunk * SUB + s, tl.program_id(1), N, C, H,
+                                                                W, sxn, sxc, K, BLOCK_H, BLOCK_W, BLOCK_C)
+        z00, z01, z10, z11 = _updw_z(xc, wc, ii, jj, valid, H, W, sxh, sxw, K, MODE, BLOCK_H * BLOCK_W, BLOCK_C)
+        v2 = valid[:, None]
+        count4 = 4.0 * count
+        mu = tl.sum(tl.where(v2, z00 + z01 + z10 + z11, 0.0), 0) / tl.maximum(count4, 1.0)
+        d00 = tl.where(v2, z00 - mu[None, :], 0.0)
+        d01 = tl.where(v2, z01 - mu[None, :], 0.0)
+        d10 = tl.where(v2, z10 - mu[None, :], 0.0)
+        d11 = tl.where(v2, z11 - mu[None, :], 0.0)
+        tile_m2 = tl.sum(d00 * d00 + d01 * d01 + d10 * d10 + d11 * d11, 0)
+        mean, m2 = welford_merge(cnt, mean, m2, count4, mu, tile_m2)
+        cnt += count4
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row = chunk.to(tl.int64) * C + c
+    tl.store(mean_part + row, mean, mask=c < C)
+    tl.store(m2_part + row, m2, mask=c < C)
+    tl.store(count_part + chunk, cnt)
 
 
 @triton.jit
@@ -173,11 +181,11 @@ def _store_phase(yc, ii, jj, m2d, val, syh, syw, p: tl.constexpr, q: tl.constexp
 @autotune(configs=spatial_configs(), key=_AUTOTUNE_KEY, interpreter_config=INTERPRETER_CONFIG)
 @triton.jit
 def _updw_fwd_kernel(x, w, y, gamma, beta, mean, var, copy_mean, copy_var,
-                     C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, eps,
+                     N, C, H, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, eps,
                      K: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, COPY_STATS: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
-    c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, t, tl.program_id(1), C, H, W, sxn, sxc, K,
+    c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, t, tl.program_id(1), N, C, H, W, sxn, sxc, K,
                                                             BLOCK_H, BLOCK_W, BLOCK_C)
     z00, z01, z10, z11 = _updw_z(xc, wc, ii, jj, valid, H, W, sxh, sxw, K, MODE, BLOCK_H * BLOCK_W, BLOCK_C)
     g, bt, mu, r = _bn_params(gamma, beta, mean, var, c, cmask, eps)
@@ -209,32 +217,38 @@ def _phase_grad(z, gc, ii, jj, m2d, g, bt, mu, r, sgh, sgw, p: tl.constexpr, q: 
 
 @triton.jit
 def _updw_bwd_stats_kernel(x, w, grad, gamma, beta, mean, var, part,
-                           C, H, W, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, eps,
-                           K: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr,
+                           N, C, H, W, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, eps,
+                           K: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, SUB: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Pass A: partial rows [Σ g_a | Σ g_a·ẑ] over the tile's four phases."""
-    t = tl.program_id(0)
-    c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, t, tl.program_id(1), C, H, W, sxn, sxc, K,
-                                                            BLOCK_H, BLOCK_W, BLOCK_C)
-    z00, z01, z10, z11 = _updw_z(xc, wc, ii, jj, valid, H, W, sxh, sxw, K, MODE, BLOCK_H * BLOCK_W, BLOCK_C)
-    g, bt, mu, r = _bn_params(gamma, beta, mean, var, c, cmask, eps)
-    gc = grad + n.to(tl.int64) * sgn + (c * sgc)[None, :]
-    m2d = valid[:, None] & cmask[None, :]
-    zh, ga = _phase_grad(z00, gc, ii, jj, m2d, g, bt, mu, r, sgh, sgw, 0, 0, ACT)
-    s_ga = ga
-    s_gz = ga * zh
-    zh, ga = _phase_grad(z01, gc, ii, jj, m2d, g, bt, mu, r, sgh, sgw, 0, 1, ACT)
-    s_ga += ga
-    s_gz += ga * zh
-    zh, ga = _phase_grad(z10, gc, ii, jj, m2d, g, bt, mu, r, sgh, sgw, 1, 0, ACT)
-    s_ga += ga
-    s_gz += ga * zh
-    zh, ga = _phase_grad(z11, gc, ii, jj, m2d, g, bt, mu, r, sgh, sgw, 1, 1, ACT)
-    s_ga += ga
-    s_gz += ga * zh
-    row = part + t.to(tl.int64) * (2 * C) + c
-    tl.store(row, tl.sum(s_ga, 0), mask=cmask)
-    tl.store(row + C, tl.sum(s_gz, 0), mask=cmask)
+    """Pass A: partial rows [Σ g_a | Σ g_a·ẑ] over the four phases of a chunk of SUB tiles."""
+    chunk = tl.program_id(0)
+    s_ga = tl.zeros([BLOCK_C], tl.float32)
+    s_gz = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(SUB):
+        c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, chunk * SUB + s, tl.program_id(1), N, C, H,
+                                                                W, sxn, sxc, K, BLOCK_H, BLOCK_W, BLOCK_C)
+        z00, z01, z10, z11 = _updw_z(xc, wc, ii, jj, valid, H, W, sxh, sxw, K, MODE, BLOCK_H * BLOCK_W, BLOCK_C)
+        g, bt, mu, r = _bn_params(gamma, beta, mean, var, c, cmask, eps)
+        gc = grad + n.to(tl.int64) * sgn + (c * sgc)[None, :]
+        m2d = valid[:, None] & cmask[None, :]
+        zh, ga = _phase_grad(z00, gc, ii, jj, m2d, g, bt, mu, r, sgh, sgw, 0, 0, ACT)
+        acc_ga = ga
+        acc_gz = ga * zh
+        zh, ga = _phase_grad(z01, gc, ii, jj, m2d, g, bt, mu, r, sgh, sgw, 0, 1, ACT)
+        acc_ga += ga
+        acc_gz += ga * zh
+        zh, ga = _phase_grad(z10, gc, ii, jj, m2d, g, bt, mu, r, sgh, sgw, 1, 0, ACT)
+        acc_ga += ga
+        acc_gz += ga * zh
+        zh, ga = _phase_grad(z11, gc, ii, jj, m2d, g, bt, mu, r, sgh, sgw, 1, 1, ACT)
+        acc_ga += ga
+        acc_gz += ga * zh
+        s_ga += tl.sum(acc_ga, 0)
+        s_gz += tl.sum(acc_gz, 0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row = part + chunk.to(tl.int64) * (2 * C) + c
+    tl.store(row, s_ga, mask=c < C)
+    tl.store(row + C, s_gz, mask=c < C)
 
 
 @triton.jit
@@ -248,15 +262,16 @@ def _phase_dz(z, gc, dzc, ii, jj, m2d, g, bt, mu, r, dbeta, dgamma, inv_count, s
     tl.store(dzc + ((2 * ii + p) * sdh + (2 * jj + q) * sdw)[:, None], d, mask=m2d)
 
 
-@autotune(configs=spatial_configs(), key=_AUTOTUNE_KEY + ["TRAINING"], interpreter_config=INTERPRETER_CONFIG)
+@autotune(configs=spatial_configs(max_per_thread=4), key=_AUTOTUNE_KEY + ["TRAINING"],
+          interpreter_config=INTERPRETER_CONFIG)
 @triton.jit
 def _updw_bwd_dz_kernel(x, w, grad, gamma, beta, mean, var, red, dz, gbw, gbb,
-                        C, H, W, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw, eps, inv_count,
+                        N, C, H, W, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw, eps, inv_count,
                         K: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pass B1: ∂L/∂z at full resolution into the fp32 scratch; BatchNorm-parameter gradients (first program)."""
     t = tl.program_id(0)
-    c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, t, tl.program_id(1), C, H, W, sxn, sxc, K,
+    c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, t, tl.program_id(1), N, C, H, W, sxn, sxc, K,
                                                             BLOCK_H, BLOCK_W, BLOCK_C)
     z00, z01, z10, z11 = _updw_z(xc, wc, ii, jj, valid, H, W, sxh, sxw, K, MODE, BLOCK_H * BLOCK_W, BLOCK_C)
     g, bt, mu, r = _bn_params(gamma, beta, mean, var, c, cmask, eps)
@@ -292,19 +307,30 @@ def _up_value(xc, ii, jj, valid, H, W, sxh, sxw, OA: tl.constexpr, OB: tl.conste
 
 
 @triton.jit
-def _load_dz(dzc, y, x, H2, W2, sdh, sdw):
-    """``dz`` at full-resolution rows ``y`` and columns ``x`` (zero outside)."""
-    ok = (y >= 0) & (y < H2) & (x >= 0) & (x < W2)
+def _load_dz(dzc, y, x, valid, H2, W2, sdh, sdw):
+    """``dz`` at full-resolution rows ``y`` and columns ``x`` of the tile's valid pixels (zero elsewhere)."""
+    ok = valid & (y >= 0) & (y < H2) & (x >= 0) & (x < W2)
     return tl.load(dzc + (y * sdh + x * sdw)[:, None], mask=ok[:, None], other=0.0)
 
 
 @triton.jit
-def _updw_bwd_dx_kernel(x, w, dz, gx, wpart, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
-                        K: tl.constexpr, MODE: tl.constexpr,
+def _updw_bwd_dx_kernel(x, w, dz, gx, wpart, N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh,
+                        sow, K: tl.constexpr, MODE: tl.constexpr, SUB: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Pass B2: ∂L/∂x at low resolution and this tile's weight-gradient partials ``[C·K²]``."""
-    t = tl.program_id(0)
-    c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, t, tl.program_id(1), C, H, W, sxn, sxc, K,
+    """Pass B2: ∂L/∂x at low resolution and the weight-gradient partials ``[C·K²]`` of a chunk of SUB tiles."""
+    chunk = tl.program_id(0)
+    for s in range(SUB):
+        t = chunk * SUB + s
+        _updw_dx_tile(x, w, dz, gx, wpart, t, t == chunk * SUB, chunk, N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc,
+                      sdh, sdw, son, soc, soh, sow, K, MODE, BLOCK_H, BLOCK_W, BLOCK_C)
+        tl.debug_barrier()  # the next tile's read-modify-write of the partial row sees these stores
+
+
+@triton.jit
+def _updw_dx_tile(x, w, dz, gx, wpart, t, first, chunk, N, C, H, W, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son,
+                  soc, soh, sow, K: tl.constexpr, MODE: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    c, cmask, n, ii, jj, valid, count, xc, wc = _tile_setup(x, w, t, tl.program_id(1), N, C, H, W, sxn, sxc, K,
                                                             BLOCK_H, BLOCK_W, BLOCK_C)
     cl = tl.minimum(c, C - 1)
     dzc = dz + n.to(tl.int64) * sdn + (cl * sdc)[None, :]
@@ -313,20 +339,20 @@ def _updw_bwd_dx_kernel(x, w, dz, gx, wpart, C, H, W, sxn, sxc, sxh, sxw, sdn, s
     P: tl.constexpr = K // 2
     v2 = valid[:, None]
     # ∂L/∂z of the four phases at this tile's own pixels (0 at invalid pixels)
-    d00 = tl.where(v2, _load_dz(dzc, 2 * ii, 2 * jj, H2, W2, sdh, sdw), 0.0)
-    d01 = tl.where(v2, _load_dz(dzc, 2 * ii, 2 * jj + 1, H2, W2, sdh, sdw), 0.0)
-    d10 = tl.where(v2, _load_dz(dzc, 2 * ii + 1, 2 * jj, H2, W2, sdh, sdw), 0.0)
-    d11 = tl.where(v2, _load_dz(dzc, 2 * ii + 1, 2 * jj + 1, H2, W2, sdh, sdw), 0.0)
+    d00 = _load_dz(dzc, 2 * ii, 2 * jj, valid, H2, W2, sdh, sdw)
+    d01 = _load_dz(dzc, 2 * ii, 2 * jj + 1, valid, H2, W2, sdh, sdw)
+    d10 = _load_dz(dzc, 2 * ii + 1, 2 * jj, valid, H2, W2, sdh, sdw)
+    d11 = _load_dz(dzc, 2 * ii + 1, 2 * jj + 1, valid, H2, W2, sdh, sdw)
 
     # weight gradient: ∂L/∂w[a, b] = Σ_{phases, pixels} dz_pq · U(2i + p + a − P, 2j + q + b − P)
-    prow = wpart + t.to(tl.int64) * (C * K * K) + c * (K * K)
+    prow = wpart + chunk.to(tl.int64) * (C * K * K) + c * (K * K)
     for a in tl.static_range(K):
         for b in tl.static_range(K):
             acc = d00 * _up_value(xc, ii, jj, valid, H, W, sxh, sxw, a - P, b - P, MODE)
             acc += d01 * _up_value(xc, ii, jj, valid, H, W, sxh, sxw, a - P, 1 + b - P, MODE)
             acc += d10 * _up_value(xc, ii, jj, valid, H, W, sxh, sxw, 1 + a - P, b - P, MODE)
             acc += d11 * _up_value(xc, ii, jj, valid, H, W, sxh, sxw, 1 + a - P, 1 + b - P, MODE)
-            tl.store(prow + (a * K + b), tl.sum(acc, 0), mask=cmask)
+            accumulate_partial(prow + (a * K + b), tl.sum(acc, 0), c, C, first)
 
     dx = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], tl.float32)
     if MODE == 0:
@@ -343,7 +369,8 @@ def _updw_bwd_dx_kernel(x, w, dz, gx, wpart, C, H, W, sxn, sxc, sxh, sxw, sdn, s
                                 for b in tl.static_range(K):
                                     if (q + b - P) // 2 == RLO + si:
                                         kern += tl.load(wc + (a * K + b)).to(tl.float32)
-                        d = _load_dz(dzc, 2 * (ii - (RLO + ri)) + p, 2 * (jj - (RLO + si)) + q, H2, W2, sdh, sdw)
+                        d = _load_dz(dzc, 2 * (ii - (RLO + ri)) + p, 2 * (jj - (RLO + si)) + q, valid, H2, W2,
+                                     sdh, sdw)
                         dx += d * kern[None, :]
     else:
         # adjoint of bilinear ×2 (edge-clamped): x[m] feeds upsampled rows 2m−1 (¼, if m ≥ 1), 2m (¾, +¼ if
@@ -369,7 +396,8 @@ def _updw_bwd_dx_kernel(x, w, dz, gx, wpart, C, H, W, sxn, sxc, sxh, sxw, sdn, s
                 du_val = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], tl.float32)
                 for a in tl.static_range(K):
                     for b in tl.static_range(K):
-                        d = _load_dz(dzc, 2 * ii + (du - 1 - a + P), 2 * jj + (dv - 1 - b + P), H2, W2, sdh, sdw)
+                        d = _load_dz(dzc, 2 * ii + (du - 1 - a + P), 2 * jj + (dv - 1 - b + P), valid, H2, W2,
+                                     sdh, sdw)
                         du_val += d * tl.load(wc + (a * K + b)).to(tl.float32)[None, :]
                 dx += (cv * ch)[:, None] * du_val
     m2d = valid[:, None] & cmask[None, :]
@@ -405,18 +433,18 @@ def updw_forward(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, 
     save_var = torch.empty((c,), dtype=torch.float32, device=dev)
     if training:
         tile = reduction_tile(h, w, c)
-        t = tile.num_tiles(n, h, w)
+        t = tile.num_chunks(n, h, w)
         mean_part = torch.empty((t, c), dtype=torch.float32, device=dev)
         m2_part = torch.empty_like(mean_part)
         count = torch.empty((t,), dtype=torch.float32, device=dev)
-        _updw_stats_kernel[tile.grid(n, h, w, c)](x, wt, mean_part, m2_part, count, c, h, w, *x.stride(), K=k,
-                                                 MODE=mode_code, **tile.meta())
+        _updw_stats_kernel[tile.chunk_grid(n, h, w, c)](x, wt, mean_part, m2_part, count, n, c, h, w, *x.stride(),
+                                                       K=k, MODE=mode_code, **tile.meta(sub=True))
         _reduce.merge_stats(mean_part, m2_part, count, [(save_mean, save_var)])
         stat_mean, stat_var = save_mean, save_var
     else:
         stat_mean, stat_var = mean.contiguous(), var.contiguous()
     _updw_fwd_kernel[_grid(n, h, w, c)](x, wt, y, bn_weight.contiguous(), bn_bias.contiguous(), stat_mean, stat_var,
-                                        save_mean, save_var, c, h, w, *x.stride(), *y.stride(), eps, K=k,
+                                        save_mean, save_var, n, c, h, w, *x.stride(), *y.stride(), eps, K=k,
                                         MODE=mode_code, ACT=activation_code(activation), COPY_STATS=not training)
     return y, save_mean, save_var
 
@@ -431,25 +459,26 @@ def updw_backward(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, trai
     gamma, beta = bn_weight.contiguous(), bn_bias.contiguous()
     mean, var = save_mean.contiguous(), save_var.contiguous()
     tile = reduction_tile(h, w, c)
-    t = tile.num_tiles(n, h, w)
+    t = tile.num_chunks(n, h, w)
 
     part = torch.empty((t, 2 * c), dtype=torch.float32, device=dev)
-    _updw_bwd_stats_kernel[tile.grid(n, h, w, c)](x, wt, grad, gamma, beta, mean, var, part, c, h, w, *x.stride(),
-                                                   *grad.stride(), eps, K=k, MODE=mode_code, ACT=act, **tile.meta())
+    _updw_bwd_stats_kernel[tile.chunk_grid(n, h, w, c)](x, wt, grad, gamma, beta, mean, var, part, n, c, h, w,
+                                                         *x.stride(), *grad.stride(), eps, K=k, MODE=mode_code,
+                                                         ACT=act, **tile.meta(sub=True))
     red = torch.empty((2, c), dtype=torch.float32, device=dev)
     _reduce.sum_partials(part, [red])
 
     dz = empty_scratch(1, n, c, 2 * h, 2 * w, is_channels_last(x), dev)[0]
     gbw = torch.empty(bn_weight.shape, dtype=bn_weight.dtype, device=dev)
     gbb = torch.empty(bn_bias.shape, dtype=bn_bias.dtype, device=dev)
-    _updw_bwd_dz_kernel[_grid(n, h, w, c)](x, wt, grad, gamma, beta, mean, var, red, dz, gbw, gbb, c, h, w,
+    _updw_bwd_dz_kernel[_grid(n, h, w, c)](x, wt, grad, gamma, beta, mean, var, red, dz, gbw, gbb, n, c, h, w,
                                            *x.stride(), *grad.stride(), *dz.stride(), eps, 1.0 / (4 * n * h * w),
                                            K=k, MODE=mode_code, ACT=act, TRAINING=bool(training))
 
     gx = empty_4d(x.shape, x.dtype, dev, is_channels_last(x))
     wpart = torch.empty((t, c * k * k), dtype=torch.float32, device=dev)
-    _updw_bwd_dx_kernel[tile.grid(n, h, w, c)](x, wt, dz, gx, wpart, c, h, w, *x.stride(), *dz.stride(),
-                                                *gx.stride(), K=k, MODE=mode_code, **tile.meta())
+    _updw_bwd_dx_kernel[tile.chunk_grid(n, h, w, c)](x, wt, dz, gx, wpart, n, c, h, w, *x.stride(), *dz.stride(),
+                                                      *gx.stride(), K=k, MODE=mode_code, **tile.meta(sub=True))
     gw = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
     _reduce.sum_partials(wpart, [gw])
     return gx, gw, gbw, gbb
