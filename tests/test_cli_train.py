@@ -78,7 +78,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best"), "--samples", "6",
-                 "-o", str(out)]) == 0
+                 "--threads", "1", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "hd95" in text and "lesion" in text and "ring" in text
     summary = json.loads((out / "summary.json").read_text())
@@ -86,7 +86,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
     assert len((out / "per_case.csv").read_text().strip().splitlines()) == 1 + 6 * 2
     # a training checkpoint works as well, and the TransUNet convention is available by name
     assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--samples", "2",
-                 "--convention", "transunet"]) == 0
+                 "--convention", "transunet", "--threads", "1"]) == 0
     capsys.readouterr()
 
     # predict: the exported samples folder plus an odd-sized image, in each size mode
@@ -96,7 +96,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
     for mode in ("resize", "pad", "sliding"):
         pred = tmp_path / f"pred_{mode}"
         assert main(["predict", str(samples), str(odd), "--checkpoint", str(run / "checkpoints" / "best"),
-                     "--mode", mode, "-o", str(pred)]) == 0
+                     "--mode", mode, "--threads", "1", "-o", str(pred)]) == 0
         mask = read_image(pred / "odd_mask.png")
         assert mask.shape == (45, 50) and mask.max() <= 2
         assert read_image(pred / "odd_overlay.png").shape == (45, 50, 3)
@@ -106,7 +106,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
 
 def test_bench_runs(capsys):
     assert main(["bench", "--model", "emcad_b0", "--size", "32", "32", "--batch-size", "1", "--iters", "1",
-                 "--warmup", "0", "--no-compile", "--backends", "torch", "reference"]) == 0
+                 "--warmup", "0", "--no-compile", "--backends", "torch", "reference", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "reference" in out and "fwd ms" in out
 
@@ -172,10 +172,10 @@ def test_folder_binary_training_and_synapse_volume_evaluation(tmp_path, capsys):
     pre = json.loads((run / "checkpoints" / "final" / "preprocess.json").read_text())
     assert pre["num_classes"] == 1 and pre["in_channels"] == 3
     assert main(["predict", str(tmp_path / "data" / "images" / "im0.png"), "--checkpoint",
-                 str(run / "checkpoints" / "final"), "-o", str(tmp_path / "pred")]) == 0
+                 str(run / "checkpoints" / "final"), "--threads", "1", "-o", str(tmp_path / "pred")]) == 0
     assert set(np.unique(read_image(tmp_path / "pred" / "im0_mask.png"))) <= {0, 255}
     assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "final"), "--data", "folder",
-                 "--data-dir", str(tmp_path / "data")]) == 0
+                 "--data-dir", str(tmp_path / "data"), "--threads", "1"]) == 0
     capsys.readouterr()
 
     import torch
@@ -190,6 +190,7 @@ def test_folder_binary_training_and_synapse_volume_evaluation(tmp_path, capsys):
         np.savez(vols / f"case{case:04d}.npz", image=rng.random((2, 40, 40)).astype(np.float32),
                  label=rng.integers(0, 9, (2, 40, 40)))
     assert main(["evaluate", "--checkpoint", str(tmp_path / "syn"), "--data", "synapse_volumes", "--data-dir",
-                 str(vols), "--size", "32", "32", "--spacing", "3", "1", "1", "-o", str(tmp_path / "ev")]) == 0
+                 str(vols), "--size", "32", "32", "--spacing", "3", "1", "1", "--threads", "1",
+                 "-o", str(tmp_path / "ev")]) == 0
     out = capsys.readouterr().out
     assert "2 Synapse volumes" in out and "spleen" in out and "aorta" in out
