@@ -10,6 +10,8 @@ REFERENCE_KERNELS = Kernels(
     msdc_forward=reference.msdc_forward, msdc_backward=reference.msdc_backward,
     updw_forward=reference.updw_forward, updw_backward=reference.updw_backward,
     lgag_forward=reference.lgag_forward, lgag_backward=reference.lgag_backward,
+    lndw_forward=reference.lndw_forward, lndw_backward=reference.lndw_backward,
+    dwgn_forward=reference.dwgn_forward, dwgn_backward=reference.dwgn_backward,
 )
 
 

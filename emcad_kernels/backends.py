@@ -23,7 +23,11 @@ import torch
 from .library import OpSet
 
 ENV_VAR = "EMCAD_KERNELS_BACKEND"
-OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate")
+OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
+       "dilated_dwconv_groupnorm")
+# ops a backend may leave out: op name -> OpSet field. A backend whose OpSet has None there refuses the call with
+# "<op> not implemented in the <backend> backend" before its own ``check`` runs (so older backends need no edit).
+OPTIONAL_OPS = {"layernorm_dilated_dwconv": "lndw", "dilated_dwconv_groupnorm": "dwgn"}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -43,6 +47,7 @@ class OpCall:
     mode: str = ""  # upsample mode
     scale: int = 1
     groups: int = 1
+    dilations: tuple[int, ...] = ()  # per channel group (layernorm_dilated_dwconv, dilated_dwconv_groupnorm)
 
 
 @dataclass
@@ -77,6 +82,9 @@ class Backend:
         missing = self.unavailable_reason()
         if missing:
             return [missing]
+        field_name = OPTIONAL_OPS.get(call.op)
+        if field_name is not None and getattr(self._ops, field_name, None) is None:
+            return [f"{call.op} not implemented in the {self.name} backend"]
         return self.check(call)
 
     @property

@@ -119,6 +119,50 @@ def register_lgag(fwd_op, bwd_op) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# grouped multi-dilation depthwise convs (layernorm_dilated_dwconv, dilated_dwconv_groupnorm)
+# --------------------------------------------------------------------------------------------------
+def grouped_dwconv_macs(x_shape: Sequence[int], weight_shapes: Sequence[Sequence[int]]) -> list[int]:
+    """MACs of each group's depthwise conv (same-size output, any dilation; biases and norms not counted)."""
+    n, _, h, w = x_shape
+    return [_prod(n, ws[0], h, w, ws[-2], ws[-1]) for ws in weight_shapes]
+
+
+def _grouped_dw_convs(x, weights, dilations):
+    """(input shape, weight shape, output shape, dilation) of every group's depthwise conv."""
+    n, _, h, w = x
+    return [([n, ws[0], h, w], ws, [n, ws[0], h, w], d) for ws, d in zip(weights, dilations)]
+
+
+def _dilated_conv_bwd(x_shape, w_shape, out_shape, dilation) -> int:
+    """FlopCounterMode's count for ``aten.convolution_backward`` of a same-size depthwise conv with bias (input,
+    weight and bias gradients requested, as the plain module does in training)."""
+    pad = dilation * (w_shape[-1] // 2)
+    return conv_backward_flop(list(out_shape), list(x_shape), list(w_shape), None, [1, 1], [pad, pad],
+                              [dilation, dilation], False, [0, 0], w_shape[0], [True, True, True],
+                              out_val=(list(x_shape), list(w_shape), [w_shape[0]]))
+
+
+def register_lndw(fwd_op, bwd_op) -> None:
+    @register_flop_formula(fwd_op._opoverload._overloadpacket)
+    def _fwd(x, ln_weights, ln_biases, weights, biases, dilations, eps, out_shape=None, **kwargs):
+        return sum(_conv_fwd(i, w, o) for i, w, o, _ in _grouped_dw_convs(x, weights, dilations))
+
+    @register_flop_formula(bwd_op._opoverload._overloadpacket)
+    def _bwd(grad, x, ln_weights, ln_biases, weights, biases, dilations, eps, out_shape=None, **kwargs):
+        return sum(_dilated_conv_bwd(*conv) for conv in _grouped_dw_convs(x, weights, dilations))
+
+
+def register_dwgn(fwd_op, bwd_op) -> None:
+    @register_flop_formula(fwd_op._opoverload._overloadpacket)
+    def _fwd(x, weights, biases, gn_weight, gn_bias, dilations, eps, out_shape=None, **kwargs):
+        return sum(_conv_fwd(i, w, o) for i, w, o, _ in _grouped_dw_convs(x, weights, dilations))
+
+    @register_flop_formula(bwd_op._opoverload._overloadpacket)
+    def _bwd(grad, x, weights, biases, gn_weight, gn_bias, dilations, eps, out_shape=None, **kwargs):
+        return sum(_dilated_conv_bwd(*conv) for conv in _grouped_dw_convs(x, weights, dilations))
+
+
+# --------------------------------------------------------------------------------------------------
 # fvcore handles (MACs)
 # --------------------------------------------------------------------------------------------------
 def _jit_shape(value):
@@ -142,10 +186,24 @@ def _fv_lgag(inputs, outputs) -> int:
     return sum(lgag_macs(*shapes))
 
 
+def _fv_lndw(inputs, outputs) -> int:
+    x = _jit_shape(inputs[0])
+    weights = [_jit_shape(v) for v in inputs[3].node().inputs()]
+    return sum(grouped_dwconv_macs(x, weights))
+
+
+def _fv_dwgn(inputs, outputs) -> int:
+    x = _jit_shape(inputs[0])
+    weights = [_jit_shape(v) for v in inputs[1].node().inputs()]
+    return sum(grouped_dwconv_macs(x, weights))
+
+
 def fvcore_handles(backends: Sequence[str]) -> dict:
     handles = {}
     for b in backends:
         handles[f"emcad_kernels::msdc_fwd_{b}"] = _fv_msdc
         handles[f"emcad_kernels::updw_fwd_{b}"] = _fv_updw
         handles[f"emcad_kernels::lgag_fwd_{b}"] = _fv_lgag
+        handles[f"emcad_kernels::lndw_fwd_{b}"] = _fv_lndw
+        handles[f"emcad_kernels::dwgn_fwd_{b}"] = _fv_dwgn
     return handles

@@ -319,6 +319,148 @@ def _prepare_lgag(g, x, wg, bg, bn_g, wx, bx, bn_x, wpsi, bpsi, bn_psi, groups, 
     return call, args, update
 
 
+# --------------------------------------------------------------------------------------------------
+# layernorm_dilated_dwconv / dilated_dwconv_groupnorm (EGE-UNet GAB, MALUNet DGA)
+# --------------------------------------------------------------------------------------------------
+def layernorm_dilated_dwconv(x: Tensor, ln_weights: Optional[Sequence[Optional[Tensor]]],
+                             ln_biases: Optional[Sequence[Optional[Tensor]]], weights: Sequence[Tensor],
+                             biases: Optional[Sequence[Optional[Tensor]]] = None, *, dilations: Sequence[int],
+                             eps: float = 1e-6, backend: Optional[str] = None) -> Tensor:
+    """Grouped multi-dilation depthwise conv with a per-group channels-first LayerNorm prologue (EGE-UNet's GAB,
+    EGE-UNet_MALUNet.md §2.3, §7.1).
+
+    The channels of ``x`` are split, in order, into ``len(weights)`` groups of ``weights[i].shape[0]`` channels.
+    For group ``i``: ``z = LN_cf(x_i)`` (per pixel over the group's channels, biased variance, ``eps`` inside the
+    root, affine ``ln_weights[i]`` / ``ln_biases[i]``), then ``y_i = dwconv(z, weights[i], biases[i])`` with
+    dilation ``dilations[i]`` and zero padding ``dilations[i]·(k//2)`` (``weights[i]`` is ``[g_i, 1, k, k]``,
+    odd ``k <= 9``; the padding zeros stand for the *normalised* map, exactly as ``Conv2d`` after the LayerNorm).
+    Returns ``cat(y_0, y_1, ...)`` with ``x``'s shape and memory format. ``None`` affine/bias entries mean
+    ones/zeros. One group with dilation 1 is GHPA's ``norm2`` + ``ldw.0`` (a 3×3 depthwise with LN prologue).
+    There are no running statistics: training and evaluation compute the same thing.
+    """
+    call, args, _ = _prepare_lndw(x, ln_weights, ln_biases, weights, biases, dilations, eps)
+    return backends.select(call, backend).ops.lndw(*args)
+
+
+def dilated_dwconv_groupnorm(x: Tensor, weights: Sequence[Tensor], biases: Optional[Sequence[Optional[Tensor]]],
+                             gn_weight: Optional[Tensor], gn_bias: Optional[Tensor], *, dilations: Sequence[int],
+                             eps: float = 1e-5, backend: Optional[str] = None) -> Tensor:
+    """Grouped multi-dilation depthwise conv followed by a GroupNorm whose groups are the dilation groups
+    (MALUNet's DGA, EGE-UNet_MALUNet.md §3.2, §7.1; with all dilations 1 also the depthwise half of its GAU
+    ``DepthWiseConv2d``).
+
+    ``x`` is split into ``G = len(weights)`` equal channel groups; group ``i`` is convolved depthwise with
+    ``weights[i]`` (``[C/G, 1, k, k]``, odd ``k <= 9``, dilation ``dilations[i]``, zero padding
+    ``dilations[i]·(k//2)``) plus ``biases[i]``; the concatenation is normalised by ``GroupNorm(G, C)`` with affine
+    ``gn_weight`` / ``gn_bias`` (``[C]``; None means ones/zeros) and ``eps``. Returns a tensor of ``x``'s shape
+    and memory format. GroupNorm has no running statistics: training and evaluation compute the same thing.
+    """
+    call, args, _ = _prepare_dwgn(x, weights, biases, gn_weight, gn_bias, dilations, eps)
+    return backends.select(call, backend).ops.dwgn(*args)
+
+
+def _check_group_weights(x: Tensor, weights, dilations) -> tuple[list[Tensor], list[int], list[int], list[int]]:
+    """Validates per-group depthwise weights and dilations; returns (weights, group sizes, kernel sizes,
+    dilations)."""
+    if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError("weights must be a sequence of depthwise weights, one [g_i, 1, k, k] tensor per group")
+    weights = list(weights)
+    if len(weights) == 0:
+        raise ValueError("weights must hold at least one depthwise kernel (one per channel group)")
+    if isinstance(dilations, (int, Tensor)) or not isinstance(dilations, (list, tuple)):
+        raise TypeError(f"dilations must be a sequence of ints, one per group, got {type(dilations).__name__}")
+    dilations = list(dilations)
+    if len(dilations) != len(weights):
+        raise ValueError(f"dilations must hold one dilation per group: got {len(dilations)} for {len(weights)} "
+                         f"weights")
+    for i, d in enumerate(dilations):
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"dilations[{i}] must be a positive int, got {d!r}")
+    sizes, kernel_sizes = [], []
+    for i, w in enumerate(weights):
+        name = f"weights[{i}]"
+        _check_tensor(name, w, 4)
+        _check_like(name, w, x)
+        g, c_in, kh, kw = w.shape
+        if c_in != 1 or g < 1:
+            raise ValueError(f"{name} must have shape [g, 1, k, k] (a depthwise conv over its group's g channels), "
+                             f"got {tuple(w.shape)}")
+        if kh != kw or kh % 2 == 0 or kh > MAX_KERNEL_SIZE:
+            raise ValueError(f"{name} must have a square odd kernel size <= {MAX_KERNEL_SIZE}, got {kh}x{kw}")
+        sizes.append(int(g))
+        kernel_sizes.append(int(kh))
+    if sum(sizes) != x.shape[1]:
+        raise ValueError(f"weights cover {sum(sizes)} channels ({'+'.join(map(str, sizes))}) but x has "
+                         f"{x.shape[1]} channels")
+    return weights, sizes, kernel_sizes, dilations
+
+
+def _group_vectors(name: str, values, sizes: Sequence[int], x: Tensor, fill: float, *,
+                   allow_fp32: bool) -> list[Tensor]:
+    """A per-group list of 1-D tensors (None entries, or None for the whole list, become ``fill``)."""
+    if values is None:
+        values = [None] * len(sizes)
+    if isinstance(values, Tensor) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a sequence with one 1-D tensor (or None) per group")
+    values = list(values)
+    if len(values) != len(sizes):
+        raise ValueError(f"{name} must hold one entry per group: got {len(values)} for {len(sizes)} groups")
+    out = []
+    for i, (v, g) in enumerate(zip(values, sizes)):
+        if v is None:
+            v = torch.full((g,), fill, dtype=x.dtype, device=x.device)
+        _check_tensor(f"{name}[{i}]", v, 1)
+        if v.numel() != g:
+            raise ValueError(f"{name}[{i}] has {v.numel()} elements, expected {g} (the channels of group {i})")
+        _check_like(f"{name}[{i}]", v, x, allow_fp32=allow_fp32)
+        out.append(v)
+    return out
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    return float(eps)
+
+
+def _prepare_lndw(x, ln_weights, ln_biases, weights, biases, dilations, eps):
+    """Validates a layernorm_dilated_dwconv call; returns (OpCall, op arguments, None)."""
+    _check_input("x", x)
+    weights, sizes, kernel_sizes, dilations = _check_group_weights(x, weights, dilations)
+    lws = _group_vectors("ln_weights", ln_weights, sizes, x, 1.0, allow_fp32=True)
+    lbs = _group_vectors("ln_biases", ln_biases, sizes, x, 0.0, allow_fp32=True)
+    bs = _group_vectors("biases", biases, sizes, x, 0.0, allow_fp32=False)
+    eps = _check_eps(eps)
+    call = OpCall("layernorm_dilated_dwconv", x.device.type, x.dtype, "identity", tuple(kernel_sizes), 1,
+                  groups=len(weights), dilations=tuple(dilations))
+    return call, (x, lws, lbs, weights, bs, dilations, eps), None
+
+
+def _prepare_dwgn(x, weights, biases, gn_weight, gn_bias, dilations, eps):
+    """Validates a dilated_dwconv_groupnorm call; returns (OpCall, op arguments, None)."""
+    _check_input("x", x)
+    weights, sizes, kernel_sizes, dilations = _check_group_weights(x, weights, dilations)
+    if any(g != sizes[0] for g in sizes):
+        raise ValueError(f"weights must split the channels into equal groups (the GroupNorm groups), got group "
+                         f"sizes {sizes}")
+    bs = _group_vectors("biases", biases, sizes, x, 0.0, allow_fp32=False)
+    c = x.shape[1]
+    gn = []
+    for name, t, fill in (("gn_weight", gn_weight, 1.0), ("gn_bias", gn_bias, 0.0)):
+        if t is None:
+            t = torch.full((c,), fill, dtype=x.dtype, device=x.device)
+        _check_tensor(name, t, 1)
+        if t.numel() != c:
+            raise ValueError(f"{name} has {t.numel()} elements, expected {c} (the channels)")
+        _check_like(name, t, x, allow_fp32=True)
+        gn.append(t)
+    gn_w, gn_b = gn
+    eps = _check_eps(eps)
+    call = OpCall("dilated_dwconv_groupnorm", x.device.type, x.dtype, "identity", tuple(kernel_sizes), 1,
+                  groups=len(weights), dilations=tuple(dilations))
+    return call, (x, weights, bs, gn_w, gn_b, dilations, eps), None
+
+
 def explain(op: str, *args, backend: Optional[str] = None, **kwargs) -> str:
     """Which backend would run ``op(*args, **kwargs)`` and why the others would not. Nothing is computed.
 
@@ -341,4 +483,6 @@ _PREPARE = {
     "multi_scale_dwconv": (multi_scale_dwconv, _prepare_msdc),
     "upsample_dwconv": (upsample_dwconv, _prepare_updw),
     "grouped_attention_gate": (grouped_attention_gate, _prepare_lgag),
+    "layernorm_dilated_dwconv": (layernorm_dilated_dwconv, _prepare_lndw),
+    "dilated_dwconv_groupnorm": (dilated_dwconv_groupnorm, _prepare_dwgn),
 }

@@ -17,6 +17,15 @@ concat, shuffle_groups, stride) -> (y, save_mean[nb,C], save_var[nb,C])``
 ``lgag_fwd(g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g(4), bn_x(4), bn_psi(4), training, eps, groups, activation,
 add_gate_input) -> (out, mean_g, var_g, mean_x, var_x, mean_psi, var_psi)``
 
+Optional ops (EGE-UNet / MALUNet; a backend that leaves them None reports "<op> not implemented in the <name>
+backend" through ``Backend.reasons``, so ``auto`` falls back to another backend):
+
+``lndw_fwd(x, ln_weights[G], ln_biases[G], weights[G], biases[G], dilations[G], eps) -> y``
+    ``layernorm_dilated_dwconv``: per channel group a channels-first LayerNorm then a dilated depthwise conv
+    (EGE-UNet GAB; GHPA ``norm2`` + ``ldw.0`` with one group). No running statistics, so no train/eval flag.
+``dwgn_fwd(x, weights[G], biases[G], gn_weight, gn_bias, dilations[G], eps) -> y``
+    ``dilated_dwconv_groupnorm``: the dilated depthwise convs then ``GroupNorm(G, C)`` (MALUNet DGA, GAU).
+
 The backward functions receive the upstream gradient, the inputs and the saved statistics, and return the
 gradients of every differentiable input (see ``reference.py`` for the exact signatures). Outputs always have
 the memory format of the input (``reference.output_memory_format``).
@@ -43,6 +52,9 @@ class OpSet:
     msdc: Callable
     updw: Callable
     lgag: Callable
+    # optional ops: None when the backend does not implement them (see OPTIONAL_OPS in backends.py)
+    lndw: Optional[Callable] = None
+    dwgn: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,11 @@ class Kernels:
     updw_backward: Callable
     lgag_forward: Callable
     lgag_backward: Callable
+    # optional kernels (a backend may leave them None; both directions are needed to define the op)
+    lndw_forward: Optional[Callable] = None
+    lndw_backward: Optional[Callable] = None
+    dwgn_forward: Optional[Callable] = None
+    dwgn_backward: Optional[Callable] = None
 
 
 def _empty_like_out(x: Tensor, shape) -> Tensor:
@@ -74,6 +91,10 @@ def define_op_set(backend: str, kernels: Kernels, device_types: Optional[Sequenc
         msdc=_define_msdc(backend, kernels, device_types),
         updw=_define_updw(backend, kernels, device_types),
         lgag=_define_lgag(backend, kernels, device_types),
+        lndw=(_define_lndw(backend, kernels, device_types)
+              if kernels.lndw_forward is not None and kernels.lndw_backward is not None else None),
+        dwgn=(_define_dwgn(backend, kernels, device_types)
+              if kernels.dwgn_forward is not None and kernels.dwgn_backward is not None else None),
     )
 
 
@@ -235,3 +256,96 @@ def _define_lgag(backend: str, k: Kernels, device_types):
     lgag_fwd.register_autograd(backward, setup_context=setup_context)
     flops.register_lgag(lgag_fwd, lgag_bwd)
     return lgag_fwd
+
+
+# --------------------------------------------------------------------------------------------------
+# layernorm_dilated_dwconv (EGE-UNet GAB)
+# --------------------------------------------------------------------------------------------------
+def _define_lndw(backend: str, k: Kernels, device_types):
+    @torch.library.custom_op(f"{NAMESPACE}::lndw_fwd_{backend}", mutates_args=(), device_types=device_types)
+    def lndw_fwd(x: Tensor, ln_weights: list[Tensor], ln_biases: list[Tensor], weights: list[Tensor],
+                 biases: list[Tensor], dilations: list[int], eps: float) -> Tensor:
+        return k.lndw_forward(x, list(ln_weights), list(ln_biases), list(weights), list(biases), list(dilations),
+                              eps)
+
+    @lndw_fwd.register_fake
+    def _(x, ln_weights, ln_biases, weights, biases, dilations, eps):
+        return _empty_like_out(x, x.shape)
+
+    @torch.library.custom_op(f"{NAMESPACE}::lndw_bwd_{backend}", mutates_args=(), device_types=device_types)
+    def lndw_bwd(grad: Tensor, x: Tensor, ln_weights: list[Tensor], ln_biases: list[Tensor], weights: list[Tensor],
+                 biases: list[Tensor], dilations: list[int], eps: float) -> list[Tensor]:
+        gx, glw, glb, gw, gb = k.lndw_backward(grad, x, list(ln_weights), list(ln_biases), list(weights),
+                                               list(biases), list(dilations), eps)
+        return [gx, *glw, *glb, *gw, *gb]
+
+    @lndw_bwd.register_fake
+    def _(grad, x, ln_weights, ln_biases, weights, biases, dilations, eps):
+        return [_empty_like_out(x, x.shape),
+                *(torch.empty_like(t) for t in (*ln_weights, *ln_biases, *weights, *biases))]
+
+    def setup_context(ctx, inputs, output):
+        x, ln_weights, ln_biases, weights, biases, dilations, eps = inputs
+        ctx.save_for_backward(x, *ln_weights, *ln_biases, *weights, *biases)
+        ctx.config = (list(dilations), eps)
+        ctx.groups = len(weights)
+
+    def backward(ctx, grad):
+        x, *params = ctx.saved_tensors
+        g = ctx.groups
+        lws, lbs, ws, bs = params[:g], params[g:2 * g], params[2 * g:3 * g], params[3 * g:]
+        grad = grad.contiguous(memory_format=output_memory_format(x))
+        gx, *rest = lndw_bwd(grad, x, lws, lbs, ws, bs, *ctx.config)
+        need = ctx.needs_input_grad
+        parts = [rest[i * g:(i + 1) * g] for i in range(4)]
+        return (gx if need[0] else None, *(parts[i] if need[i + 1] else None for i in range(4)), None, None)
+
+    lndw_fwd.register_autograd(backward, setup_context=setup_context)
+    flops.register_lndw(lndw_fwd, lndw_bwd)
+    return lndw_fwd
+
+
+# --------------------------------------------------------------------------------------------------
+# dilated_dwconv_groupnorm (MALUNet DGA / GAU)
+# --------------------------------------------------------------------------------------------------
+def _define_dwgn(backend: str, k: Kernels, device_types):
+    @torch.library.custom_op(f"{NAMESPACE}::dwgn_fwd_{backend}", mutates_args=(), device_types=device_types)
+    def dwgn_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], gn_weight: Tensor, gn_bias: Tensor,
+                 dilations: list[int], eps: float) -> Tensor:
+        return k.dwgn_forward(x, list(weights), list(biases), gn_weight, gn_bias, list(dilations), eps)
+
+    @dwgn_fwd.register_fake
+    def _(x, weights, biases, gn_weight, gn_bias, dilations, eps):
+        return _empty_like_out(x, x.shape)
+
+    @torch.library.custom_op(f"{NAMESPACE}::dwgn_bwd_{backend}", mutates_args=(), device_types=device_types)
+    def dwgn_bwd(grad: Tensor, x: Tensor, weights: list[Tensor], biases: list[Tensor], gn_weight: Tensor,
+                 gn_bias: Tensor, dilations: list[int], eps: float) -> list[Tensor]:
+        gx, gw, gb, ggw, ggb = k.dwgn_backward(grad, x, list(weights), list(biases), gn_weight, gn_bias,
+                                               list(dilations), eps)
+        return [gx, ggw, ggb, *gw, *gb]
+
+    @dwgn_bwd.register_fake
+    def _(grad, x, weights, biases, gn_weight, gn_bias, dilations, eps):
+        return [_empty_like_out(x, x.shape), torch.empty_like(gn_weight), torch.empty_like(gn_bias),
+                *(torch.empty_like(t) for t in (*weights, *biases))]
+
+    def setup_context(ctx, inputs, output):
+        x, weights, biases, gn_weight, gn_bias, dilations, eps = inputs
+        ctx.save_for_backward(x, gn_weight, gn_bias, *weights, *biases)
+        ctx.config = (list(dilations), eps)
+        ctx.groups = len(weights)
+
+    def backward(ctx, grad):
+        x, gn_weight, gn_bias, *params = ctx.saved_tensors
+        g = ctx.groups
+        ws, bs = params[:g], params[g:]
+        grad = grad.contiguous(memory_format=output_memory_format(x))
+        gx, ggw, ggb, *rest = dwgn_bwd(grad, x, ws, bs, gn_weight, gn_bias, *ctx.config)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, rest[:g] if need[1] else None, rest[g:] if need[2] else None,
+                ggw if need[3] else None, ggb if need[4] else None, None, None)
+
+    dwgn_fwd.register_autograd(backward, setup_context=setup_context)
+    flops.register_dwgn(dwgn_fwd, dwgn_bwd)
+    return dwgn_fwd

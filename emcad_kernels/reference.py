@@ -310,3 +310,149 @@ def lgag_backward(grad: Tensor, g: Tensor, x: Tensor, wg: Tensor, bg: Tensor, wx
     out[0] = out[0].contiguous(memory_format=output_memory_format(g))
     out[1] = out[1].contiguous(memory_format=output_memory_format(x))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# grouped multi-dilation depthwise conv with a per-group channels-first LayerNorm prologue (EGE-UNet GAB)
+# and multi-dilation depthwise conv with a GroupNorm epilogue whose groups are the dilation groups (MALUNet DGA)
+# --------------------------------------------------------------------------------------------------
+def dilated_padding(k: int, dilation: int) -> int:
+    """'Same' zero padding of a k×k conv with ``dilation`` (odd k): ``dilation · (k // 2)``."""
+    return dilation * (k // 2)
+
+
+def _group_sizes(weights: Sequence[Tensor]) -> list[int]:
+    return [int(w.shape[0]) for w in weights]
+
+
+def _dilated_dw(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], dilations: Sequence[int]) -> Tensor:
+    """Each channel group ``i`` (``weights[i].shape[0]`` channels, in order) convolved depthwise with
+    ``weights[i]`` (dilation ``dilations[i]``, same-size zero padding) plus ``biases[i]``; groups concatenated."""
+    outs = []
+    for xi, w, b, d in zip(x.split(_group_sizes(weights), 1), weights, biases, dilations):
+        outs.append(F.conv2d(xi, w, b, 1, dilated_padding(w.shape[-1], d), d, w.shape[0]))
+    return torch.cat(outs, 1)
+
+
+def _dilated_dw_backward(grad: Tensor, x: Tensor, weights: Sequence[Tensor],
+                         dilations: Sequence[int]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(grad input, grad weights, grad biases) of ``_dilated_dw``."""
+    sizes = _group_sizes(weights)
+    gxs, gws, gbs = [], [], []
+    for gi, xi, w, d in zip(grad.split(sizes, 1), x.split(sizes, 1), weights, dilations):
+        p = dilated_padding(w.shape[-1], d)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gi.contiguous(), xi.contiguous(), w, [w.shape[0]], [1, 1], [p, p], [d, d], False, [0, 0], w.shape[0],
+            [True, True, True])
+        gxs.append(gx)
+        gws.append(gw)
+        gbs.append(gb)
+    return torch.cat(gxs, 1), gws, gbs
+
+
+def _channels_last_view(x: Tensor) -> Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+def _from_channels_last_view(x: Tensor) -> Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def layer_norm_channels_first(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """Per-pixel LayerNorm over the channels of an NCHW tensor (biased variance, ``eps`` inside the root)."""
+    y = F.layer_norm(_channels_last_view(x), (x.shape[1],), weight, bias, eps)
+    return _from_channels_last_view(y)
+
+
+def _layer_norm_cf_stats(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(normalised output (NCHW view), mean, rstd) of the channels-first LayerNorm; aten's layout for stats."""
+    out, mean, rstd = torch.ops.aten.native_layer_norm(_channels_last_view(x).contiguous(), [x.shape[1]], weight,
+                                                       bias, eps)
+    return _from_channels_last_view(out), mean, rstd
+
+
+def _layer_norm_cf_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
+                            eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    _, mean, rstd = _layer_norm_cf_stats(x, weight, bias, eps)
+    gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+        _channels_last_view(grad).contiguous(), _channels_last_view(x).contiguous(), [x.shape[1]], mean, rstd,
+        weight, bias, [True, True, True])
+    return _from_channels_last_view(gx), gw, gb
+
+
+def _lndw_math(x, ln_weights, ln_biases, weights, biases, dilations, eps):
+    sizes = _group_sizes(weights)
+    normed = [layer_norm_channels_first(xi, lw, lb, eps)
+              for xi, lw, lb in zip(x.split(sizes, 1), ln_weights, ln_biases)]
+    return _dilated_dw(torch.cat(normed, 1), weights, biases, dilations)
+
+
+def lndw_forward(x: Tensor, ln_weights: list[Tensor], ln_biases: list[Tensor], weights: list[Tensor],
+                 biases: list[Tensor], dilations: list[int], eps: float) -> Tensor:
+    """``layernorm_dilated_dwconv``: per channel group ``i``, a channels-first LayerNorm over the group's channels
+    (affine ``ln_weights[i]``, ``ln_biases[i]``), then a depthwise conv with ``weights[i]`` (dilation
+    ``dilations[i]``, zero padding ``dilations[i]·(k//2)``: the *normalised* map is zero-padded) plus
+    ``biases[i]``. Outputs of the groups concatenated in order."""
+    dt = _compute_dtype(x)
+    y = _lndw_math(x.to(dt), _upcast(ln_weights, dt), _upcast(ln_biases, dt), _upcast(weights, dt),
+                   _upcast(biases, dt), dilations, eps)
+    return _finish(y, x)
+
+
+def lndw_backward(grad: Tensor, x: Tensor, ln_weights: list[Tensor], ln_biases: list[Tensor], weights: list[Tensor],
+                  biases: list[Tensor], dilations: list[int],
+                  eps: float) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """Returns (grad x, grad ln_weights, grad ln_biases, grad weights, grad biases); recomputes the LayerNorm."""
+    dt = _compute_dtype(x)
+    xs, g = x.to(dt), grad.to(dt)
+    lws, lbs, ws = _upcast(ln_weights, dt), _upcast(ln_biases, dt), _upcast(weights, dt)
+    sizes = _group_sizes(weights)
+    x_groups = xs.split(sizes, 1)
+    normed = torch.cat([_layer_norm_cf_stats(xi, lw, lb, eps)[0] for xi, lw, lb in zip(x_groups, lws, lbs)], 1)
+    g_normed, g_ws, g_bs = _dilated_dw_backward(g, normed, ws, dilations)
+    g_xs, g_lws, g_lbs = [], [], []
+    for gi, xi, lw, lb in zip(g_normed.split(sizes, 1), x_groups, lws, lbs):
+        gx, glw, glb = _layer_norm_cf_backward(gi, xi, lw, lb, eps)
+        g_xs.append(gx)
+        g_lws.append(glw)
+        g_lbs.append(glb)
+    grad_x = torch.cat(g_xs, 1).to(x.dtype).contiguous(memory_format=output_memory_format(x))
+    return (grad_x, [t.to(p.dtype) for t, p in zip(g_lws, ln_weights)],
+            [t.to(p.dtype) for t, p in zip(g_lbs, ln_biases)], [t.to(p.dtype) for t, p in zip(g_ws, weights)],
+            [t.to(p.dtype) for t, p in zip(g_bs, biases)])
+
+
+def _dwgn_math(x, weights, biases, gn_weight, gn_bias, dilations, eps):
+    z = _dilated_dw(x, weights, biases, dilations)
+    return F.group_norm(z, len(weights), gn_weight, gn_bias, eps)
+
+
+def dwgn_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor], gn_weight: Tensor, gn_bias: Tensor,
+                 dilations: list[int], eps: float) -> Tensor:
+    """``dilated_dwconv_groupnorm``: the grouped multi-dilation depthwise conv (as in ``lndw_forward``, without the
+    LayerNorm) followed by ``GroupNorm(len(weights), C)``: the norm groups are the dilation groups (all of equal
+    size)."""
+    dt = _compute_dtype(x)
+    y = _dwgn_math(x.to(dt), _upcast(weights, dt), _upcast(biases, dt), gn_weight.to(dt), gn_bias.to(dt),
+                   dilations, eps)
+    return _finish(y, x)
+
+
+def dwgn_backward(grad: Tensor, x: Tensor, weights: list[Tensor], biases: list[Tensor], gn_weight: Tensor,
+                  gn_bias: Tensor, dilations: list[int],
+                  eps: float) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
+    """Returns (grad x, grad weights, grad biases, grad gn_weight, grad gn_bias); recomputes the conv and the
+    GroupNorm statistics."""
+    dt = _compute_dtype(x)
+    xs, g = x.to(dt), grad.to(dt)
+    ws, bs, gw, gb = _upcast(weights, dt), _upcast(biases, dt), gn_weight.to(dt), gn_bias.to(dt)
+    z = _dilated_dw(xs, ws, bs, dilations).contiguous()
+    n, c, h, w = z.shape
+    groups = len(weights)
+    _, mean, rstd = torch.ops.aten.native_group_norm(z, gw, gb, n, c, h * w, groups, eps)
+    g_z, g_gw, g_gb = torch.ops.aten.native_group_norm_backward(g.contiguous(), z, mean, rstd, gw, n, c, h * w,
+                                                                groups, [True, True, True])
+    g_x, g_ws, g_bs = _dilated_dw_backward(g_z, xs, ws, dilations)
+    return (g_x.to(x.dtype).contiguous(memory_format=output_memory_format(x)),
+            [t.to(p.dtype) for t, p in zip(g_ws, weights)], [t.to(p.dtype) for t, p in zip(g_bs, biases)],
+            g_gw.to(gn_weight.dtype), g_gb.to(gn_bias.dtype))
