@@ -17,7 +17,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from .egeunet import EGEUNet
 from .emcadnet import EMCADNet
+from .malunet import MALUNet
 
 __all__ = ["MODELS", "CONFIG_NAME", "WEIGHTS_NAME", "create_model", "list_models", "save_pretrained",
            "from_pretrained", "model_name_for_encoder"]
@@ -29,15 +31,34 @@ MODELS: dict[str, str] = {
 }
 # create_model overrides (EMCADNet arguments other than the explicit create_model ones)
 OVERRIDES = ("kernel_sizes", "expansion_factor", "dw_parallel", "add", "lgag_ks", "activation")
+# encoder-free lightweight skin-lesion U-Nets (EGE-UNet_MALUNet.md): name -> (class, create_model overrides)
+LIGHTWEIGHT_MODELS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "egeunet": (EGEUNet, ("c_list", "bridge", "gt_ds", "output")),
+    "malunet": (MALUNet, ("c_list", "split_att", "bridge", "output")),
+}
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return list(MODELS)
+def list_models(include_lightweight: bool = False) -> list[str]:
+    """Names of the EMCAD models accepted by :func:`create_model`; with ``include_lightweight`` also the
+    encoder-free ``egeunet`` and ``malunet``."""
+    return list(MODELS) + (list(LIGHTWEIGHT_MODELS) if include_lightweight else [])
+
+
+def _create_lightweight(name: str, num_classes: int, in_channels: int, encoder_weights, backend: str,
+                        overrides: dict[str, Any]) -> nn.Module:
+    cls, allowed = LIGHTWEIGHT_MODELS[name]
+    if encoder_weights is not None:
+        raise ValueError(f"{name} has no pretrained encoder: encoder_weights must be None")
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise TypeError(f"create_model got unknown arguments {unknown} for {name}; its overrides are {list(allowed)}")
+    model = cls(num_classes=num_classes, input_channels=in_channels, backend=backend, **overrides)
+    model.model_name = name
+    return model
 
 
 def model_name_for_encoder(encoder: str) -> str:
@@ -60,11 +81,19 @@ def create_model(name: str, num_classes: int = 1, in_channels: int = 3, encoder_
         backend: ``"torch"``, ``"auto"`` or an ``emcad_kernels`` backend name.
         **overrides: decoder settings ``kernel_sizes``, ``expansion_factor``, ``dw_parallel``, ``add``,
             ``lgag_ks``, ``activation`` (defaults: the paper configuration).
+
+    ``egeunet`` and ``malunet`` (:class:`~emcad.models.egeunet.EGEUNet`, :class:`~emcad.models.malunet.MALUNet`,
+    default configurations) are built too: ``in_channels`` is their ``input_channels``, ``encoder_weights`` must
+    be None, and their overrides are ``c_list``, ``bridge``, ``output`` (``"probs"``/``"logits"``) plus ``gt_ds``
+    (EGE-UNet) or ``split_att`` (MALUNet).
     """
+    if name in LIGHTWEIGHT_MODELS:
+        return _create_lightweight(name, num_classes, in_channels, encoder_weights, backend, overrides)
     if name not in MODELS:
-        close = difflib.get_close_matches(str(name), MODELS, n=1)
+        names = [*MODELS, *LIGHTWEIGHT_MODELS]
+        close = difflib.get_close_matches(str(name), names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(names)}")
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise TypeError(f"create_model got unknown arguments {unknown}; decoder overrides are {list(OVERRIDES)}")
@@ -75,8 +104,10 @@ def create_model(name: str, num_classes: int = 1, in_channels: int = 3, encoder_
 
 
 def _config_of(model: nn.Module) -> dict[str, Any]:
+    if isinstance(model, (EGEUNet, MALUNet)):
+        return {"name": model.model_name, **model.config, "format_version": FORMAT_VERSION}
     if not isinstance(model, EMCADNet):
-        raise TypeError(f"save_pretrained expects an EMCADNet, got {type(model).__name__}")
+        raise TypeError(f"save_pretrained expects an EMCADNet, EGEUNet or MALUNet, got {type(model).__name__}")
     config = dict(model.config)
     encoder = config.pop("encoder")
     name = getattr(model, "model_name", None) or model_name_for_encoder(encoder)
@@ -114,7 +145,8 @@ def _atomic_write(directory: str, final_name: str, write) -> None:
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``config.json`` and ``model.safetensors`` for ``model`` (an :class:`EMCADNet`) into ``directory``
+    """Write ``config.json`` and ``model.safetensors`` for ``model`` (an :class:`EMCADNet`, ``EGEUNet`` or
+    ``MALUNet``) into ``directory``
     (created if needed). Each file is written atomically."""
     from safetensors.torch import save_file
 
