@@ -50,9 +50,19 @@ def activation_code(name: str) -> int:
         raise ValueError(f"activation {name!r} is not supported by the triton backend") from None
 
 
+AUTOTUNE_ENV = "EMCAD_TRITON_AUTOTUNE"
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """``EMCAD_TRITON_AUTOTUNE=0`` (read at each tuning) keeps only the first configuration: no benchmarking and one
+    compilation per kernel variant, for tests and quick runs on a GPU."""
+    return configs[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else configs
+
+
 def autotune(configs: list, key: list[str], interpreter_config: "triton.Config"):
     """``triton.autotune`` with ``configs`` on GPU and exactly ``interpreter_config`` under the interpreter."""
-    return triton.autotune(configs=[interpreter_config] if INTERPRET else configs, key=key)
+    return triton.autotune(configs=[interpreter_config] if INTERPRET else configs, key=key,
+                           prune_configs_by={"early_config_prune": _prune_configs})
 
 
 def config(num_warps: int = 4, num_stages: int = 2, **block) -> "triton.Config":

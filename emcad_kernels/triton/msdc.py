@@ -4,18 +4,22 @@ Semantics (``reference.msdc_forward``): for each branch b with a ``k_b × k_b`` 
 ``k_b // 2``, stride 1) ``a_b = act(BN_b(dwconv_b(x)))``; the branches are summed (or concatenated) and the
 result is channel-shuffled. Supported here: 1–3 branches, odd ``k_b <= 7``, stride 1.
 
-Kernels (a program = one spatial tile ``BLOCK_H × BLOCK_W`` times ``BLOCK_C`` channels; all branch windows come
-from **one** load of the ``KMAX × KMAX`` neighbourhood: every loaded tap feeds each branch whose window holds it):
+Kernels (a program = a spatial tile ``BLOCK_H × BLOCK_W`` times ``BLOCK_C`` channels; all branch windows come
+from **one** load of the ``KMAX × KMAX`` neighbourhood: every loaded tap feeds each branch whose window holds it).
+The kernels that produce sums over (N, H, W) loop over a *chunk* of ``SUB`` consecutive tiles and write one
+partial row per chunk; their tiles are pinned (``_utils.reduction_tile``), never autotuned, so the reduction order
+is fixed. The others are purely elementwise and autotuned.
 
 forward
-    ``_msdc_stats_kernel``  training only: per-tile (mean, M2) of every branch's conv output, nothing else written;
-                            reduced by ``_reduce.merge_stats`` into the batch statistics (returned, and used below)
+    ``_msdc_stats_kernel``  training only: per-chunk (count, mean, M2) of every branch's conv output, nothing else
+                            written; merged by ``_reduce.merge_stats`` into the batch statistics (returned, and used
+                            by the next kernel)
     ``_msdc_fwd_kernel``    recompute, normalise, activate, sum/concat, shuffle **on store** (autotuned)
 backward (recomputes from ``x`` and the saved statistics; nothing E-sized was saved by the forward)
-    ``_msdc_bwd_stats_kernel``  pass A: per-tile ``Σ g_a`` and ``Σ g_a·ẑ`` (BatchNorm-parameter gradients)
+    ``_msdc_bwd_stats_kernel``  pass A: per-chunk ``Σ g_a`` and ``Σ g_a·ẑ`` (BatchNorm-parameter gradients)
     ``_msdc_bwd_dz_kernel``     pass B1: ``∂L/∂z_b`` into an fp32 scratch buffer (autotuned), and the final
                                 BatchNorm-parameter gradients
-    ``_msdc_bwd_dx_kernel``     pass B2: ``∂L/∂x`` (gather form) and per-tile weight-gradient partials, reduced by
+    ``_msdc_bwd_dx_kernel``     pass B2: ``∂L/∂x`` (gather form) and per-chunk weight-gradient partials, reduced by
                                 ``_reduce.sum_partials`` straight into the weight-gradient outputs
 
 ``∂L/∂z_b`` has to be materialised because ``∂L/∂x`` at a pixel needs it in a ``k × k`` neighbourhood, and

@@ -13,13 +13,14 @@ Output row ``2i + p`` with tap ``a`` reads upsampled row ``2i + o``, ``o = p + a
   Zero padding of the upsampled map is zero padding of ``x``.
 * **bilinear**: ``U[2m] = ¼·x[m−1] + ¾·x[m]``, ``U[2m+1] = ¾·x[m] + ¼·x[m+1]`` with edge-clamped source indices
   (PyTorch's ``align_corners=False`` rule at scale 2), and ``U`` zero outside ``[0, 2h)``: each tap's upsampled
-  value is formed on the fly from four clamped loads (``_bilinear_u``). Correct, but not tuned: EMCAD uses
-  nearest.
+  value is formed on the fly from four clamped loads (``_bilinear_u``). Correct, but not tuned (its forward spills
+  about 1 KB of registers per thread on sm_90): EMCAD uses nearest.
 
-Passes are those of ``msdc.py``: training statistics pass + reduction + apply pass in the forward; in the backward
-pass A (``Σ g_a``, ``Σ g_a·ẑ``), pass B1 (``∂L/∂z`` into a full-resolution fp32 scratch, BatchNorm-parameter
-gradients) and pass B2 (``∂L/∂x`` in gather form at low resolution, weight-gradient partials), reductions in
-``_reduce.py``. Supported: scale 2, odd k <= 5.
+Passes are those of ``msdc.py`` (pinned tiles and per-chunk partials for the reducing passes, autotuning for the
+elementwise ones): training statistics pass + reduction + apply pass in the forward; in the backward pass A
+(``Σ g_a``, ``Σ g_a·ẑ``), pass B1 (``∂L/∂z`` into a full-resolution fp32 scratch, BatchNorm-parameter gradients)
+and pass B2 (``∂L/∂x`` in gather form at low resolution, weight-gradient partials), reductions in ``_reduce.py``.
+Supported: scale 2, odd k <= 5.
 """
 
 from __future__ import annotations
