@@ -106,8 +106,9 @@ def test_model_is_in_train_mode_after_every_validation(tmp_path):
     def record(trainer, step, loss):
         modes.append(trainer.model.training)
 
-    train(TrainConfig(**TINY, steps=5, output=str(tmp_path / "a")), callback=record)
+    train(TrainConfig(**TINY, steps=5, output=str(tmp_path / "a"), deterministic=True), callback=record)
     assert modes == [True] * 5  # validations after steps 2 and 4 switched it back (quirk #1 fixed)
+    assert not torch.are_deterministic_algorithms_enabled()  # the deterministic mode is restored afterwards
 
     modes.clear()
     train(TrainConfig(**TINY, steps=5, output=str(tmp_path / "b"), reproduce_eval_mode_quirk=True),
