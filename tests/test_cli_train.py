@@ -50,7 +50,7 @@ def test_runtime_errors_exit_1_with_one_line(tmp_path, capsys):
     write_png(tmp_path / "data" / "masks" / "y.png", np.zeros((32, 32), np.uint8))
     assert main(["train", "--data", "folder", "--data-dir", str(tmp_path / "data"), "-o", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: unpaired files") and "x.png" in err and "y.png" in err
+    assert "\nerror: unpaired files" in "\n" + err and "x.png" in err and "y.png" in err
     assert not (tmp_path / "b").exists()  # nothing written
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing")]) == 1
     assert "not found" in capsys.readouterr().err
