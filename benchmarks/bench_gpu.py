@@ -365,7 +365,7 @@ def bench_network(kind, size, batch, dtype_name, providers, timer, args, channel
             traceback.print_exc()
         rows.append(row)
         print(_fmt(row), flush=True)
-        del model, fn, opt
+        model = fn = opt = None  # free this provider's copy before the next one
     return rows
 
 

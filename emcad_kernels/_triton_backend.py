@@ -8,6 +8,8 @@ then falls through to the next backend.
 
 from __future__ import annotations
 
+import importlib
+
 from .backends import Backend, OpCall, register_backend
 from .library import OpSet, define_op_set
 
@@ -18,7 +20,7 @@ UPSAMPLE_MODES = ("nearest", "bilinear")
 
 def _load() -> OpSet:
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except ModuleNotFoundError as e:
         if e.name == "triton":
             raise ImportError("triton is not installed") from e

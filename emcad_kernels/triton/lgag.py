@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from . import _reduce
 from ._utils import (INTERPRETER_CONFIG, activate, activate_grad, activation_code, autotune, cdiv, empty_4d,
                      empty_scratch, first_program_limit, is_channels_last, reduction_tile, spatial_configs,
@@ -432,6 +433,10 @@ def _tile(h, w, channels):
 def lgag_forward(g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, mean_g, var_g, bn_x_weight, bn_x_bias,
                  mean_x, var_x, bn_psi_weight, bn_psi_bias, mean_psi, var_psi, training, eps, groups, activation,
                  add_gate_input):
+    if x.numel() == 0 or g.numel() == 0:  # nothing to launch (and no program would write the statistics)
+        return reference.lgag_forward(g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, mean_g, var_g,
+                                      bn_x_weight, bn_x_bias, mean_x, var_x, bn_psi_weight, bn_psi_bias, mean_psi,
+                                      var_psi, training, eps, groups, activation, add_gate_input)
     f, k, fpg, cing, cinx = _layout(g, x, wg, wx, groups)
     n, cx, h, w = x.shape
     dev = x.device
@@ -475,6 +480,10 @@ def lgag_forward(g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, mean_
 
 def lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, bn_x_weight, bn_x_bias,
                   bn_psi_weight, bn_psi_bias, save_stats, training, eps, groups, activation, add_gate_input):
+    if x.numel() == 0 or g.numel() == 0:
+        return reference.lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, bn_x_weight,
+                                       bn_x_bias, bn_psi_weight, bn_psi_bias, save_stats, training, eps, groups,
+                                       activation, add_gate_input)
     f, k, fpg, cing, cinx = _layout(g, x, wg, wx, groups)
     n, cx, h, w = x.shape
     cg = g.shape[1]
@@ -508,8 +517,8 @@ def lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias
     dz = empty_scratch(2, n, f, h, w, is_channels_last(x), dev)
     small = [torch.empty(p.shape, dtype=p.dtype, device=dev)
              for p in (wpsi, bpsi, bn_g_weight, bn_g_bias, bn_x_weight, bn_x_bias, bn_psi_weight, bn_psi_bias)]
-    _lgag_bwd_dz_kernel[tile.grid(n, h, w, f)](g, x, *common, red_h, dz, *small, n, f, h, w, *strides, *dz.stride(), eps,
-                                               inv_count, fpg, **static, TRAINING=bool(training), **tile.meta())
+    _lgag_bwd_dz_kernel[tile.grid(n, h, w, f)](g, x, *common, red_h, dz, *small, n, f, h, w, *strides, *dz.stride(),
+                                               eps, inv_count, fpg, **static, TRAINING=bool(training), **tile.meta())
 
     kk = k * k
     rows = (f * cing * kk, f * cinx * kk, f, f)

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from . import _reduce
 from ._utils import (INTERPRETER_CONFIG, accumulate_partial, activate, activate_grad, activation_code, autotune,
                      cdiv, empty_4d, empty_scratch, first_program_limit, is_channels_last, reduction_tile,
@@ -456,6 +457,9 @@ def _grid(n, h, w, c):
 
 def msdc_forward(x, weights, bn_weight, bn_bias, mean, var, training, eps, activation, concat, shuffle_groups,
                  stride):
+    if x.numel() == 0:  # nothing to launch (and no program would write the statistics)
+        return reference.msdc_forward(x, weights, bn_weight, bn_bias, mean, var, training, eps, activation, concat,
+                                      shuffle_groups, stride)
     if stride != 1:
         raise ValueError("the triton msdc kernel supports stride 1 only")
     n, c, h, w = x.shape
@@ -488,6 +492,9 @@ def msdc_forward(x, weights, bn_weight, bn_bias, mean, var, training, eps, activ
 
 def msdc_backward(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, training, eps, activation, concat,
                   shuffle_groups, stride):
+    if x.numel() == 0:
+        return reference.msdc_backward(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, training, eps,
+                                       activation, concat, shuffle_groups, stride)
     if stride != 1:
         raise ValueError("the triton msdc kernel supports stride 1 only")
     n, c, h, w = x.shape

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from . import _reduce
 from ._utils import (INTERPRETER_CONFIG, accumulate_partial, activate, activate_grad, activation_code, autotune,
                      cdiv, empty_4d, empty_scratch, first_program_limit, is_channels_last, reduction_tile,
@@ -338,7 +339,6 @@ def _updw_dx_tile(x, w, dz, gx, wpart, t, first, chunk, N, C, H, W, sxn, sxc, sx
     H2 = 2 * H
     W2 = 2 * W
     P: tl.constexpr = K // 2
-    v2 = valid[:, None]
     # ∂L/∂z of the four phases at this tile's own pixels (0 at invalid pixels)
     d00 = _load_dz(dzc, 2 * ii, 2 * jj, valid, H2, W2, sdh, sdw)
     d01 = _load_dz(dzc, 2 * ii, 2 * jj + 1, valid, H2, W2, sdh, sdw)
@@ -425,6 +425,8 @@ def _grid(n, h, w, c):
 
 
 def updw_forward(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale):
+    if x.numel() == 0:  # nothing to launch (and no program would write the statistics)
+        return reference.updw_forward(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, activation, scale)
     k, mode_code = _check(weight, mode, scale)
     n, c, h, w = x.shape
     dev = x.device
@@ -452,6 +454,9 @@ def updw_forward(x, weight, bn_weight, bn_bias, mean, var, training, eps, mode, 
 
 def updw_backward(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, training, eps, mode, activation,
                   scale):
+    if x.numel() == 0:
+        return reference.updw_backward(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, training, eps, mode,
+                                       activation, scale)
     k, mode_code = _check(weight, mode, scale)
     n, c, h, w = x.shape
     dev = x.device
