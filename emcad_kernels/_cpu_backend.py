@@ -12,8 +12,8 @@ What the kernels support (``check`` refuses everything else with a reason; ``aut
 * activations relu, relu6, leakyrelu (0.2), hswish, identity (not gelu);
 * ``multi_scale_dwconv``: 1 to 8 branches, odd kernel sizes <= 9, stride 1 or 2, sum or concat, any shuffle;
 * ``upsample_dwconv``: odd kernel sizes <= 9; nearest with scale 1 to 4, bilinear with scale 2;
-* ``grouped_attention_gate``: odd kernel sizes <= 9 and any grouping (group structures with more than 16 output
-  channels per group run a generic path).
+* ``grouped_attention_gate``: odd kernel sizes <= 9; groups with at most 8 output and 16 input channels each
+  (EMCAD: 1 and 2) run fused, other groupings (e.g. groups=1) run the reference composition in this backend.
 Any memory layout and strides are read natively; outputs have the input's memory format.
 """
 
@@ -23,7 +23,7 @@ import inspect
 
 import torch
 
-from . import _ext
+from . import _ext, reference
 from .backends import Backend, OpCall, register_backend
 from .library import Kernels, OpSet, define_op_set
 
@@ -34,6 +34,8 @@ MAX_KERNEL_SIZE = 9
 NEAREST_SCALES = (1, 2, 3, 4)
 BILINEAR_SCALES = (2,)
 MSDC_STRIDES = (1, 2)
+LGAG_MAX_OUT_PER_GROUP = 8
+LGAG_MAX_IN_PER_GROUP = 16
 # ops whose kernels are implemented and verified; others are refused with a reason
 IMPLEMENTED = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate")
 
@@ -69,12 +71,26 @@ def updw_backward(grad, x, weight, bn_weight, bn_bias, save_mean, save_var, trai
                                           mode, activation, scale))
 
 
-def lgag_forward(*args):
-    return tuple(_k().lgag_fwd_cpu_kernel(*args))
+def _lgag_fused(wg, groups) -> bool:
+    """The fused LGAG kernels hold whole groups in one vector block: at most LGAG_MAX_OUT_PER_GROUP output
+    channels and LGAG_MAX_IN_PER_GROUP input channels per group. Other groupings (e.g. a dense conv,
+    groups=1) run the reference composition inside this backend."""
+    return wg.shape[0] // groups <= LGAG_MAX_OUT_PER_GROUP and wg.shape[1] <= LGAG_MAX_IN_PER_GROUP
+
+
+def lgag_forward(g, x, wg, bg, wx, bx, wpsi, bpsi, *rest):
+    groups = rest[14]
+    if not (_lgag_fused(wg, groups) and wx.shape[1] <= LGAG_MAX_IN_PER_GROUP):
+        return reference.lgag_forward(g, x, wg, bg, wx, bx, wpsi, bpsi, *rest)
+    return tuple(_k().lgag_fwd_cpu_kernel(g, x, wg, bg, wx, bx, wpsi, bpsi, *rest))
 
 
 def lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, bn_x_weight, bn_x_bias,
                   bn_psi_weight, bn_psi_bias, save_stats, training, eps, groups, activation, add_gate_input):
+    if not (_lgag_fused(wg, groups) and wx.shape[1] <= LGAG_MAX_IN_PER_GROUP):
+        return reference.lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias, bn_x_weight,
+                                       bn_x_bias, bn_psi_weight, bn_psi_bias, list(save_stats), training, eps,
+                                       groups, activation, add_gate_input)
     return list(_k().lgag_bwd_cpu_kernel(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias,
                                          bn_x_weight, bn_x_bias, bn_psi_weight, bn_psi_bias, list(save_stats),
                                          training, eps, groups, activation, add_gate_input))

@@ -8,7 +8,7 @@
 namespace emcad {
 
 enum Act : int { kIdentity = 0, kRelu = 1, kRelu6 = 2, kLeakyRelu = 3, kHardswish = 4 };
-constexpr float kLeakySlope = 0.2f;
+constexpr double kLeakySlope = 0.2;  // cast to the compute type like the PyTorch scalar
 
 template <int ACT, typename T>
 EMCAD_INLINE T act_fwd(T v) {

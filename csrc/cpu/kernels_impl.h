@@ -132,9 +132,11 @@ void load_row(const View4& v, int64_t n, int64_t row, const int64_t* off, int la
       for (int l = 0; l < lanes; ++l) d0[w * ps + l] = load_val(base + off[l] + w);
     return;
   }
-  for (int l = 0; l < lanes; ++l) {
-    const S* s = base + off[l];
-    for (int64_t w = 0; w < W; ++w) d0[w * ps + l] = load_val(s + w * sw);
+  // generic strides (e.g. channels_last with a permuted channel map): pixel-major for locality
+  for (int64_t w = 0; w < W; ++w) {
+    const S* s = base + w * sw;
+    A* d = d0 + w * ps;
+    for (int l = 0; l < lanes; ++l) d[l] = load_val(s + off[l]);
   }
 }
 
@@ -173,9 +175,10 @@ void store_row(const View4& v, int64_t n, int64_t row, const int64_t* off, int l
       for (int l = 0; l < lanes; ++l) store_val(base + off[l] + w, src[w * ps + l]);
     return;
   }
-  for (int l = 0; l < lanes; ++l) {
-    S* d = base + off[l];
-    for (int64_t w = 0; w < count; ++w) store_val(d + w * sw, src[w * ps + l]);
+  for (int64_t w = 0; w < count; ++w) {
+    S* d = base + w * sw;
+    const A* s = src + w * ps;
+    for (int l = 0; l < lanes; ++l) store_val(d + off[l], s[l]);
   }
 }
 

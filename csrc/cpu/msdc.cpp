@@ -161,7 +161,9 @@ std::vector<at::Tensor> msdc_bwd(const at::Tensor& grad, const at::Tensor& x, at
   out.push_back(s1.to(bn_bias.scalar_type()));
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k = a.ks[b];
-    out.push_back(wsum.narrow(1, a.toff[b], k * k).reshape({C, 1, k, k}).to(weights[b].scalar_type()).contiguous());
+    // copy=true: the branch gradients are slices of one buffer and custom-op outputs must not alias
+    out.push_back(
+        wsum.narrow(1, a.toff[b], k * k).reshape({C, 1, k, k}).to(weights[b].scalar_type(), false, true).contiguous());
   }
   return out;
 }
