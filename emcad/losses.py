@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SUPERVISIONS", "SegmentationLoss", "ce_dice_loss", "combine_heads", "dice_loss", "structure_loss"]
+__all__ = ["SUPERVISIONS", "SegmentationLoss", "ce_dice_loss", "combine_heads", "dice_loss", "flatten_outputs",
+           "structure_loss"]
 
 SUPERVISIONS = ("mutation", "heads_and_sum", "deep_supervision", "last_layer")
 
@@ -99,6 +100,19 @@ def structure_loss(logits: Tensor, mask: Tensor, *, bce_reduction: str = "none")
     return (wbce + wiou).mean()
 
 
+def flatten_outputs(outputs) -> list[Tensor]:
+    """Model outputs as a flat list whose last element is the prediction: EMCADNet's ``[p4, p3, p2, p1]`` as it
+    is, EGE-UNet's ``((p5, …, p1), p0)`` as ``[p5, …, p1, p0]``, a single tensor as ``[t]``. Only the outputs with
+    the prediction's channel count are kept (EGE-UNet's 1-channel deep-supervision masks are dropped for a
+    multi-class model)."""
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    flat: list[Tensor] = []
+    for o in outputs:
+        flat.extend(flatten_outputs(o) if isinstance(o, (list, tuple)) else [o])
+    return [o for o in flat if o.shape[1] == flat[-1].shape[1]]
+
+
 def combine_heads(outputs: Sequence[Tensor], supervision: str) -> list[Tensor]:
     """The logits that the criterion is applied to, for ``outputs = [p4, p3, p2, p1]``."""
     outputs = list(outputs)
@@ -157,10 +171,12 @@ class SegmentationLoss(torch.nn.Module):
         return lambda z, y: structure_loss(z, y.float(), bce_reduction=self.structure_bce_reduction)
 
     def forward(self, outputs: Sequence[Tensor] | Tensor, target: Tensor) -> Tensor:
-        if isinstance(outputs, Tensor):
-            outputs = [outputs]
+        outputs = flatten_outputs(outputs)
         fn = self.per_head()
-        terms = combine_heads(outputs, self.supervision if len(outputs) > 1 else "last_layer")
+        supervision = self.supervision if len(outputs) > 1 else "last_layer"
+        if supervision == "mutation" and len(outputs) > 4:  # 2^n - 1 subsets: keep the paper's four heads
+            outputs = outputs[-4:]
+        terms = combine_heads(outputs, supervision)
         return sum(fn(z if z.dtype in (torch.float32, torch.float64) else z.float(), target) for z in terms)
 
     def extra_repr(self) -> str:

@@ -194,3 +194,18 @@ def test_folder_binary_training_and_synapse_volume_evaluation(tmp_path, capsys):
                  "-o", str(tmp_path / "ev")]) == 0
     out = capsys.readouterr().out
     assert "2 Synapse volumes" in out and "spleen" in out and "aorta" in out
+
+
+@pytest.mark.parametrize("name", ["egeunet", "malunet"])
+def test_lightweight_models_train_and_predict(tmp_path, name, capsys):
+    from emcad.models.registry import LIGHTWEIGHT_MODELS
+    if name not in LIGHTWEIGHT_MODELS:
+        pytest.skip(f"{name} is not registered")
+    run = tmp_path / "run"
+    assert main(["train", "--model", name, "--steps", "2", "--batch-size", "4", "--train-samples", "8",
+                 "--val-samples", "4", "--val-every", "2", "--no-progress", "--no-plots", "--threads", "1",
+                 "-o", str(run)]) == 0
+    assert main(["predict", str(run / "samples" / "images"), "--checkpoint", str(run / "checkpoints" / "best"),
+                 "--threads", "1", "-o", str(tmp_path / "pred")]) == 0
+    assert read_image(tmp_path / "pred" / "synthetic_test_00000_mask.png").max() <= 2
+    capsys.readouterr()

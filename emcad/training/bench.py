@@ -87,6 +87,7 @@ def run_bench(model_name: str = "emcad_b0", *, size: Sequence[int] = (224, 224),
 
     from emcad.losses import SegmentationLoss
     from emcad.models import create_model, set_backend
+    from emcad.training.trainer import logits_kwargs
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,7 +100,8 @@ def run_bench(model_name: str = "emcad_b0", *, size: Sequence[int] = (224, 224),
     if compile:
         configs += [("torch", True), ("auto", True)]
     torch.manual_seed(0)
-    base_model = create_model(model_name, num_classes=num_classes, in_channels=in_channels, backend="torch")
+    extra = logits_kwargs(model_name)
+    base_model = create_model(model_name, num_classes=num_classes, in_channels=in_channels, backend="torch", **extra)
     state = base_model.state_dict()
     x = torch.randn(batch_size, in_channels, *size, device=dev)
     y = torch.randint(0, max(num_classes, 2) if num_classes > 1 else 2, (batch_size, *size), device=dev)
@@ -112,7 +114,8 @@ def run_bench(model_name: str = "emcad_b0", *, size: Sequence[int] = (224, 224),
         if log:
             log(f"bench: {name} ...")
         try:
-            model = create_model(model_name, num_classes=num_classes, in_channels=in_channels, backend="torch")
+            model = create_model(model_name, num_classes=num_classes, in_channels=in_channels, backend="torch",
+                                 **extra)
             model.load_state_dict(state)
             set_backend(model, backend)
             model.to(dev)

@@ -32,14 +32,14 @@ MULTIPLE = 32
 
 def forward_head(model: torch.nn.Module, x: Tensor, head: str = "last") -> Tensor:
     """The prediction logits: ``p1`` (the last output, EMCAD.md §8.2) or the sum of all heads (CASCADE)."""
-    out = model(x)
-    if isinstance(out, (list, tuple)):
-        if head == "last":
-            return out[-1]
-        if head == "sum":
-            return sum(out)
-        raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
-    return out
+    from emcad.losses import flatten_outputs
+
+    out = flatten_outputs(model(x))
+    if head == "last":
+        return out[-1]
+    if head == "sum":
+        return sum(out)
+    raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
 
 
 def labels_from_logits(logits: Tensor) -> Tensor:

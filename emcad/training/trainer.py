@@ -246,6 +246,16 @@ def build_datasets(cfg: TrainConfig):
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
+def logits_kwargs(model_name: str) -> dict:
+    """``create_model`` arguments that make a model return logits (EGE-UNet / MALUNet return probabilities by
+    default, like the originals; the losses here take logits)."""
+    try:
+        from emcad.models.registry import LIGHTWEIGHT_MODELS
+    except ImportError:
+        return {}
+    return {"output": "logits"} if model_name in LIGHTWEIGHT_MODELS else {}
+
+
 def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -374,11 +384,11 @@ class Trainer:
                    eval_head=self.cfg.eval_head)
 
         def write(tmp: str) -> None:
-            from emcad.models import EMCADNet, save_pretrained
+            from emcad.models import save_pretrained
 
-            if isinstance(model, EMCADNet):
+            try:  # EMCADNet, EGE-UNet, MALUNet: config.json + model.safetensors
                 save_pretrained(model, tmp)
-            else:
+            except TypeError:  # a custom model: its state dict only
                 torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
             with open(os.path.join(tmp, PREPROCESS_NAME), "w") as f:
                 json.dump(pre, f, indent=2)
@@ -490,13 +500,14 @@ class Trainer:
         else:
             from emcad.models import create_model
             model = create_model(cfg.model, num_classes=self.num_classes, in_channels=self.in_channels,
-                                 encoder_weights=cfg.encoder_weights, backend=cfg.backend)
+                                 encoder_weights=cfg.encoder_weights, backend=cfg.backend, **logits_kwargs(cfg.model))
         if cfg.drop_path is not None:  # PVTv2 stochastic depth (default 0.1): rescale the per-block rates
             blocks = [m for m in model.modules() if type(m).__name__ == "DropPath" and hasattr(m, "drop_prob")]
             top = max([m.drop_prob for m in blocks], default=0.0)
             for m in blocks:
                 m.drop_prob = m.drop_prob / top * cfg.drop_path if top > 0 else 0.0
-        if self.in_channels == 3 and isinstance(getattr(model, "conv", None), nn.Module):
+        if self.in_channels == 3 and type(model).__name__ == "EMCADNet" and isinstance(getattr(model, "conv", None),
+                                                                                         nn.Module):
             model.conv.requires_grad_(False)  # the 1->3 stem is unused with RGB input (and would stall DDP)
         if cfg.sync_bn and self.dist.enabled:
             from emcad.models import set_backend
