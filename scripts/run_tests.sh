@@ -9,12 +9,15 @@ cuda_files=$(ls csrc/cuda/*.cu 2>/dev/null || true)
 if [ -n "$cuda_files" ]; then
     if command -v nvcc >/dev/null 2>&1; then
         out=$(mktemp -d)
-        for f in $cuda_files; do
-            echo "nvcc compile check (sm_80, sm_90): $f"
-            nvcc -c -std=c++17 -O3 -Icsrc -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-                "$f" -o "$out/$(basename "$f").o" || { echo "nvcc compile check FAILED: $f"; exit 1; }
-        done
+        jobs=$(nproc 2>/dev/null || echo 2)
+        echo "nvcc compile check (sm_80, sm_90) of:" $cuda_files
+        # shellcheck disable=SC2086
+        printf '%s\n' $cuda_files | xargs -P "$jobs" -I{} sh -c \
+            'nvcc -c -std=c++17 -O3 -Icsrc -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+                 "{}" -o "'"$out"'/$(basename "{}").o" || { echo "nvcc compile check FAILED: {}"; exit 255; }' \
+            || { rm -rf "$out"; exit 1; }
         rm -rf "$out"
+        echo "nvcc compile check passed"
     else
         echo "nvcc not found: skipping the CUDA kernel compile check"
     fi

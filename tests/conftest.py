@@ -17,10 +17,20 @@ if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not N
 torch.set_num_threads(min(2, os.cpu_count() or 1))  # reproducible CPU timings on the 2-core CI machine
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (or set EMCAD_RUN_SLOW=1)")
+
+
+def run_slow(config) -> bool:
+    return config.getoption("--run-slow") or os.environ.get("EMCAD_RUN_SLOW") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none available)")
+    skip_slow = pytest.mark.skip(reason="slow test: run with --run-slow or EMCAD_RUN_SLOW=1")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not run_slow(config):
+            item.add_marker(skip_slow)

@@ -56,6 +56,7 @@ TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSION
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 
 
+@pytest.mark.slow  # scripts/run_tests.sh runs the plain nvcc check on every CI run
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found: skipping the CUDA kernel compile check")
 def test_every_cu_file_compiles_with_nvcc_for_sm80_and_sm90(tmp_path):
     """scripts/run_tests.sh compiles with the plain flags; here the flags of the extension build are added."""
@@ -95,6 +96,7 @@ def _cuda_include_dir():
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None or _cuda_include_dir() is None,
                     reason="g++ or the CUDA headers (next to nvcc) not found")
 def test_binding_cuda_build_passes_a_syntax_check_against_the_installed_torch_headers(tmp_path):
@@ -238,8 +240,20 @@ def _build_emulation_library() -> ctypes.CDLL:
 requires_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: skipping the CPU emulation of the CUDA kernels")
 
 
+SLOW_EMULATION = ("the CPU emulation of the CUDA kernels takes ~10 min on 2 cores: run with --run-slow or "
+                  "EMCAD_RUN_SLOW=1")
+
+
+def _skip_unless_slow_tests(request):
+    from conftest import run_slow
+
+    if not run_slow(request.config):
+        pytest.skip(SLOW_EMULATION)
+
+
 @pytest.fixture(scope="module")
-def emu():
+def emu(request):
+    _skip_unless_slow_tests(request)
     if GXX is None:
         pytest.skip("g++ not found")
     return _build_emulation_library()
@@ -500,8 +514,9 @@ def _emu_op_set():
 
 
 @pytest.fixture(scope="module")
-def emu_backend():
+def emu_backend(request):
     """Registers the emulated binding as backend "cuda_emu" (CPU tensors) for the tests of this module."""
+    _skip_unless_slow_tests(request)
     if GXX is None:
         pytest.skip("g++ not found: skipping the CPU emulation of the CUDA kernels")
     from emcad_kernels import backends
@@ -955,6 +970,7 @@ def _sanitizer_available(sanitizer: str) -> bool:
     return os.path.isabs(lib) and os.path.exists(lib)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _sanitizer_available("asan"), reason="g++ with AddressSanitizer not available")
 def test_emulation_is_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     """The CPU analogue of compute-sanitizer memcheck: every global/shared-memory access of every launcher is
@@ -964,6 +980,7 @@ def test_emulation_is_clean_under_address_and_undefined_behaviour_sanitizers(tmp
     assert rc == 0 and "ERROR: AddressSanitizer" not in out and "runtime error" not in out, out[-6000:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _sanitizer_available("tsan"), reason="g++ with ThreadSanitizer not available")
 def test_emulation_is_clean_under_thread_sanitizer(tmp_path):
     """The CPU analogue of compute-sanitizer racecheck: each CUDA thread is an OS thread and __syncthreads a real
