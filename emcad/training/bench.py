@@ -143,6 +143,9 @@ def run_bench(model_name: str = "emcad_b0", *, size: Sequence[int] = (224, 224),
         except Exception as e:  # report and go on with the other rows
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
         rows.append(row)
+        if log:
+            log(f"bench: {name}: forward {row['forward_ms']:.2f} ms, training step {row['train_step_ms']:.2f} ms"
+                + (f" ({row['error']})" if row["error"] else ""))
     ref = next((r for r in rows if r["config"] == "torch"), None)
     for r in rows:
         for key, out in (("forward_ms", "speedup_fwd"), ("train_step_ms", "speedup_train")):
