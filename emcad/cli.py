@@ -47,6 +47,8 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = emcad.create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    if args.model in ("egeunet", "malunet"):
+        return _print_thop_flops(args, model, height, width)
     if args.decoder_only:
         target = model.decoder
         inputs = decoder_inputs(target.channels, height, width)
@@ -66,6 +68,23 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_thop_flops(args: argparse.Namespace, model, height: int, width: int) -> int:
+    """EGE-UNet and MALUNet are reported in their papers' convention (thop; EGE-UNet_MALUNet.md §4.1)."""
+    import torch
+
+    from emcad.flops_thop import count_macs_thop
+
+    if args.decoder_only:
+        print(f"error: --decoder-only applies to EMCAD models, not {args.model}", file=sys.stderr)
+        return 2
+    report = count_macs_thop(model, (torch.randn(1, args.in_channels, height, width),))
+    print(f"{args.model} at {height}x{width}, batch 1")
+    print("MACs in thop's convention (the EGE-UNet/MALUNet papers' 'FLOPs'); FLOPs = 2 x MACs")
+    print(f"total MACs: {report.macs:,} ({report.macs / 1e9:.4f} G)")
+    print(f"parameters: {report.total_params:,} (thop counts {report.params:,})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emcad", description="EMCAD models on fused multi-scale depthwise kernels")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -74,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("flops", help="parameters and MACs of a model in the paper's convention")
-    p.add_argument("--model", default="emcad_b2", help="a model name from `emcad info` (default: emcad_b2)")
+    p.add_argument("--model", default="emcad_b2",
+                   help="a model name from `emcad info`, or egeunet / malunet (default: emcad_b2)")
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
                    help="input size, multiples of 32 (default: 224 224)")
     p.add_argument("--num-classes", type=int, default=1)

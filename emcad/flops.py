@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -66,16 +66,24 @@ def _module_macs(module: nn.Module, inputs: Sequence, output) -> int:
     return 0
 
 
-def count_macs(model: nn.Module, inputs: Sequence) -> MacReport:
-    """Counts MACs of ``model(*inputs)`` (use batch 1 for the paper's numbers) with the plain PyTorch path."""
+def plain_forward_calls(model: nn.Module, inputs: Sequence,
+                        rule: Callable[[nn.Module, Sequence, object], Optional[int]]) -> list[tuple[str, nn.Module, int]]:
+    """Runs ``model(*inputs)`` once on the plain PyTorch path (``backend="torch"``, eval mode, no gradients) with
+    a forward hook on every leaf module, and returns ``(name, module, rule(module, inputs, output))`` for each
+    call whose rule gave a number (None: the module is not counted). Backends and training flags are restored."""
     from .models.blocks import set_backend  # local: models import emcad_kernels, keep this module light
 
-    per_call: list[tuple[str, int]] = []
+    calls: list[tuple[str, nn.Module, int]] = []
     names = {m: n for n, m in model.named_modules()}
-    hooks = [m.register_forward_hook(lambda mod, i, o: per_call.append((names[mod], _module_macs(mod, i, o))))
-             for m in model.modules()]
+
+    def hook(mod, inp, out):
+        macs = rule(mod, inp, out)
+        if macs is not None:
+            calls.append((names[mod], mod, int(macs)))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if next(m.children(), None) is None]
     backends = {m: getattr(m, "backend", None) for m in model.modules()}
-    was_training = model.training
+    was_training = {m: m.training for m in model.modules()}
     try:
         set_backend(model, "torch")
         model.eval()
@@ -87,18 +95,25 @@ def count_macs(model: nn.Module, inputs: Sequence) -> MacReport:
         for m, b in backends.items():
             if b is not None:
                 m.backend = b
-        model.train(was_training)
-    per_module: "OrderedDict[str, int]" = OrderedDict()
-    for child, _ in model.named_children():
-        per_module[child] = 0
-    total = 0
-    for name, macs in per_call:
-        total += macs
-        top = name.split(".")[0] if name else ""
+        for m, mode in was_training.items():
+            m.training = mode
+    return calls
+
+
+def sum_per_child(model: nn.Module, calls: Sequence[tuple[str, nn.Module, int]]) -> tuple[int, "OrderedDict[str, int]"]:
+    """Total MACs and MACs per direct child module of ``model``."""
+    per_module: "OrderedDict[str, int]" = OrderedDict((child, 0) for child, _ in model.named_children())
+    for name, _, macs in calls:
+        top = name.split(".")[0]
         if top in per_module:
             per_module[top] += macs
-    params = sum(p.numel() for p in model.parameters())
-    return MacReport(total, params, per_module)
+    return sum(macs for _, _, macs in calls), per_module
+
+
+def count_macs(model: nn.Module, inputs: Sequence) -> MacReport:
+    """Counts MACs of ``model(*inputs)`` (use batch 1 for the paper's numbers) with the plain PyTorch path."""
+    total, per_module = sum_per_child(model, plain_forward_calls(model, inputs, _module_macs))
+    return MacReport(total, sum(p.numel() for p in model.parameters()), per_module)
 
 
 def decoder_inputs(channels: Sequence[int], height: int, width: int, batch: int = 1,

@@ -33,7 +33,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -109,44 +108,17 @@ def count_macs_thop(model: nn.Module, inputs: Sequence,
     """Counts ``model(*inputs)`` with thop's rules (see the module docstring; use batch 1 for the papers'
     numbers). ``custom_rules`` maps module types to ``rule(module, inputs, output) -> MACs`` (like thop's
     ``custom_ops``); a type with a custom rule also has its parameters counted."""
-    from .models.blocks import set_backend  # local: keep this module light
+    from .flops import plain_forward_calls, sum_per_child
 
     rules = dict(custom_rules or {})
-    per_call: list[tuple[str, int]] = []
-    counted: set[nn.Module] = set()
-    names = {m: n for n, m in model.named_modules()}
 
-    def hook(mod, inp, out):
-        rule = next((r for t, r in rules.items() if isinstance(mod, t)), None)
-        macs = rule(mod, inp, out) if rule is not None else thop_module_macs(mod, inp, out)
-        if macs is not None:
-            counted.add(mod)
-            per_call.append((names[mod], int(macs)))
+    def rule(mod, inp, out):
+        custom = next((r for t, r in rules.items() if isinstance(mod, t)), None)
+        return custom(mod, inp, out) if custom is not None else thop_module_macs(mod, inp, out)
 
-    leaves = [m for m in model.modules() if next(m.children(), None) is None]
-    hooks = [m.register_forward_hook(hook) for m in leaves]
-    backends = {m: getattr(m, "backend", None) for m in model.modules()}
-    was_training = {m: m.training for m in model.modules()}
-    try:
-        set_backend(model, "torch")
-        model.eval()
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, b in backends.items():
-            if b is not None:
-                m.backend = b
-        for m, mode in was_training.items():
-            m.training = mode
-    per_module: "OrderedDict[str, int]" = OrderedDict((child, 0) for child, _ in model.named_children())
-    total = 0
-    for name, macs in per_call:
-        total += macs
-        top = name.split(".")[0] if name else ""
-        if top in per_module:
-            per_module[top] += macs
+    calls = plain_forward_calls(model, inputs, rule)
+    total, per_module = sum_per_child(model, calls)
+    counted = {mod for _, mod, _ in calls}
     params = sum(p.numel() for m in counted for p in m.parameters(recurse=False))
     total_params = sum(p.numel() for p in model.parameters())
     return ThopReport(total, params, total_params, per_module)

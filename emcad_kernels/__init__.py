@@ -13,12 +13,13 @@ from . import _cpu_backend  # noqa: F401  (registers the cpu backend; needs the 
 from . import _cuda_backend  # noqa: F401  (registers the cuda backend; needs the built CUDA extension)
 from . import _triton_backend  # noqa: F401  (registers the triton backend; imports triton lazily)
 from .backends import (BackendUnavailableError, available_backends, registered_backends, use_backend)
-from .functional import (ACTIVATIONS, BatchNormParams, explain, grouped_attention_gate, multi_scale_dwconv,
-                         upsample_dwconv)
+from .functional import (ACTIVATIONS, BatchNormParams, dilated_dwconv_groupnorm, explain, grouped_attention_gate,
+                         layernorm_dilated_dwconv, multi_scale_dwconv, upsample_dwconv)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS", "BatchNormParams", "BackendUnavailableError", "available_backends", "explain",
+    "ACTIVATIONS", "BatchNormParams", "BackendUnavailableError", "available_backends", "dilated_dwconv_groupnorm",
+    "explain", "layernorm_dilated_dwconv",
     "grouped_attention_gate", "multi_scale_dwconv", "registered_backends", "upsample_dwconv", "use_backend",
 ]

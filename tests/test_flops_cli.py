@@ -67,3 +67,9 @@ def test_cli_help_and_usage_errors():
     assert ok.returncode == 0 and "flops" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "emcad.cli", "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+@pytest.mark.parametrize("name,macs", [("egeunet", "72,096,256"), ("malunet", "82,972,800")])
+def test_cli_flops_lightweight_models_in_thop_convention(capsys, name, macs):
+    assert main(["flops", "--model", name, "--size", "256", "256"]) == 0
+    assert macs in capsys.readouterr().out
