@@ -7,7 +7,9 @@
 namespace emcad_cpu {
 namespace isa_avx2 {
 constexpr int kPixelBlock = 4;
+#define EMCAD_ISA_AVX2 1  // the target pragma does not define __AVX2__ / __AVX512F__
 #include "cpu/kernels_impl.h"
+#undef EMCAD_ISA_AVX2
 const KernelTable& table() { return make_table("avx2"); }
 }  // namespace isa_avx2
 }  // namespace emcad_cpu

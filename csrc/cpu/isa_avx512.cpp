@@ -7,7 +7,9 @@
 namespace emcad_cpu {
 namespace isa_avx512 {
 constexpr int kPixelBlock = 8;
+#define EMCAD_ISA_AVX512 1  // the target pragma does not define __AVX2__ / __AVX512F__
 #include "cpu/kernels_impl.h"
+#undef EMCAD_ISA_AVX512
 const KernelTable& table() { return make_table("avx512"); }
 }  // namespace isa_avx512
 }  // namespace emcad_cpu

@@ -17,6 +17,17 @@ enum DType : int { kF32 = 0, kF64 = 1, kBF16 = 2 };
 // lanes (channels) per vector block: 64 bytes of the accumulation type
 inline int block_lanes(int dtype) { return dtype == kF64 ? 8 : 16; }
 
+// Channel blocks per item: as many as keep at least `kMinItems` items (N times groups), so that every pixel
+// line of a channels_last tensor is consumed while it is in cache. A function of the shape only.
+constexpr int64_t kMinItems = 16;
+inline int blocks_per_item(int64_t n, int64_t nblocks) {
+  if (nblocks <= 1 || n <= 0) return 1;
+  int64_t g = (n * nblocks) / kMinItems;
+  if (g < 1) g = 1;
+  if (g > nblocks) g = nblocks;
+  return (int)g;
+}
+
 // A 4-D strided tensor (N, C, H, W); strides in elements. Any strides are accepted (also overlapping ones).
 struct View4 {
   void* data = nullptr;
@@ -25,11 +36,12 @@ struct View4 {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// multi_scale_dwconv. Items: (n, channel block), item = n * nblocks + block.
+// multi_scale_dwconv. Items: (n, group of `group` channel blocks), item = n * ngroups + group index.
 // ---------------------------------------------------------------------------------------------------------
 struct MsdcArgs {
   View4 x, y, g, gx;  // input, output, upstream gradient (shape of y), input gradient
   int C = 0, H = 0, W = 0, Ho = 0, Wo = 0;
+  int group = 1;  // channel blocks per item (a function of the shape only)
   int nb = 0;
   int ks[kMaxBranches] = {};
   int stride = 1;
@@ -55,11 +67,12 @@ struct MsdcArgs {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// upsample_dwconv. Items: (n, channel block).
+// upsample_dwconv. Items: (n, group of `group` channel blocks).
 // ---------------------------------------------------------------------------------------------------------
 struct UpdwArgs {
   View4 x, y, g, gx;
   int C = 0, H = 0, W = 0, Ho = 0, Wo = 0;
+  int group = 1;
   int k = 3, S = 2;
   int bilinear = 0;
   int act = 0;
@@ -89,7 +102,8 @@ struct LgagArgs {
   int act = 0;
   int add_gate = 0;
   int band = 8;          // rows per row item
-  int block_lanes = 16;  // lanes per block item (whole groups)
+  int block_lanes = 16;  // lanes per block (whole groups)
+  int group = 1;         // blocks per block item
   const double* wg = nullptr;  // [Fi][jg][k*k]
   const double* wx = nullptr;  // [Fi][jx][k*k]
   const double* bg = nullptr;  // [Fi] conv biases

@@ -79,6 +79,165 @@ inline void with_k(int k, F&& f) {
 // ------------------------------------------------------------------------------------------------------
 // row I/O
 // ------------------------------------------------------------------------------------------------------
+// ------------------------------------------------------------------------------------------------------
+// vectorised transposes between channel-planar rows (NCHW-like: each lane a contiguous row) and the
+// pixel-major row buffers, for fp32 / bf16 storage; they return the number of columns done (the rest is
+// left to the scalar code). Other dtypes and the baseline ISA use the scalar code only.
+// ------------------------------------------------------------------------------------------------------
+template <typename S, typename A>
+inline int64_t load_planar_fast(const S*, const int64_t*, int, int64_t, A*, int64_t) {
+  return 0;
+}
+template <typename S, typename A>
+inline int64_t store_planar_fast(S*, const int64_t*, int, int64_t, const A*, int64_t) {
+  return 0;
+}
+
+#if defined(EMCAD_ISA_AVX512)
+// in-register transpose of 16 rows of 16 floats: r[i][j] -> r[j][i]
+inline void tr16x16_ps(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 0]), _mm512_castps_pd(t[4 * i + 2])));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 0]), _mm512_castps_pd(t[4 * i + 2])));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+#endif
+#if defined(EMCAD_ISA_AVX2) || defined(EMCAD_ISA_AVX512)
+inline void tr8x8_ps(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  u[0] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(1, 0, 1, 0));
+  u[1] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(3, 2, 3, 2));
+  u[2] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(1, 0, 1, 0));
+  u[3] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(3, 2, 3, 2));
+  u[4] = _mm256_shuffle_ps(t[4], t[6], _MM_SHUFFLE(1, 0, 1, 0));
+  u[5] = _mm256_shuffle_ps(t[4], t[6], _MM_SHUFFLE(3, 2, 3, 2));
+  u[6] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(1, 0, 1, 0));
+  u[7] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(3, 2, 3, 2));
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+#endif
+
+#if defined(EMCAD_ISA_AVX512)
+EMCAD_INLINE __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+EMCAD_INLINE __m512 ld16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+EMCAD_INLINE void st16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+EMCAD_INLINE void st16(bf16* p, __m512 v) {  // round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+template <typename S>
+inline int64_t load_planar16(const S* base, const int64_t* off, int lanes, int64_t W, float* d0, int64_t ps) {
+  int64_t w = 0;
+  for (; w + 16 <= W; w += 16) {
+    __m512 r[16];
+    for (int l = 0; l < 16; ++l) r[l] = l < lanes ? ld16(base + off[l] + w) : _mm512_setzero_ps();
+    tr16x16_ps(r);
+    for (int u = 0; u < 16; ++u) _mm512_storeu_ps(d0 + (w + u) * ps, r[u]);
+  }
+  return w;
+}
+template <typename S>
+inline int64_t store_planar16(S* base, const int64_t* off, int lanes, int64_t W, const float* src, int64_t ps) {
+  int64_t w = 0;
+  for (; w + 16 <= W; w += 16) {
+    __m512 r[16];
+    for (int u = 0; u < 16; ++u) r[u] = _mm512_loadu_ps(src + (w + u) * ps);
+    tr16x16_ps(r);
+    for (int l = 0; l < lanes; ++l) st16(base + off[l] + w, r[l]);
+  }
+  return w;
+}
+template <>
+inline int64_t load_planar_fast<float, float>(const float* b, const int64_t* o, int n, int64_t W, float* d, int64_t ps) {
+  return load_planar16(b, o, n, W, d, ps);
+}
+template <>
+inline int64_t load_planar_fast<bf16, float>(const bf16* b, const int64_t* o, int n, int64_t W, float* d, int64_t ps) {
+  return load_planar16(b, o, n, W, d, ps);
+}
+template <>
+inline int64_t store_planar_fast<float, float>(float* b, const int64_t* o, int n, int64_t W, const float* s,
+                                               int64_t ps) {
+  return store_planar16(b, o, n, W, s, ps);
+}
+template <>
+inline int64_t store_planar_fast<bf16, float>(bf16* b, const int64_t* o, int n, int64_t W, const float* s,
+                                              int64_t ps) {
+  return store_planar16(b, o, n, W, s, ps);
+}
+#elif defined(EMCAD_ISA_AVX2)
+EMCAD_INLINE __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+EMCAD_INLINE __m256 ld8(const bf16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+template <typename S>
+inline int64_t load_planar8(const S* base, const int64_t* off, int lanes, int64_t W, float* d0, int64_t ps) {
+  int64_t w = 0;
+  for (; w + 8 <= W; w += 8)
+    for (int h = 0; h < 2; ++h) {  // lanes 8h .. 8h+7
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = 8 * h + i < lanes ? ld8(base + off[8 * h + i] + w) : _mm256_setzero_ps();
+      tr8x8_ps(r);
+      for (int u = 0; u < 8; ++u) _mm256_storeu_ps(d0 + (w + u) * ps + 8 * h, r[u]);
+    }
+  return w;
+}
+template <>
+inline int64_t load_planar_fast<float, float>(const float* b, const int64_t* o, int n, int64_t W, float* d, int64_t ps) {
+  return load_planar8(b, o, n, W, d, ps);
+}
+template <>
+inline int64_t load_planar_fast<bf16, float>(const bf16* b, const int64_t* o, int n, int64_t W, float* d, int64_t ps) {
+  return load_planar8(b, o, n, W, d, ps);
+}
+template <>
+inline int64_t store_planar_fast<float, float>(float* base, const int64_t* off, int lanes, int64_t W, const float* src,
+                                               int64_t ps) {
+  int64_t w = 0;
+  for (; w + 8 <= W; w += 8)
+    for (int h = 0; h < 2; ++h) {
+      __m256 r[8];
+      for (int u = 0; u < 8; ++u) r[u] = _mm256_loadu_ps(src + (w + u) * ps + 8 * h);
+      tr8x8_ps(r);
+      for (int i = 0; i < 8 && 8 * h + i < lanes; ++i) _mm256_storeu_ps(base + off[8 * h + i] + w, r[i]);
+    }
+  return w;
+}
+#endif
+
 // Loads row `row` of image n (out of range: zeros) into `dst`, a row of `wp` pixels with pixel stride `ps`
 // elements; image column w goes to pixel padl + w; lane l < lanes reads element offset off[l] (channel
 // times channel stride); other lanes and the padding pixels are zero. `contig`: off[l] = off[0] + l.
@@ -118,8 +277,8 @@ void load_row(const View4& v, int64_t n, int64_t row, const int64_t* off, int la
     return;
   }
   if (sw == 1) {
-    // NCHW-like: each lane is a contiguous row; transpose 8 columns at a time through registers
-    int64_t w = 0;
+    // NCHW-like: each lane is a contiguous row; vector transposes, then 8 columns at a time through registers
+    int64_t w = load_planar_fast<S, A>(base, off, lanes, W, d0, ps);
     for (; w + 8 <= W; w += 8) {
       for (int l = 0; l < lanes; ++l) {
         const S* s = base + off[l] + w;
@@ -164,7 +323,7 @@ void store_row(const View4& v, int64_t n, int64_t row, const int64_t* off, int l
     return;
   }
   if (sw == 1) {
-    int64_t w = 0;
+    int64_t w = store_planar_fast<S, A>(base, off, lanes, count, src, ps);
     for (; w + 8 <= count; w += 8) {
       for (int l = 0; l < lanes; ++l) {
         S* d = base + off[l] + w;
@@ -404,50 +563,66 @@ struct Ring {
 // ======================================================================================================
 // multi_scale_dwconv
 // ======================================================================================================
+// An item is (n, group of `a.group` channel blocks). Rows are the outer loop and the blocks of the group the
+// inner one, so that with channels_last every input/output pixel line is used completely while it is hot.
 template <typename S>
 struct MsdcCtx {
   using A = typename emcad::AccType<S>::type;
   static constexpr int CB = lanes_of<A>();
+  static constexpr int KK = kMaxKernel * kMaxKernel;
   const MsdcArgs& a;
-  int kmax = 1, P = 0, Wp = 0, s = 1, nblocks = 1;
-  Scratch<A> ring_mem, w_mem, coef_mem, zrow, yrow, grow, gzrow, gring_mem;
-  Ring<A> ring, gring;
-  // per item
+  int kmax = 1, P = 0, Wp = 0, s = 1, nblocks = 1, G = 1, ngroups = 1;
+  Ring<A> ring, gring;  // one ring per block of the group: block bi uses slots [bi*slots, (bi+1)*slots)
+  Scratch<A> ring_mem, gring_mem, w_mem, coef_mem, zrow, yrow, grow, gzrow;
+  // per block of the group
+  std::vector<int64_t> xoff, gxoff, yoff;  // [G][CB], [G][CB], [G][nb][CB]
+  std::vector<char> xcontig, gxcontig, ycontig;
+  std::vector<int> c0, lanes;
   int64_t n = 0;
-  int c0 = 0, lanes = 0;
-  int64_t xoff[CB], gxoff[CB];
-  bool xcontig = false, gxcontig = false;
-  int64_t yoff[kMaxBranches][CB], goff[kMaxBranches][CB];
-  bool ycontig[kMaxBranches], gcontig[kMaxBranches];
+  int nbk = 0;  // blocks in the current item
   int64_t loaded = 0;
 
-  explicit MsdcCtx(const MsdcArgs& args, bool need_grad) : a(args) {
+  MsdcCtx(const MsdcArgs& args, bool need_grad) : a(args) {
     for (int b = 0; b < a.nb; ++b) kmax = std::max(kmax, a.ks[b]);
     P = kmax / 2;
     s = a.stride;
     Wp = a.W + 2 * P;
     nblocks = (a.C + CB - 1) / CB;
+    G = std::max(1, std::min(a.group, nblocks));
+    ngroups = (nblocks + G - 1) / G;
     ring.slots = kmax + s;
     ring.row_elems = (int64_t)Wp * CB;
-    ring_mem.alloc((size_t)ring.slots * ring.row_elems);
+    ring_mem.alloc((size_t)G * ring.slots * ring.row_elems);
     ring.buf = ring_mem.get();
-    w_mem.alloc((size_t)a.nb * kMaxKernel * kMaxKernel * CB);
-    coef_mem.alloc((size_t)a.nb * 8 * CB);
-    zrow.alloc((size_t)std::max(a.Wo, 1) * CB);
-    yrow.alloc((size_t)std::max(a.Wo, 1) * CB);
+    w_mem.alloc((size_t)G * a.nb * KK * CB);
+    coef_mem.alloc((size_t)G * a.nb * 8 * CB);
+    const size_t row = (size_t)std::max(a.Wo, 1) * CB;
+    zrow.alloc(row);
+    yrow.alloc(row);
     if (need_grad) {
-      grow.alloc((size_t)std::max(a.Wo, 1) * CB);
-      gzrow.alloc((size_t)std::max(a.Wo, 1) * CB);
-      gring.slots = kmax + s;
-      gring.row_elems = ring.row_elems;
-      gring_mem.alloc((size_t)gring.slots * gring.row_elems);
+      grow.alloc(row);
+      gzrow.alloc(row);
+      gring = ring;
+      gring_mem.alloc((size_t)G * ring.slots * ring.row_elems);
       gring.buf = gring_mem.get();
     }
+    xoff.resize((size_t)G * CB);
+    gxoff.resize((size_t)G * CB);
+    yoff.resize((size_t)G * a.nb * CB);
+    xcontig.resize(G);
+    gxcontig.resize(G);
+    ycontig.resize((size_t)G * a.nb);
+    c0.resize(G);
+    lanes.resize(G);
   }
 
-  A* wts(int b) const { return w_mem.get() + (size_t)b * kMaxKernel * kMaxKernel * CB; }
+  A* wts(int bi, int b) const { return w_mem.get() + ((size_t)bi * a.nb + b) * KK * CB; }
   // coefficient vectors per branch: 0 scale, 1 shift, 2 mean, 3 rstd, 4 c2, 5 c3
-  A* coef(int b, int i) const { return coef_mem.get() + ((size_t)b * 8 + i) * CB; }
+  A* coef(int bi, int b, int i) const { return coef_mem.get() + (((size_t)bi * a.nb + b) * 8 + i) * CB; }
+  int64_t* yo(int bi, int b) { return &yoff[((size_t)bi * a.nb + b) * CB]; }
+  A* ring_row(const Ring<A>& r, int bi, int64_t row) const {
+    return r.buf + ((size_t)bi * r.slots + (size_t)(row % r.slots)) * r.row_elems;
+  }
 
   int64_t out_channel(int b, int64_t c) const {
     const int64_t oc = a.concat ? (int64_t)b * a.C + c : c;
@@ -455,59 +630,70 @@ struct MsdcCtx {
     return emcad::shuffle_dst(oc, cout, a.shuffle_groups);
   }
 
-  // sets up the item's lanes, offsets, weights (times `fold` scale if requested) and coefficients
+  // sets up the item's blocks: lanes, offsets, weights (times the BN scale if `fold`) and coefficients
   void begin_item(int64_t item, bool fold, bool grads) {
-    n = item / nblocks;
-    const int blk = (int)(item % nblocks);
-    c0 = blk * CB;
-    lanes = std::min(CB, a.C - c0);
-    for (int l = 0; l < CB; ++l) {
-      const int64_t c = c0 + std::min(l, lanes - 1);
-      xoff[l] = c * a.x.sc;
-      gxoff[l] = c * a.gx.sc;
-    }
-    xcontig = a.x.sc == 1 && lanes_contiguous(xoff, lanes);
-    gxcontig = a.gx.sc == 1 && lanes_contiguous(gxoff, lanes);
+    n = item / ngroups;
+    const int b0 = (int)(item % ngroups) * G;
+    nbk = std::min(G, nblocks - b0);
     const View4& ov = grads ? a.g : a.y;
-    for (int b = 0; b < a.nb; ++b) {
+    for (int bi = 0; bi < nbk; ++bi) {
+      c0[bi] = (b0 + bi) * CB;
+      lanes[bi] = std::min(CB, a.C - c0[bi]);
+      int64_t* xo = &xoff[(size_t)bi * CB];
+      int64_t* gxo = &gxoff[(size_t)bi * CB];
       for (int l = 0; l < CB; ++l) {
-        const int64_t c = c0 + std::min(l, lanes - 1);
-        yoff[b][l] = out_channel(b, c) * ov.sc;
+        const int64_t c = c0[bi] + std::min(l, lanes[bi] - 1);
+        xo[l] = c * a.x.sc;
+        gxo[l] = c * a.gx.sc;
       }
-      ycontig[b] = ov.sc == 1 && lanes_contiguous(yoff[b], lanes);
-      const int k = a.ks[b], kk = k * k;
-      A* wb = wts(b);
-      for (int t = 0; t < kk; ++t)
-        for (int l = 0; l < CB; ++l) {
-          double v = 0;
-          if (l < lanes) {
-            const int64_t c = c0 + l;
-            v = a.w[a.woff[b] + c * kk + t];
-            if (fold) v *= a.scale[(int64_t)b * a.C + c];
+      xcontig[bi] = a.x.sc == 1 && lanes_contiguous(xo, lanes[bi]);
+      gxcontig[bi] = a.gx.sc == 1 && lanes_contiguous(gxo, lanes[bi]);
+      for (int b = 0; b < a.nb; ++b) {
+        int64_t* o = yo(bi, b);
+        for (int l = 0; l < CB; ++l) o[l] = out_channel(b, c0[bi] + std::min(l, lanes[bi] - 1)) * ov.sc;
+        ycontig[(size_t)bi * a.nb + b] = ov.sc == 1 && lanes_contiguous(o, lanes[bi]);
+        const int k = a.ks[b], kk = k * k;
+        A* wb = wts(bi, b);
+        for (int t = 0; t < kk; ++t)
+          for (int l = 0; l < CB; ++l) {
+            double v = 0;
+            if (l < lanes[bi]) {
+              const int64_t c = c0[bi] + l;
+              v = a.w[a.woff[b] + c * kk + t];
+              if (fold) v *= a.scale[(int64_t)b * a.C + c];
+            }
+            wb[t * CB + l] = (A)v;
           }
-          wb[t * CB + l] = (A)v;
-        }
-      const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
-      for (int i = 0; i < 6; ++i)
-        for (int l = 0; l < CB; ++l)
-          coef(b, i)[l] = (src[i] && l < lanes) ? (A)src[i][(int64_t)b * a.C + c0 + l] : A(0);
+        const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
+        for (int i = 0; i < 6; ++i)
+          for (int l = 0; l < CB; ++l)
+            coef(bi, b, i)[l] = (src[i] && l < lanes[bi]) ? (A)src[i][(int64_t)b * a.C + c0[bi] + l] : A(0);
+      }
     }
     loaded = 0;
   }
 
-  // makes padded input rows [0, upto) available in the ring
+  // makes padded input rows [0, upto) available in the rings of all blocks of the item
   void load_until(int64_t upto) {
-    while (loaded < upto) {
-      load_row<S, A>(a.x, n, loaded - P, xoff, lanes, xcontig, ring.row(loaded), Wp, CB, P);
-      ++loaded;
-    }
+    for (; loaded < upto; ++loaded)
+      for (int bi = 0; bi < nbk; ++bi)
+        load_row<S, A>(a.x, n, loaded - P, &xoff[(size_t)bi * CB], lanes[bi], xcontig[bi],
+                       ring_row(ring, bi, loaded), Wp, CB, P);
   }
 
-  // row pointers of branch b for output row oh
-  void branch_rows(const Ring<A>& r, int b, int64_t oh, A** rows) const {
+  // row pointers of branch b of block bi for output row oh
+  void branch_rows(const Ring<A>& r, int bi, int b, int64_t oh, A** rows) const {
     const int pb = a.ks[b] / 2;
     const int64_t r0 = oh * s + (P - pb);
-    for (int dy = 0; dy < a.ks[b]; ++dy) rows[dy] = r.row(r0 + dy) + (int64_t)(P - pb) * CB;
+    for (int dy = 0; dy < a.ks[b]; ++dy) rows[dy] = ring_row(r, bi, r0 + dy) + (int64_t)(P - pb) * CB;
+  }
+
+  void write_partials(int bi, int b, const double* v0, const double* v1) const {
+    for (int l = 0; l < lanes[bi]; ++l) {
+      const int64_t idx = (n * a.nb + b) * a.C + c0[bi] + l;
+      a.p0[idx] = v0[l];
+      a.p1[idx] = v1[l];
+    }
   }
 };
 
@@ -516,23 +702,28 @@ void msdc_stats(const MsdcArgs& a, int64_t i0, int64_t i1) {
   using A = typename MsdcCtx<S>::A;
   constexpr int CB = MsdcCtx<S>::CB;
   MsdcCtx<S> ctx(a, false);
+  std::vector<emcad::Welford> acc((size_t)ctx.G * a.nb * CB);
   for (int64_t item = i0; item < i1; ++item) {
     ctx.begin_item(item, false, false);
-    emcad::Welford acc[kMaxBranches][CB];
+    std::fill(acc.begin(), acc.end(), emcad::Welford());
     for (int64_t oh = 0; oh < a.Ho; ++oh) {
       ctx.load_until(oh * ctx.s + ctx.kmax);
-      for (int b = 0; b < a.nb; ++b) {
-        A* rows[kMaxKernel];
-        ctx.branch_rows(ctx.ring, b, oh, rows);
-        conv_row_k<A>(a.ks[b], 1, rows, ctx.wts(b), nullptr, a.Wo, ctx.s, ctx.zrow.get(), 1);
-        row_stats<A>(ctx.zrow.get(), a.Wo, acc[b]);
-      }
+      for (int bi = 0; bi < ctx.nbk; ++bi)
+        for (int b = 0; b < a.nb; ++b) {
+          A* rows[kMaxKernel];
+          ctx.branch_rows(ctx.ring, bi, b, oh, rows);
+          conv_row_k<A>(a.ks[b], 1, rows, ctx.wts(bi, b), nullptr, a.Wo, ctx.s, ctx.zrow.get(), 1);
+          row_stats<A>(ctx.zrow.get(), a.Wo, &acc[((size_t)bi * a.nb + b) * CB]);
+        }
     }
-    for (int b = 0; b < a.nb; ++b)
-      for (int l = 0; l < ctx.lanes; ++l) {
-        const int64_t idx = (ctx.n * a.nb + b) * a.C + ctx.c0 + l;
-        a.p0[idx] = acc[b][l].mean;
-        a.p1[idx] = acc[b][l].m2;
+    for (int bi = 0; bi < ctx.nbk; ++bi)
+      for (int b = 0; b < a.nb; ++b) {
+        double m[CB], q[CB];
+        for (int l = 0; l < CB; ++l) {
+          m[l] = acc[((size_t)bi * a.nb + b) * CB + l].mean;
+          q[l] = acc[((size_t)bi * a.nb + b) * CB + l].m2;
+        }
+        ctx.write_partials(bi, b, m, q);
       }
   }
 }
@@ -552,6 +743,7 @@ inline void act_row(A* __restrict__ y, const A* __restrict__ z, int64_t n_px, bo
 template <typename S>
 void msdc_apply(const MsdcArgs& a, int64_t i0, int64_t i1) {
   using A = typename MsdcCtx<S>::A;
+  constexpr int CB = MsdcCtx<S>::CB;
   MsdcCtx<S> ctx(a, false);
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
@@ -559,20 +751,23 @@ void msdc_apply(const MsdcArgs& a, int64_t i0, int64_t i1) {
       ctx.begin_item(item, true, false);
       for (int64_t oh = 0; oh < a.Ho; ++oh) {
         ctx.load_until(oh * ctx.s + ctx.kmax);
-        for (int b = 0; b < a.nb; ++b) {
-          A* rows[kMaxKernel];
-          ctx.branch_rows(ctx.ring, b, oh, rows);
-          conv_row_k<A>(a.ks[b], 1, rows, ctx.wts(b), ctx.coef(b, 1), a.Wo, ctx.s, ctx.zrow.get(), 1);
-          if (a.concat) {
-            act_row<ACT, A>(ctx.zrow.get(), ctx.zrow.get(), a.Wo, false);
-            store_row<S, A>(a.y, ctx.n, oh, ctx.yoff[b], ctx.lanes, ctx.ycontig[b], ctx.zrow.get(), a.Wo,
-                            ctx.CB);
-          } else {
-            act_row<ACT, A>(ctx.yrow.get(), ctx.zrow.get(), a.Wo, b > 0);
+        for (int bi = 0; bi < ctx.nbk; ++bi) {
+          for (int b = 0; b < a.nb; ++b) {
+            A* rows[kMaxKernel];
+            ctx.branch_rows(ctx.ring, bi, b, oh, rows);
+            conv_row_k<A>(a.ks[b], 1, rows, ctx.wts(bi, b), ctx.coef(bi, b, 1), a.Wo, ctx.s, ctx.zrow.get(), 1);
+            if (a.concat) {
+              act_row<ACT, A>(ctx.zrow.get(), ctx.zrow.get(), a.Wo, false);
+              store_row<S, A>(a.y, ctx.n, oh, ctx.yo(bi, b), ctx.lanes[bi], ctx.ycontig[(size_t)bi * a.nb + b],
+                              ctx.zrow.get(), a.Wo, CB);
+            } else {
+              act_row<ACT, A>(ctx.yrow.get(), ctx.zrow.get(), a.Wo, b > 0);
+            }
           }
+          if (!a.concat)
+            store_row<S, A>(a.y, ctx.n, oh, ctx.yo(bi, 0), ctx.lanes[bi], ctx.ycontig[(size_t)bi * a.nb],
+                            ctx.yrow.get(), a.Wo, CB);
         }
-        if (!a.concat)
-          store_row<S, A>(a.y, ctx.n, oh, ctx.yoff[0], ctx.lanes, ctx.ycontig[0], ctx.yrow.get(), a.Wo, ctx.CB);
       }
     }
   });
@@ -583,31 +778,31 @@ void msdc_bwd_reduce(const MsdcArgs& a, int64_t i0, int64_t i1) {
   using A = typename MsdcCtx<S>::A;
   constexpr int CB = MsdcCtx<S>::CB;
   MsdcCtx<S> ctx(a, true);
+  std::vector<double> s1((size_t)ctx.G * a.nb * CB), s2((size_t)ctx.G * a.nb * CB);
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
       ctx.begin_item(item, false, true);
-      double s1[kMaxBranches][CB], s2[kMaxBranches][CB];
-      for (int b = 0; b < a.nb; ++b)
-        for (int l = 0; l < CB; ++l) s1[b][l] = s2[b][l] = 0;
+      std::fill(s1.begin(), s1.end(), 0.0);
+      std::fill(s2.begin(), s2.end(), 0.0);
       for (int64_t oh = 0; oh < a.Ho; ++oh) {
         ctx.load_until(oh * ctx.s + ctx.kmax);
-        for (int b = 0; b < a.nb; ++b) {
-          A* rows[kMaxKernel];
-          ctx.branch_rows(ctx.ring, b, oh, rows);
-          conv_row_k<A>(a.ks[b], 1, rows, ctx.wts(b), nullptr, a.Wo, ctx.s, ctx.zrow.get(), 1);
-          load_row<S, A>(a.g, ctx.n, oh, ctx.yoff[b], ctx.lanes, ctx.ycontig[b], ctx.grow.get(), a.Wo, CB, 0);
-          bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(b, 0), ctx.coef(b, 1),
-                              ctx.coef(b, 2), ctx.coef(b, 3), ctx.coef(b, 4), ctx.coef(b, 5), s1[b], s2[b],
-                              nullptr);
-        }
+        for (int bi = 0; bi < ctx.nbk; ++bi)
+          for (int b = 0; b < a.nb; ++b) {
+            A* rows[kMaxKernel];
+            ctx.branch_rows(ctx.ring, bi, b, oh, rows);
+            conv_row_k<A>(a.ks[b], 1, rows, ctx.wts(bi, b), nullptr, a.Wo, ctx.s, ctx.zrow.get(), 1);
+            load_row<S, A>(a.g, ctx.n, oh, ctx.yo(bi, b), ctx.lanes[bi], ctx.ycontig[(size_t)bi * a.nb + b],
+                           ctx.grow.get(), a.Wo, CB, 0);
+            const size_t o = ((size_t)bi * a.nb + b) * CB;
+            bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(bi, b, 0), ctx.coef(bi, b, 1),
+                                ctx.coef(bi, b, 2), ctx.coef(bi, b, 3), ctx.coef(bi, b, 4), ctx.coef(bi, b, 5),
+                                &s1[o], &s2[o], nullptr);
+          }
       }
-      for (int b = 0; b < a.nb; ++b)
-        for (int l = 0; l < ctx.lanes; ++l) {
-          const int64_t idx = (ctx.n * a.nb + b) * a.C + ctx.c0 + l;
-          a.p0[idx] = s1[b][l];
-          a.p1[idx] = s2[b][l];
-        }
+      for (int bi = 0; bi < ctx.nbk; ++bi)
+        for (int b = 0; b < a.nb; ++b)
+          ctx.write_partials(bi, b, &s1[((size_t)bi * a.nb + b) * CB], &s2[((size_t)bi * a.nb + b) * CB]);
     }
   });
 }
@@ -617,24 +812,29 @@ void msdc_bwd_grad(const MsdcArgs& a, int64_t i0, int64_t i1) {
   using A = typename MsdcCtx<S>::A;
   constexpr int CB = MsdcCtx<S>::CB;
   MsdcCtx<S> ctx(a, true);
-  Scratch<double> dacc((size_t)std::max<int64_t>(a.taps_total, 1) * CB);
+  const int64_t taps = std::max<int64_t>(a.taps_total, 1);
+  Scratch<double> dacc((size_t)ctx.G * taps * CB);
+  std::vector<double> s1((size_t)ctx.G * a.nb * CB), s2((size_t)ctx.G * a.nb * CB);
   const int64_t Hp = (int64_t)a.H + 2 * ctx.P;
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
       ctx.begin_item(item, false, true);
       dacc.zero();
-      double s1[kMaxBranches][CB], s2[kMaxBranches][CB];
-      for (int b = 0; b < a.nb; ++b)
-        for (int l = 0; l < CB; ++l) s1[b][l] = s2[b][l] = 0;
+      std::fill(s1.begin(), s1.end(), 0.0);
+      std::fill(s2.begin(), s2.end(), 0.0);
       int64_t inited = 0, flushed = 0;
+      auto init_row = [&](int64_t r) {
+        for (int bi = 0; bi < ctx.nbk; ++bi)
+          std::memset(ctx.ring_row(ctx.gring, bi, r), 0, sizeof(A) * ctx.gring.row_elems);
+      };
       auto flush_row = [&](int64_t r) {
         const int64_t h = r - ctx.P;
-        if (h >= 0 && h < a.H)
-          store_row<S, A>(a.gx, ctx.n, h, ctx.gxoff, ctx.lanes, ctx.gxcontig,
-                          ctx.gring.row(r) + (int64_t)ctx.P * CB, a.W, CB);
+        if (h < 0 || h >= a.H) return;
+        for (int bi = 0; bi < ctx.nbk; ++bi)
+          store_row<S, A>(a.gx, ctx.n, h, &ctx.gxoff[(size_t)bi * CB], ctx.lanes[bi], ctx.gxcontig[bi],
+                          ctx.ring_row(ctx.gring, bi, r) + (int64_t)ctx.P * CB, a.W, CB);
       };
-      auto init_row = [&](int64_t r) { std::memset(ctx.gring.row(r), 0, sizeof(A) * ctx.gring.row_elems); };
       for (int64_t oh = 0; oh < a.Ho; ++oh) {
         ctx.load_until(oh * ctx.s + ctx.kmax);
         for (; flushed < oh * ctx.s; ++flushed) {
@@ -642,35 +842,38 @@ void msdc_bwd_grad(const MsdcArgs& a, int64_t i0, int64_t i1) {
           flush_row(flushed);
         }
         for (; inited < oh * ctx.s + ctx.kmax; ++inited) init_row(inited);
-        for (int b = 0; b < a.nb; ++b) {
-          A* rows[kMaxKernel];
-          A* grows[kMaxKernel];
-          ctx.branch_rows(ctx.ring, b, oh, rows);
-          ctx.branch_rows(ctx.gring, b, oh, grows);
-          const int k = a.ks[b];
-          conv_row_k<A>(k, 1, rows, ctx.wts(b), nullptr, a.Wo, ctx.s, ctx.zrow.get(), 1);
-          load_row<S, A>(a.g, ctx.n, oh, ctx.yoff[b], ctx.lanes, ctx.ycontig[b], ctx.grow.get(), a.Wo, CB, 0);
-          bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(b, 0), ctx.coef(b, 1),
-                              ctx.coef(b, 2), ctx.coef(b, 3), ctx.coef(b, 4), ctx.coef(b, 5),
-                              a.bn_partials ? s1[b] : nullptr, a.bn_partials ? s2[b] : nullptr, ctx.gzrow.get());
-          wgrad_row_k<A>(k, 1, rows, ctx.gzrow.get(), 1, a.Wo, ctx.s, dacc.get() + a.toff[b] * CB);
-          scatter_row_k<A>(k, 1, grows, ctx.wts(b), ctx.gzrow.get(), 1, a.Wo, ctx.s);
-        }
+        for (int bi = 0; bi < ctx.nbk; ++bi)
+          for (int b = 0; b < a.nb; ++b) {
+            A* rows[kMaxKernel];
+            A* grows[kMaxKernel];
+            ctx.branch_rows(ctx.ring, bi, b, oh, rows);
+            ctx.branch_rows(ctx.gring, bi, b, oh, grows);
+            const int k = a.ks[b];
+            const size_t o = ((size_t)bi * a.nb + b) * CB;
+            conv_row_k<A>(k, 1, rows, ctx.wts(bi, b), nullptr, a.Wo, ctx.s, ctx.zrow.get(), 1);
+            load_row<S, A>(a.g, ctx.n, oh, ctx.yo(bi, b), ctx.lanes[bi], ctx.ycontig[(size_t)bi * a.nb + b],
+                           ctx.grow.get(), a.Wo, CB, 0);
+            bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(bi, b, 0), ctx.coef(bi, b, 1),
+                                ctx.coef(bi, b, 2), ctx.coef(bi, b, 3), ctx.coef(bi, b, 4), ctx.coef(bi, b, 5),
+                                a.bn_partials ? &s1[o] : nullptr, a.bn_partials ? &s2[o] : nullptr,
+                                ctx.gzrow.get());
+            wgrad_row_k<A>(k, 1, rows, ctx.gzrow.get(), 1, a.Wo, ctx.s,
+                           dacc.get() + ((size_t)bi * taps + a.toff[b]) * CB);
+            scatter_row_k<A>(k, 1, grows, ctx.wts(bi, b), ctx.gzrow.get(), 1, a.Wo, ctx.s);
+          }
       }
       for (; flushed < Hp; ++flushed) {
         if (flushed >= inited) init_row(inited++);
         flush_row(flushed);
       }
-      for (int l = 0; l < ctx.lanes; ++l)
-        for (int64_t t = 0; t < a.taps_total; ++t)
-          a.wpart[(ctx.n * a.C + ctx.c0 + l) * a.taps_total + t] = dacc.get()[t * CB + l];
-      if (a.bn_partials)
-        for (int b = 0; b < a.nb; ++b)
-          for (int l = 0; l < ctx.lanes; ++l) {
-            const int64_t idx = (ctx.n * a.nb + b) * a.C + ctx.c0 + l;
-            a.p0[idx] = s1[b][l];
-            a.p1[idx] = s2[b][l];
-          }
+      for (int bi = 0; bi < ctx.nbk; ++bi) {
+        for (int l = 0; l < ctx.lanes[bi]; ++l)
+          for (int64_t t = 0; t < a.taps_total; ++t)
+            a.wpart[(ctx.n * a.C + ctx.c0[bi] + l) * a.taps_total + t] = dacc.get()[((size_t)bi * taps + t) * CB + l];
+        if (a.bn_partials)
+          for (int b = 0; b < a.nb; ++b)
+            ctx.write_partials(bi, b, &s1[((size_t)bi * a.nb + b) * CB], &s2[((size_t)bi * a.nb + b) * CB]);
+      }
     }
   });
 }
@@ -681,30 +884,34 @@ void msdc_bwd_grad(const MsdcArgs& a, int64_t i0, int64_t i1) {
 // Nearest (any integer scale S): polyphase stencils on the low-resolution rows (EMCAD.md §11.3).
 // Bilinear x2: upsampled rows are produced on the fly into a small ring (never the whole tensor), then the
 // k x k stencil runs on them; the backward applies the transposed interpolation row by row.
+// Items are (n, group of channel blocks), rows outer and blocks inner, as for MSDC.
 template <typename S>
 struct UpdwCtx {
   using A = typename emcad::AccType<S>::type;
   static constexpr int CB = lanes_of<A>();
   const UpdwArgs& a;
   emcad::Polyphase poly{2, 3, 1};
-  int T = 1, PL = 0, PH = 0, Wp = 0, nblocks = 1, p = 0, Wu = 0;
+  int T = 1, PL = 0, PH = 0, Wp = 0, nblocks = 1, p = 0, G = 1, ngroups = 1, nk = 1;
   Scratch<A> ring_mem, xr_mem, tmp, k_mem, kraw_mem, coef_mem, zrow, grow, gzrow, gring_mem, gx_mem;
-  Ring<A> ring, gring, xring, gxring;
+  Ring<A> ring, gring, xring, gxring;  // per block bi: slots [bi*slots, (bi+1)*slots)
+  std::vector<int64_t> xoff, gxoff, yoff, goff;  // [G][CB]
+  std::vector<char> xcontig, gxcontig, ycontig, gcontig;
+  std::vector<int> c0, lanes;
   int64_t n = 0;
-  int c0 = 0, lanes = 0;
-  int64_t xoff[CB], gxoff[CB], yoff[CB], goff[CB];
-  bool xcontig = false, gxcontig = false, ycontig = false, gcontig = false;
+  int nbk = 0;
   int64_t loaded = 0, xloaded = 0;
 
   UpdwCtx(const UpdwArgs& args, bool need_grad) : a(args) {
     nblocks = (a.C + CB - 1) / CB;
+    G = std::max(1, std::min(a.group, nblocks));
+    ngroups = (nblocks + G - 1) / G;
     p = a.k / 2;
-    const int wo = std::max(a.Wo, 1);
-    zrow.alloc((size_t)wo * CB);
-    coef_mem.alloc((size_t)8 * CB);
+    const size_t row = (size_t)std::max(a.Wo, 1) * CB;
+    zrow.alloc(row);
+    coef_mem.alloc((size_t)G * 8 * CB);
     if (need_grad) {
-      grow.alloc((size_t)wo * CB);
-      gzrow.alloc((size_t)wo * CB);
+      grow.alloc(row);
+      gzrow.alloc(row);
     }
     if (!a.bilinear) {
       poly = emcad::Polyphase{a.S, a.k, p};
@@ -714,138 +921,142 @@ struct UpdwCtx {
       Wp = a.W + PL + PH;
       ring.slots = PL + PH + 2;
       ring.row_elems = (int64_t)Wp * CB;
-      ring_mem.alloc((size_t)ring.slots * ring.row_elems);
-      ring.buf = ring_mem.get();
-      k_mem.alloc((size_t)a.S * a.S * T * T * CB);
-      kraw_mem.alloc((size_t)a.S * a.S * T * T * CB);
-      if (need_grad) {
-        gring = ring;
-        gring_mem.alloc((size_t)ring.slots * ring.row_elems);
-        gring.buf = gring_mem.get();
-      }
+      nk = a.S * a.S * T * T;
     } else {
-      // upsampled rows, padded by p on both sides
-      Wu = 2 * a.W + 2 * p;
-      ring.slots = a.k + 1;
-      ring.row_elems = (int64_t)Wu * CB;
-      ring_mem.alloc((size_t)ring.slots * ring.row_elems);
-      ring.buf = ring_mem.get();
+      ring.slots = a.k + 1;  // upsampled rows, padded by p on both sides
+      ring.row_elems = (int64_t)(2 * a.W + 2 * p) * CB;
       xring.slots = 4;
       xring.row_elems = (int64_t)std::max(a.W, 1) * CB;
-      xr_mem.alloc((size_t)xring.slots * xring.row_elems);
+      xr_mem.alloc((size_t)G * xring.slots * xring.row_elems);
       xring.buf = xr_mem.get();
       tmp.alloc((size_t)std::max(a.W, 1) * CB);
-      k_mem.alloc((size_t)a.k * a.k * CB);
-      kraw_mem.alloc((size_t)a.k * a.k * CB);
+      nk = a.k * a.k;
       if (need_grad) {
-        gring = ring;
-        gring_mem.alloc((size_t)ring.slots * ring.row_elems);
-        gring.buf = gring_mem.get();
         gxring = xring;
-        gx_mem.alloc((size_t)xring.slots * xring.row_elems);
+        gx_mem.alloc((size_t)G * xring.slots * xring.row_elems);
         gxring.buf = gx_mem.get();
       }
     }
+    ring_mem.alloc((size_t)G * ring.slots * ring.row_elems);
+    ring.buf = ring_mem.get();
+    if (need_grad) {
+      gring = ring;
+      gring_mem.alloc((size_t)G * ring.slots * ring.row_elems);
+      gring.buf = gring_mem.get();
+    }
+    k_mem.alloc((size_t)G * nk * CB);
+    kraw_mem.alloc((size_t)G * nk * CB);
+    for (auto* v : {&xoff, &gxoff, &yoff, &goff}) v->resize((size_t)G * CB);
+    for (auto* v : {&xcontig, &gxcontig, &ycontig, &gcontig}) v->resize(G);
+    c0.resize(G);
+    lanes.resize(G);
   }
 
-  A* coef(int i) const { return coef_mem.get() + (size_t)i * CB; }
-  A* pk(int ph, int q) const { return k_mem.get() + ((size_t)(ph * a.S + q) * T * T) * CB; }
-  A* pkraw(int ph, int q) const { return kraw_mem.get() + ((size_t)(ph * a.S + q) * T * T) * CB; }
+  static A* rrow(const Ring<A>& r, int bi, int64_t row) {
+    return r.buf + ((size_t)bi * r.slots + (size_t)(row % r.slots)) * r.row_elems;
+  }
+  A* coef(int bi, int i) const { return coef_mem.get() + ((size_t)bi * 8 + i) * CB; }
+  A* kern(int bi, bool fold) const { return (fold ? k_mem.get() : kraw_mem.get()) + (size_t)bi * nk * CB; }
+  A* pk(int bi, int ph, int q, bool fold) const { return kern(bi, fold) + ((size_t)(ph * a.S + q) * T * T) * CB; }
 
   void begin_item(int64_t item, bool fold) {
-    n = item / nblocks;
-    c0 = (int)(item % nblocks) * CB;
-    lanes = std::min(CB, a.C - c0);
-    for (int l = 0; l < CB; ++l) {
-      const int64_t c = c0 + std::min(l, lanes - 1);
-      xoff[l] = c * a.x.sc;
-      gxoff[l] = c * a.gx.sc;
-      yoff[l] = c * a.y.sc;
-      goff[l] = c * a.g.sc;
-    }
-    xcontig = a.x.sc == 1 && lanes_contiguous(xoff, lanes);
-    gxcontig = a.gx.sc == 1 && lanes_contiguous(gxoff, lanes);
-    ycontig = a.y.sc == 1 && lanes_contiguous(yoff, lanes);
-    gcontig = a.g.sc == 1 && lanes_contiguous(goff, lanes);
-    const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
-    for (int i = 0; i < 6; ++i)
-      for (int l = 0; l < CB; ++l) coef(i)[l] = (src[i] && l < lanes) ? (A)src[i][c0 + l] : A(0);
+    n = item / ngroups;
+    const int b0 = (int)(item % ngroups) * G;
+    nbk = std::min(G, nblocks - b0);
     const int kk = a.k * a.k;
-    auto wval = [&](int l, int t, bool f) -> double {
-      if (l >= lanes) return 0.0;
-      double v = a.w[(int64_t)(c0 + l) * kk + t];
-      if (f) v *= a.scale[c0 + l];
-      return v;
-    };
-    if (!a.bilinear) {
-      const size_t nk = (size_t)a.S * a.S * T * T * CB;
-      std::vector<double> kd(nk, 0.0), kr(nk, 0.0);
-      for (int ph = 0; ph < a.S; ++ph)
-        for (int q = 0; q < a.S; ++q)
-          for (int dy = 0; dy < a.k; ++dy)
-            for (int dx = 0; dx < a.k; ++dx) {
-              const int r = poly.tap(ph, dy), sidx = poly.tap(q, dx);
-              const size_t base = (((size_t)(ph * a.S + q) * T + r) * T + sidx) * CB;
-              for (int l = 0; l < CB; ++l) {
-                kd[base + l] += wval(l, dy * a.k + dx, fold);
-                kr[base + l] += wval(l, dy * a.k + dx, false);
-              }
-            }
-      for (size_t i = 0; i < nk; ++i) {
-        k_mem.get()[i] = (A)kd[i];
-        kraw_mem.get()[i] = (A)kr[i];
+    for (int bi = 0; bi < nbk; ++bi) {
+      c0[bi] = (b0 + bi) * CB;
+      lanes[bi] = std::min(CB, a.C - c0[bi]);
+      const int L = lanes[bi];
+      int64_t *xo = &xoff[(size_t)bi * CB], *gxo = &gxoff[(size_t)bi * CB], *yo = &yoff[(size_t)bi * CB],
+              *go = &goff[(size_t)bi * CB];
+      for (int l = 0; l < CB; ++l) {
+        const int64_t c = c0[bi] + std::min(l, L - 1);
+        xo[l] = c * a.x.sc;
+        gxo[l] = c * a.gx.sc;
+        yo[l] = c * a.y.sc;
+        go[l] = c * a.g.sc;
       }
-    } else {
-      for (int t = 0; t < kk; ++t)
-        for (int l = 0; l < CB; ++l) {
-          k_mem.get()[t * CB + l] = (A)wval(l, t, fold);
-          kraw_mem.get()[t * CB + l] = (A)wval(l, t, false);
+      xcontig[bi] = a.x.sc == 1 && lanes_contiguous(xo, L);
+      gxcontig[bi] = a.gx.sc == 1 && lanes_contiguous(gxo, L);
+      ycontig[bi] = a.y.sc == 1 && lanes_contiguous(yo, L);
+      gcontig[bi] = a.g.sc == 1 && lanes_contiguous(go, L);
+      const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
+      for (int i = 0; i < 6; ++i)
+        for (int l = 0; l < CB; ++l) coef(bi, i)[l] = (src[i] && l < L) ? (A)src[i][c0[bi] + l] : A(0);
+      auto wval = [&](int l, int t, bool f) -> double {
+        if (l >= L) return 0.0;
+        double v = a.w[(int64_t)(c0[bi] + l) * kk + t];
+        if (f) v *= a.scale[c0[bi] + l];
+        return v;
+      };
+      A* kf = kern(bi, true);
+      A* kr = kern(bi, false);
+      if (!a.bilinear) {
+        std::vector<double> kd((size_t)nk * CB, 0.0), kdr((size_t)nk * CB, 0.0);
+        for (int ph = 0; ph < a.S; ++ph)
+          for (int q = 0; q < a.S; ++q)
+            for (int dy = 0; dy < a.k; ++dy)
+              for (int dx = 0; dx < a.k; ++dx) {
+                const int r = poly.tap(ph, dy), sidx = poly.tap(q, dx);
+                const size_t base = (((size_t)(ph * a.S + q) * T + r) * T + sidx) * CB;
+                for (int l = 0; l < CB; ++l) {
+                  kd[base + l] += wval(l, dy * a.k + dx, fold);
+                  kdr[base + l] += wval(l, dy * a.k + dx, false);
+                }
+              }
+        for (size_t i = 0; i < (size_t)nk * CB; ++i) {
+          kf[i] = (A)kd[i];
+          kr[i] = (A)kdr[i];
         }
+      } else {
+        for (int t = 0; t < kk; ++t)
+          for (int l = 0; l < CB; ++l) {
+            kf[t * CB + l] = (A)wval(l, t, fold);
+            kr[t * CB + l] = (A)wval(l, t, false);
+          }
+      }
     }
     loaded = 0;
     xloaded = 0;
   }
 
-  // ---- nearest: low-res padded rows [0, upto) ----
+  // ---- nearest: low-res padded rows [0, upto) of every block ----
   void load_lowres_until(int64_t upto) {
-    while (loaded < upto) {
-      load_row<S, A>(a.x, n, loaded - PL, xoff, lanes, xcontig, ring.row(loaded), Wp, CB, PL);
-      ++loaded;
-    }
+    for (; loaded < upto; ++loaded)
+      for (int bi = 0; bi < nbk; ++bi)
+        load_row<S, A>(a.x, n, loaded - PL, &xoff[(size_t)bi * CB], lanes[bi], xcontig[bi], rrow(ring, bi, loaded),
+                       Wp, CB, PL);
   }
 
-  // computes output row y (raw conv if kern = raw weights, folded + shift otherwise) into zrow
-  void nearest_row(int64_t y, bool fold) {
+  void nearest_row(int bi, int64_t y, bool fold) {
     const int64_t i = y / a.S;
     const int ph = (int)(y % a.S);
-    load_lowres_until(i + PL + PH + 1);
     for (int q = 0; q < a.S; ++q) {
       A* rows[kMaxKernel];
       const int64_t coff = (int64_t)(poly.rb(q) + PL) * CB;
-      for (int r = 0; r < T; ++r) rows[r] = ring.row(i + poly.rb(ph) + PL + r) + coff;
-      conv_row_k<A>(T, 1, rows, fold ? pk(ph, q) : pkraw(ph, q), fold ? coef(1) : nullptr, a.W, 1,
+      for (int r = 0; r < T; ++r) rows[r] = rrow(ring, bi, i + poly.rb(ph) + PL + r) + coff;
+      conv_row_k<A>(T, 1, rows, pk(bi, ph, q, fold), fold ? coef(bi, 1) : nullptr, a.W, 1,
                     zrow.get() + (int64_t)q * CB, a.S);
     }
   }
 
-  // ---- bilinear x2: upsampled padded rows [0, upto) ----
-  A* lowres(int64_t i) {
-    // low-res rows are needed in increasing order with a window of at most 3
-    while (xloaded <= i) {
-      load_row<S, A>(a.x, n, xloaded, xoff, lanes, xcontig, xring.row(xloaded), a.W, CB, 0);
-      ++xloaded;
-    }
-    return xring.row(i);
+  // ---- bilinear x2: upsampled padded rows [0, upto) of every block ----
+  void lowres_until(int64_t i) {  // low-res rows are needed in increasing order, window of at most 3
+    for (; xloaded <= i; ++xloaded)
+      for (int bi = 0; bi < nbk; ++bi)
+        load_row<S, A>(a.x, n, xloaded, &xoff[(size_t)bi * CB], lanes[bi], xcontig[bi], rrow(xring, bi, xloaded),
+                       a.W, CB, 0);
   }
 
-  void make_up_row(int64_t r) {
-    A* dst = ring.row(r);
+  void make_up_row(int bi, int64_t r) {
+    A* dst = rrow(ring, bi, r);
     const int64_t u = r - p;
     std::memset(dst, 0, sizeof(A) * ring.row_elems);
     if (u < 0 || u >= 2LL * a.H) return;
     const emcad::Lerp2 v = emcad::bilinear2_src((int)u, a.H);
-    const A* x0 = lowres(v.i0);
-    const A* x1 = lowres(v.i1);
+    const A* x0 = rrow(xring, bi, v.i0);
+    const A* x1 = rrow(xring, bi, v.i1);
     A* t = tmp.get();
     const A l0 = (A)v.l0, l1 = (A)v.l1;
 #pragma omp simd
@@ -862,23 +1073,28 @@ struct UpdwCtx {
   }
 
   void up_until(int64_t upto) {
-    while (loaded < upto) {
-      make_up_row(loaded);
-      ++loaded;
+    for (; loaded < upto; ++loaded) {
+      const int64_t u = loaded - p;
+      if (u >= 0 && u < 2LL * a.H) lowres_until(emcad::bilinear2_src((int)u, a.H).i1);
+      for (int bi = 0; bi < nbk; ++bi) make_up_row(bi, loaded);
     }
   }
 
-  void bilinear_row(int64_t y, bool fold) {
-    up_until(y + a.k);
+  void bilinear_row(int bi, int64_t y, bool fold) {
     A* rows[kMaxKernel];
-    for (int dy = 0; dy < a.k; ++dy) rows[dy] = ring.row(y + dy);
-    conv_row_k<A>(a.k, 1, rows, fold ? k_mem.get() : kraw_mem.get(), fold ? coef(1) : nullptr, a.Wo, 1,
-                  zrow.get(), 1);
+    for (int dy = 0; dy < a.k; ++dy) rows[dy] = rrow(ring, bi, y + dy);
+    conv_row_k<A>(a.k, 1, rows, kern(bi, fold), fold ? coef(bi, 1) : nullptr, a.Wo, 1, zrow.get(), 1);
   }
 
-  void out_row(int64_t y, bool fold) {
-    if (a.bilinear) bilinear_row(y, fold);
-    else nearest_row(y, fold);
+  // rows needed for output row y, for every block
+  void prepare(int64_t y) {
+    if (a.bilinear) up_until(y + a.k);
+    else load_lowres_until(y / a.S + PL + PH + 1);
+  }
+
+  void out_row(int bi, int64_t y, bool fold) {
+    if (a.bilinear) bilinear_row(bi, y, fold);
+    else nearest_row(bi, y, fold);
   }
 };
 
@@ -887,32 +1103,42 @@ void updw_stats(const UpdwArgs& a, int64_t i0, int64_t i1) {
   using A = typename UpdwCtx<S>::A;
   constexpr int CB = UpdwCtx<S>::CB;
   UpdwCtx<S> ctx(a, false);
+  std::vector<emcad::Welford> acc((size_t)ctx.G * CB);
   for (int64_t item = i0; item < i1; ++item) {
     ctx.begin_item(item, false);
-    emcad::Welford acc[CB];
+    std::fill(acc.begin(), acc.end(), emcad::Welford());
     for (int64_t y = 0; y < a.Ho; ++y) {
-      ctx.out_row(y, false);
-      row_stats<A>(ctx.zrow.get(), a.Wo, acc);
+      ctx.prepare(y);
+      for (int bi = 0; bi < ctx.nbk; ++bi) {
+        ctx.out_row(bi, y, false);
+        row_stats<A>(ctx.zrow.get(), a.Wo, &acc[(size_t)bi * CB]);
+      }
     }
-    for (int l = 0; l < ctx.lanes; ++l) {
-      a.p0[ctx.n * a.C + ctx.c0 + l] = acc[l].mean;
-      a.p1[ctx.n * a.C + ctx.c0 + l] = acc[l].m2;
-    }
+    for (int bi = 0; bi < ctx.nbk; ++bi)
+      for (int l = 0; l < ctx.lanes[bi]; ++l) {
+        a.p0[ctx.n * a.C + ctx.c0[bi] + l] = acc[(size_t)bi * CB + l].mean;
+        a.p1[ctx.n * a.C + ctx.c0[bi] + l] = acc[(size_t)bi * CB + l].m2;
+      }
   }
 }
 
 template <typename S>
 void updw_apply(const UpdwArgs& a, int64_t i0, int64_t i1) {
   using A = typename UpdwCtx<S>::A;
+  constexpr int CB = UpdwCtx<S>::CB;
   UpdwCtx<S> ctx(a, false);
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
       ctx.begin_item(item, true);
       for (int64_t y = 0; y < a.Ho; ++y) {
-        ctx.out_row(y, true);
-        act_row<ACT, A>(ctx.zrow.get(), ctx.zrow.get(), a.Wo, false);
-        store_row<S, A>(a.y, ctx.n, y, ctx.yoff, ctx.lanes, ctx.ycontig, ctx.zrow.get(), a.Wo, ctx.CB);
+        ctx.prepare(y);
+        for (int bi = 0; bi < ctx.nbk; ++bi) {
+          ctx.out_row(bi, y, true);
+          act_row<ACT, A>(ctx.zrow.get(), ctx.zrow.get(), a.Wo, false);
+          store_row<S, A>(a.y, ctx.n, y, &ctx.yoff[(size_t)bi * CB], ctx.lanes[bi], ctx.ycontig[bi], ctx.zrow.get(),
+                          a.Wo, CB);
+        }
       }
     }
   });
@@ -923,21 +1149,29 @@ void updw_bwd_reduce(const UpdwArgs& a, int64_t i0, int64_t i1) {
   using A = typename UpdwCtx<S>::A;
   constexpr int CB = UpdwCtx<S>::CB;
   UpdwCtx<S> ctx(a, true);
+  std::vector<double> s1((size_t)ctx.G * CB), s2((size_t)ctx.G * CB);
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
       ctx.begin_item(item, false);
-      double s1[CB] = {}, s2[CB] = {};
+      std::fill(s1.begin(), s1.end(), 0.0);
+      std::fill(s2.begin(), s2.end(), 0.0);
       for (int64_t y = 0; y < a.Ho; ++y) {
-        ctx.out_row(y, false);
-        load_row<S, A>(a.g, ctx.n, y, ctx.goff, ctx.lanes, ctx.gcontig, ctx.grow.get(), a.Wo, CB, 0);
-        bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(0), ctx.coef(1), ctx.coef(2),
-                            ctx.coef(3), ctx.coef(4), ctx.coef(5), s1, s2, nullptr);
+        ctx.prepare(y);
+        for (int bi = 0; bi < ctx.nbk; ++bi) {
+          ctx.out_row(bi, y, false);
+          load_row<S, A>(a.g, ctx.n, y, &ctx.goff[(size_t)bi * CB], ctx.lanes[bi], ctx.gcontig[bi], ctx.grow.get(),
+                         a.Wo, CB, 0);
+          bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(bi, 0), ctx.coef(bi, 1),
+                              ctx.coef(bi, 2), ctx.coef(bi, 3), ctx.coef(bi, 4), ctx.coef(bi, 5), &s1[(size_t)bi * CB],
+                              &s2[(size_t)bi * CB], nullptr);
+        }
       }
-      for (int l = 0; l < ctx.lanes; ++l) {
-        a.p0[ctx.n * a.C + ctx.c0 + l] = s1[l];
-        a.p1[ctx.n * a.C + ctx.c0 + l] = s2[l];
-      }
+      for (int bi = 0; bi < ctx.nbk; ++bi)
+        for (int l = 0; l < ctx.lanes[bi]; ++l) {
+          a.p0[ctx.n * a.C + ctx.c0[bi] + l] = s1[(size_t)bi * CB + l];
+          a.p1[ctx.n * a.C + ctx.c0[bi] + l] = s2[(size_t)bi * CB + l];
+        }
     }
   });
 }
@@ -948,57 +1182,68 @@ void updw_bwd_grad(const UpdwArgs& a, int64_t i0, int64_t i1) {
   constexpr int CB = UpdwCtx<S>::CB;
   UpdwCtx<S> ctx(a, true);
   const int kk = a.k * a.k;
-  const int nk = a.bilinear ? kk : a.S * a.S * ctx.T * ctx.T;
-  Scratch<double> dacc((size_t)nk * CB);
+  const int nk = ctx.nk;
+  Scratch<double> dacc((size_t)ctx.G * nk * CB);
+  std::vector<double> s1((size_t)ctx.G * CB), s2((size_t)ctx.G * CB);
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
       ctx.begin_item(item, false);
       dacc.zero();
-      double s1[CB] = {}, s2[CB] = {};
-      auto grad_row = [&](int64_t y) {
-        ctx.out_row(y, false);
-        load_row<S, A>(a.g, ctx.n, y, ctx.goff, ctx.lanes, ctx.gcontig, ctx.grow.get(), a.Wo, CB, 0);
-        bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(0), ctx.coef(1), ctx.coef(2),
-                            ctx.coef(3), ctx.coef(4), ctx.coef(5), a.bn_partials ? s1 : nullptr,
-                            a.bn_partials ? s2 : nullptr, ctx.gzrow.get());
+      std::fill(s1.begin(), s1.end(), 0.0);
+      std::fill(s2.begin(), s2.end(), 0.0);
+      auto grad_row = [&](int bi, int64_t y) {
+        ctx.out_row(bi, y, false);
+        load_row<S, A>(a.g, ctx.n, y, &ctx.goff[(size_t)bi * CB], ctx.lanes[bi], ctx.gcontig[bi], ctx.grow.get(),
+                       a.Wo, CB, 0);
+        bn_back_row<ACT, A>(ctx.zrow.get(), ctx.grow.get(), a.Wo, 1, ctx.coef(bi, 0), ctx.coef(bi, 1),
+                            ctx.coef(bi, 2), ctx.coef(bi, 3), ctx.coef(bi, 4), ctx.coef(bi, 5),
+                            a.bn_partials ? &s1[(size_t)bi * CB] : nullptr,
+                            a.bn_partials ? &s2[(size_t)bi * CB] : nullptr, ctx.gzrow.get());
+      };
+      auto init_g = [&](int64_t r) {
+        for (int bi = 0; bi < ctx.nbk; ++bi)
+          std::memset(UpdwCtx<S>::rrow(ctx.gring, bi, r), 0, sizeof(A) * ctx.gring.row_elems);
       };
       if (!a.bilinear) {
         // gx lives in a ring of padded low-res rows
         const int64_t Hp = (int64_t)a.H + ctx.PL + ctx.PH;
         int64_t inited = 0, flushed = 0;
-        auto init_row = [&](int64_t r) { std::memset(ctx.gring.row(r), 0, sizeof(A) * ctx.gring.row_elems); };
         auto flush_row = [&](int64_t r) {
           const int64_t h = r - ctx.PL;
-          if (h >= 0 && h < a.H)
-            store_row<S, A>(a.gx, ctx.n, h, ctx.gxoff, ctx.lanes, ctx.gxcontig,
-                            ctx.gring.row(r) + (int64_t)ctx.PL * CB, a.W, CB);
+          if (h < 0 || h >= a.H) return;
+          for (int bi = 0; bi < ctx.nbk; ++bi)
+            store_row<S, A>(a.gx, ctx.n, h, &ctx.gxoff[(size_t)bi * CB], ctx.lanes[bi], ctx.gxcontig[bi],
+                            UpdwCtx<S>::rrow(ctx.gring, bi, r) + (int64_t)ctx.PL * CB, a.W, CB);
         };
         for (int64_t y = 0; y < a.Ho; ++y) {
           const int64_t i = y / a.S;
           const int ph = (int)(y % a.S);
           for (; flushed < i; ++flushed) {
-            if (flushed >= inited) init_row(inited++);
+            if (flushed >= inited) init_g(inited++);
             flush_row(flushed);
           }
-          for (; inited < i + ctx.PL + ctx.PH + 1; ++inited) init_row(inited);
-          grad_row(y);
-          for (int q = 0; q < a.S; ++q) {
-            A* rows[kMaxKernel];
-            A* grows[kMaxKernel];
-            const int64_t coff = (int64_t)(ctx.poly.rb(q) + ctx.PL) * CB;
-            for (int r = 0; r < ctx.T; ++r) {
-              rows[r] = ctx.ring.row(i + ctx.poly.rb(ph) + ctx.PL + r) + coff;
-              grows[r] = ctx.gring.row(i + ctx.poly.rb(ph) + ctx.PL + r) + coff;
+          for (; inited < i + ctx.PL + ctx.PH + 1; ++inited) init_g(inited);
+          ctx.prepare(y);
+          for (int bi = 0; bi < ctx.nbk; ++bi) {
+            grad_row(bi, y);
+            for (int q = 0; q < a.S; ++q) {
+              A* rows[kMaxKernel];
+              A* grows[kMaxKernel];
+              const int64_t coff = (int64_t)(ctx.poly.rb(q) + ctx.PL) * CB;
+              for (int r = 0; r < ctx.T; ++r) {
+                rows[r] = UpdwCtx<S>::rrow(ctx.ring, bi, i + ctx.poly.rb(ph) + ctx.PL + r) + coff;
+                grows[r] = UpdwCtx<S>::rrow(ctx.gring, bi, i + ctx.poly.rb(ph) + ctx.PL + r) + coff;
+              }
+              const A* gz = ctx.gzrow.get() + (int64_t)q * CB;
+              wgrad_row_k<A>(ctx.T, 1, rows, gz, a.S, a.W, 1,
+                             dacc.get() + ((size_t)bi * nk + (size_t)(ph * a.S + q) * ctx.T * ctx.T) * CB);
+              scatter_row_k<A>(ctx.T, 1, grows, ctx.pk(bi, ph, q, false), gz, a.S, a.W, 1);
             }
-            const A* gz = ctx.gzrow.get() + (int64_t)q * CB;
-            wgrad_row_k<A>(ctx.T, 1, rows, gz, a.S, a.W, 1,
-                           dacc.get() + ((size_t)(ph * a.S + q) * ctx.T * ctx.T) * CB);
-            scatter_row_k<A>(ctx.T, 1, grows, ctx.pkraw(ph, q), gz, a.S, a.W, 1);
           }
         }
         for (; flushed < Hp; ++flushed) {
-          if (flushed >= inited) init_row(inited++);
+          if (flushed >= inited) init_g(inited++);
           flush_row(flushed);
         }
       } else {
@@ -1007,91 +1252,99 @@ void updw_bwd_grad(const UpdwArgs& a, int64_t i0, int64_t i1) {
         const int p = ctx.p;
         const int64_t Hu = 2LL * a.H, Hup = Hu + 2 * p;
         int64_t inited = 0, flushed = 0, xinited = 0, xflushed = 0;
-        auto init_row = [&](int64_t r) { std::memset(ctx.gring.row(r), 0, sizeof(A) * ctx.gring.row_elems); };
         auto xinit_until = [&](int64_t i) {
           for (; xinited <= i; ++xinited)
-            std::memset(ctx.gxring.row(xinited), 0, sizeof(A) * ctx.gxring.row_elems);
+            for (int bi = 0; bi < ctx.nbk; ++bi)
+              std::memset(UpdwCtx<S>::rrow(ctx.gxring, bi, xinited), 0, sizeof(A) * ctx.gxring.row_elems);
         };
         auto xflush_until = [&](int64_t i) {  // low-res rows < i are final
           for (; xflushed < i && xflushed < a.H; ++xflushed) {
             xinit_until(xflushed);
-            store_row<S, A>(a.gx, ctx.n, xflushed, ctx.gxoff, ctx.lanes, ctx.gxcontig, ctx.gxring.row(xflushed),
-                            a.W, CB);
+            for (int bi = 0; bi < ctx.nbk; ++bi)
+              store_row<S, A>(a.gx, ctx.n, xflushed, &ctx.gxoff[(size_t)bi * CB], ctx.lanes[bi], ctx.gxcontig[bi],
+                              UpdwCtx<S>::rrow(ctx.gxring, bi, xflushed), a.W, CB);
           }
         };
         auto flush_row = [&](int64_t r) {
           const int64_t u = r - p;
           if (u < 0 || u >= Hu) return;
-          const A* gu = ctx.gring.row(r) + (int64_t)p * CB;
-          A* t = ctx.tmp.get();
-          std::memset(t, 0, sizeof(A) * (size_t)a.W * CB);
-          for (int xo = 0; xo < 2 * a.W; ++xo) {
-            const emcad::Lerp2 hz = emcad::bilinear2_src(xo, a.W);
-            const A m0 = (A)hz.l0, m1 = (A)hz.l1;
-            A* t0 = t + (int64_t)hz.i0 * CB;
-            A* t1 = t + (int64_t)hz.i1 * CB;
-            const A* g = gu + (int64_t)xo * CB;
-#pragma omp simd
-            for (int l = 0; l < CB; ++l) t0[l] += m0 * g[l];
-#pragma omp simd
-            for (int l = 0; l < CB; ++l) t1[l] += m1 * g[l];
-          }
           const emcad::Lerp2 v = emcad::bilinear2_src((int)u, a.H);
           xinit_until(v.i1);
-          A* x0 = ctx.gxring.row(v.i0);
-          A* x1 = ctx.gxring.row(v.i1);
-          const A l0 = (A)v.l0, l1 = (A)v.l1;
+          for (int bi = 0; bi < ctx.nbk; ++bi) {
+            const A* gu = UpdwCtx<S>::rrow(ctx.gring, bi, r) + (int64_t)p * CB;
+            A* t = ctx.tmp.get();
+            std::memset(t, 0, sizeof(A) * (size_t)a.W * CB);
+            for (int xo = 0; xo < 2 * a.W; ++xo) {
+              const emcad::Lerp2 hz = emcad::bilinear2_src(xo, a.W);
+              const A m0 = (A)hz.l0, m1 = (A)hz.l1;
+              A* t0 = t + (int64_t)hz.i0 * CB;
+              A* t1 = t + (int64_t)hz.i1 * CB;
+              const A* g = gu + (int64_t)xo * CB;
 #pragma omp simd
-          for (int64_t i = 0; i < (int64_t)a.W * CB; ++i) x0[i] += l0 * t[i];
+              for (int l = 0; l < CB; ++l) t0[l] += m0 * g[l];
 #pragma omp simd
-          for (int64_t i = 0; i < (int64_t)a.W * CB; ++i) x1[i] += l1 * t[i];
+              for (int l = 0; l < CB; ++l) t1[l] += m1 * g[l];
+            }
+            A* x0 = UpdwCtx<S>::rrow(ctx.gxring, bi, v.i0);
+            A* x1 = UpdwCtx<S>::rrow(ctx.gxring, bi, v.i1);
+            const A l0 = (A)v.l0, l1 = (A)v.l1;
+#pragma omp simd
+            for (int64_t i = 0; i < (int64_t)a.W * CB; ++i) x0[i] += l0 * t[i];
+#pragma omp simd
+            for (int64_t i = 0; i < (int64_t)a.W * CB; ++i) x1[i] += l1 * t[i];
+          }
           // low-res row i receives from upsampled rows u <= 2i + 2: rows < u/2 are final
           xflush_until(u / 2);
         };
         for (int64_t y = 0; y < a.Ho; ++y) {
           for (; flushed < y; ++flushed) {
-            if (flushed >= inited) init_row(inited++);
+            if (flushed >= inited) init_g(inited++);
             flush_row(flushed);
           }
-          for (; inited < y + a.k; ++inited) init_row(inited);
-          grad_row(y);
-          A* rows[kMaxKernel];
-          A* grows[kMaxKernel];
-          for (int dy = 0; dy < a.k; ++dy) {
-            rows[dy] = ctx.ring.row(y + dy);
-            grows[dy] = ctx.gring.row(y + dy);
+          for (; inited < y + a.k; ++inited) init_g(inited);
+          ctx.prepare(y);
+          for (int bi = 0; bi < ctx.nbk; ++bi) {
+            grad_row(bi, y);
+            A* rows[kMaxKernel];
+            A* grows[kMaxKernel];
+            for (int dy = 0; dy < a.k; ++dy) {
+              rows[dy] = UpdwCtx<S>::rrow(ctx.ring, bi, y + dy);
+              grows[dy] = UpdwCtx<S>::rrow(ctx.gring, bi, y + dy);
+            }
+            wgrad_row_k<A>(a.k, 1, rows, ctx.gzrow.get(), 1, a.Wo, 1, dacc.get() + (size_t)bi * nk * CB);
+            scatter_row_k<A>(a.k, 1, grows, ctx.kern(bi, false), ctx.gzrow.get(), 1, a.Wo, 1);
           }
-          wgrad_row_k<A>(a.k, 1, rows, ctx.gzrow.get(), 1, a.Wo, 1, dacc.get());
-          scatter_row_k<A>(a.k, 1, grows, ctx.kraw_mem.get(), ctx.gzrow.get(), 1, a.Wo, 1);
         }
         for (; flushed < Hup; ++flushed) {
-          if (flushed >= inited) init_row(inited++);
+          if (flushed >= inited) init_g(inited++);
           flush_row(flushed);
         }
         xflush_until(a.H);
       }
       // weight gradient of the item: polyphase taps fold back onto the original taps
-      for (int l = 0; l < ctx.lanes; ++l) {
-        double* dst = a.wpart + (ctx.n * a.C + ctx.c0 + l) * kk;
-        if (a.bilinear) {
-          for (int t = 0; t < kk; ++t) dst[t] = dacc.get()[(size_t)t * CB + l];
-        } else {
-          for (int t = 0; t < kk; ++t) dst[t] = 0;
-          for (int ph = 0; ph < a.S; ++ph)
-            for (int q = 0; q < a.S; ++q)
-              for (int dy = 0; dy < a.k; ++dy)
-                for (int dx = 0; dx < a.k; ++dx) {
-                  const int r = ctx.poly.tap(ph, dy), sidx = ctx.poly.tap(q, dx);
-                  dst[dy * a.k + dx] +=
-                      dacc.get()[((((size_t)(ph * a.S + q) * ctx.T + r) * ctx.T + sidx) * CB) + l];
-                }
+      for (int bi = 0; bi < ctx.nbk; ++bi) {
+        const double* dk = dacc.get() + (size_t)bi * nk * CB;
+        for (int l = 0; l < ctx.lanes[bi]; ++l) {
+          double* dst = a.wpart + (ctx.n * a.C + ctx.c0[bi] + l) * kk;
+          if (a.bilinear) {
+            for (int t = 0; t < kk; ++t) dst[t] = dk[(size_t)t * CB + l];
+          } else {
+            for (int t = 0; t < kk; ++t) dst[t] = 0;
+            for (int ph = 0; ph < a.S; ++ph)
+              for (int q = 0; q < a.S; ++q)
+                for (int dy = 0; dy < a.k; ++dy)
+                  for (int dx = 0; dx < a.k; ++dx) {
+                    const int r = ctx.poly.tap(ph, dy), sidx = ctx.poly.tap(q, dx);
+                    dst[dy * a.k + dx] += dk[((((size_t)(ph * a.S + q) * ctx.T + r) * ctx.T + sidx) * CB) + l];
+                  }
+          }
         }
+        if (a.bn_partials)
+          for (int l = 0; l < ctx.lanes[bi]; ++l) {
+            a.p0[ctx.n * a.C + ctx.c0[bi] + l] = s1[(size_t)bi * CB + l];
+            a.p1[ctx.n * a.C + ctx.c0[bi] + l] = s2[(size_t)bi * CB + l];
+          }
       }
-      if (a.bn_partials)
-        for (int l = 0; l < ctx.lanes; ++l) {
-          a.p0[ctx.n * a.C + ctx.c0 + l] = s1[l];
-          a.p1[ctx.n * a.C + ctx.c0 + l] = s2[l];
-        }
     }
   });
 }
@@ -1160,7 +1413,8 @@ struct LgagCtx {
   static constexpr int CB = lanes_of<A>();
   const LgagArgs& a;
   int K = 3, P = 1, Wp = 0, nblk = 1, bl = CB, kk = 9, nbands = 1;
-  int nrings = 1;  // blocks with rings (row items: all, block items: one)
+  int G = 1, ngroups = 1;  // block items: blocks per item
+  int nrings = 1;  // blocks with rings (row items: all, block items: the item's group)
   Scratch<A> wg_mem, wx_mem, wgr_mem, wxr_mem, coef_mem, ring_mem, gring_mem, zg, zx, pacc, prow, u, tmp, tmp2;
   Scratch<double> dprow_mem;
   int64_t ring_g_elems = 0, ring_x_elems = 0;
@@ -1176,7 +1430,9 @@ struct LgagCtx {
     bl = a.block_lanes;
     nblk = (a.Fi + bl - 1) / bl;
     nbands = (a.H + a.band - 1) / std::max(a.band, 1);
-    nrings = row_items ? nblk : 1;
+    G = std::max(1, std::min(a.group, nblk));
+    ngroups = (nblk + G - 1) / G;
+    nrings = row_items ? nblk : G;
     slots = K + 1;
     const size_t wsz = (size_t)nblk * kk * CB;
     wg_mem.alloc(wsz * a.jg);
@@ -1187,7 +1443,7 @@ struct LgagCtx {
     ring_g_elems = (int64_t)Wp * a.jg * CB;
     ring_x_elems = (int64_t)Wp * a.jx * CB;
     ring_mem.alloc((size_t)nrings * slots * (ring_g_elems + ring_x_elems));
-    if (need_grad) gring_mem.alloc((size_t)slots * (ring_g_elems + ring_x_elems));
+    if (need_grad) gring_mem.alloc((size_t)G * slots * (ring_g_elems + ring_x_elems));
     const size_t row = (size_t)std::max(a.W, 1) * CB;
     zg.alloc(row);
     zx.alloc(row);
@@ -1256,8 +1512,23 @@ struct LgagCtx {
     return ring_mem.get() + (size_t)ri * slots * (ring_g_elems + ring_x_elems) + slots * ring_g_elems +
            (r % slots) * ring_x_elems;
   }
-  A* gring_g(int64_t r) const { return gring_mem.get() + (r % slots) * ring_g_elems; }
-  A* gring_x(int64_t r) const { return gring_mem.get() + slots * ring_g_elems + (r % slots) * ring_x_elems; }
+  A* gring_g(int ri, int64_t r) const {
+    return gring_mem.get() + (size_t)ri * slots * (ring_g_elems + ring_x_elems) + (r % slots) * ring_g_elems;
+  }
+  A* gring_x(int ri, int64_t r) const {
+    return gring_mem.get() + (size_t)ri * slots * (ring_g_elems + ring_x_elems) + slots * ring_g_elems +
+           (r % slots) * ring_x_elems;
+  }
+  // block items: the item's first block and block count
+  int b0 = 0, nbk = 1;
+  void begin_block_item(int64_t item) {
+    n = item / ngroups;
+    b0 = (int)(item % ngroups) * G;
+    nbk = std::min(G, nblk - b0);
+  }
+  void load_group_rows(int64_t h) {  // padded rows needed for output row h, for every block of the item
+    for (int bi = 0; bi < nbk; ++bi) load_block_rows(bi, b0 + bi, h == 0 ? 0 : h + K - 1, h + K);
+  }
 
   // loads padded rows [loaded, upto) of block b into ring set ri
   void load_block_rows(int ri, int b, int64_t from, int64_t upto) {
@@ -1319,23 +1590,27 @@ void lgag_stats(const LgagArgs& a, int64_t i0, int64_t i1) {
   using A = typename LgagCtx<S>::A;
   constexpr int CB = LgagCtx<S>::CB;
   LgagCtx<S> ctx(a, false, false);
+  std::vector<emcad::Welford> accg((size_t)ctx.G * CB), accx((size_t)ctx.G * CB);
   for (int64_t item = i0; item < i1; ++item) {
-    ctx.n = item / ctx.nblk;
-    const int b = (int)(item % ctx.nblk);
-    emcad::Welford accg[CB], accx[CB];
+    ctx.begin_block_item(item);
+    std::fill(accg.begin(), accg.end(), emcad::Welford());
+    std::fill(accx.begin(), accx.end(), emcad::Welford());
     for (int64_t h = 0; h < a.H; ++h) {
-      ctx.load_block_rows(0, b, h == 0 ? 0 : h + ctx.K - 1, h + ctx.K);
-      ctx.z_rows(0, b, h, false);
-      row_stats<A>(ctx.zg.get(), a.W, accg);
-      row_stats<A>(ctx.zx.get(), a.W, accx);
+      ctx.load_group_rows(h);
+      for (int bi = 0; bi < ctx.nbk; ++bi) {
+        ctx.z_rows(bi, ctx.b0 + bi, h, false);
+        row_stats<A>(ctx.zg.get(), a.W, &accg[(size_t)bi * CB]);
+        row_stats<A>(ctx.zx.get(), a.W, &accx[(size_t)bi * CB]);
+      }
     }
-    for (int l = 0; l < ctx.lanes(b); ++l) {
-      const int64_t idx = ctx.n * a.Fi + ctx.o0(b) + l;
-      a.sg0[idx] = accg[l].mean;
-      a.sg1[idx] = accg[l].m2;
-      a.sx0[idx] = accx[l].mean;
-      a.sx1[idx] = accx[l].m2;
-    }
+    for (int bi = 0; bi < ctx.nbk; ++bi)
+      for (int l = 0; l < ctx.lanes(ctx.b0 + bi); ++l) {
+        const int64_t idx = ctx.n * a.Fi + ctx.o0(ctx.b0 + bi) + l;
+        a.sg0[idx] = accg[(size_t)bi * CB + l].mean;
+        a.sg1[idx] = accg[(size_t)bi * CB + l].m2;
+        a.sx0[idx] = accx[(size_t)bi * CB + l].mean;
+        a.sx1[idx] = accx[(size_t)bi * CB + l].m2;
+      }
   }
 }
 
@@ -1486,12 +1761,12 @@ void lgag_bwd_psi(const LgagArgs& a, int64_t i0, int64_t i1) {
 // Block pass per row: recomputes z_g, z_x (conv + bias), u, h and du; optionally the BN-backward sums,
 // the psi weight-gradient sums and dz_g, dz_x.
 template <int ACT, typename S>
-void lgag_block_row(LgagCtx<S>& ctx, const LgagArgs& a, int b, int64_t h, double* su, double* sug, double* sux,
+void lgag_block_row(LgagCtx<S>& ctx, const LgagArgs& a, int ri, int b, int64_t h, double* su, double* sug, double* sux,
                     double* sph, double* dpsum, typename LgagCtx<S>::A* dzg, typename LgagCtx<S>::A* dzx,
                     double* bgs, double* bxs) {
   using A = typename LgagCtx<S>::A;
   constexpr int CB = LgagCtx<S>::CB;
-  ctx.z_rows(0, b, h, false);
+  ctx.z_rows(ri, b, h, false);
   // dp per pixel
   double* dp = ctx.dprow_mem.get();
   const double* pd = a.pbuf + (ctx.n * a.H + h) * a.W;
@@ -1551,38 +1826,46 @@ template <typename S>
 void lgag_bwd_reduce(const LgagArgs& a, int64_t i0, int64_t i1) {
   constexpr int CB = LgagCtx<S>::CB;
   LgagCtx<S> ctx(a, false, false);
+  const size_t gl = (size_t)ctx.G * CB;
+  std::vector<double> su(gl), sug(gl), sux(gl), sph(gl);
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
-      ctx.n = item / ctx.nblk;
-      const int b = (int)(item % ctx.nblk);
-      double su[CB] = {}, sug[CB] = {}, sux[CB] = {}, sph[CB] = {}, dps = 0;
+      ctx.begin_block_item(item);
+      for (auto* v : {&su, &sug, &sux, &sph}) std::fill(v->begin(), v->end(), 0.0);
+      double dps = 0;
       for (int64_t h = 0; h < a.H; ++h) {
-        ctx.load_block_rows(0, b, h == 0 ? 0 : h + ctx.K - 1, h + ctx.K);
-        lgag_block_row<ACT, S>(ctx, a, b, h, su, sug, sux, sph, b == 0 ? &dps : nullptr, nullptr, nullptr, nullptr,
-                               nullptr);
+        ctx.load_group_rows(h);
+        for (int bi = 0; bi < ctx.nbk; ++bi) {
+          const int b = ctx.b0 + bi;
+          const size_t o = (size_t)bi * CB;
+          lgag_block_row<ACT, S>(ctx, a, bi, b, h, &su[o], &sug[o], &sux[o], &sph[o], b == 0 ? &dps : nullptr,
+                                 nullptr, nullptr, nullptr, nullptr);
+        }
       }
-      for (int l = 0; l < ctx.lanes(b); ++l) {
-        const int64_t idx = ctx.n * a.Fi + ctx.o0(b) + l;
-        a.su[idx] = su[l];
-        a.sug[idx] = sug[l];
-        a.sux[idx] = sux[l];
-        a.sph[idx] = sph[l];
-      }
-      if (b == 0) a.dpsum[ctx.n] = dps;
+      for (int bi = 0; bi < ctx.nbk; ++bi)
+        for (int l = 0; l < ctx.lanes(ctx.b0 + bi); ++l) {
+          const int64_t idx = ctx.n * a.Fi + ctx.o0(ctx.b0 + bi) + l;
+          const size_t o = (size_t)bi * CB + l;
+          a.su[idx] = su[o];
+          a.sug[idx] = sug[o];
+          a.sux[idx] = sux[o];
+          a.sph[idx] = sph[o];
+        }
+      if (ctx.b0 == 0) a.dpsum[ctx.n] = dps;
     }
   });
 }
 
 // writes the finished padded gradient row r of one input (g or x) of block b
 template <typename S, typename A>
-void lgag_flush_row(LgagCtx<S>& ctx, const LgagArgs& a, int b, int64_t r, bool is_x) {
+void lgag_flush_row(LgagCtx<S>& ctx, const LgagArgs& a, int ri, int b, int64_t r, bool is_x) {
   constexpr int CB = lanes_of<A>();
   const int64_t h = r - ctx.P;
   if (h < 0 || h >= a.H) return;
   const int J = is_x ? a.jx : a.jg;
   const View4& dst = is_x ? a.gx : a.gg;
-  const A* src = (is_x ? ctx.gring_x(r) : ctx.gring_g(r)) + (int64_t)ctx.P * J * CB;
+  const A* src = (is_x ? ctx.gring_x(ri, r) : ctx.gring_g(ri, r)) + (int64_t)ctx.P * J * CB;
   const int og = a.og, lanes = ctx.lanes(b), nl = (lanes + og - 1) / og;
   const int g0 = ctx.o0(b) / og;  // first group of the block
   A* t = ctx.tmp.get();
@@ -1628,70 +1911,85 @@ void lgag_bwd_grad(const LgagArgs& a, int64_t i0, int64_t i1) {
   constexpr int CB = LgagCtx<S>::CB;
   LgagCtx<S> ctx(a, false, true);
   const int kk = ctx.kk;
-  Scratch<double> dg((size_t)kk * a.jg * CB), dx((size_t)kk * a.jx * CB);
+  const size_t ng = (size_t)kk * a.jg * CB, nx = (size_t)kk * a.jx * CB;
+  Scratch<double> dg(ctx.G * ng), dx(ctx.G * nx);
   Scratch<A> dzg((size_t)std::max(a.W, 1) * CB), dzx((size_t)std::max(a.W, 1) * CB);
   const int64_t Hp = (int64_t)a.H + 2 * ctx.P;
   const bool sums = a.su != nullptr;  // eval mode: BN-backward sums come from this pass
+  const size_t gl = (size_t)ctx.G * CB;
+  std::vector<double> su(gl), sug(gl), sux(gl), sph(gl), bgs(gl), bxs(gl);
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
-      ctx.n = item / ctx.nblk;
-      const int b = (int)(item % ctx.nblk);
+      ctx.begin_block_item(item);
       dg.zero();
       dx.zero();
-      double su[CB] = {}, sug[CB] = {}, sux[CB] = {}, sph[CB] = {}, bgs[CB] = {}, bxs[CB] = {}, dps = 0;
+      for (auto* v : {&su, &sug, &sux, &sph, &bgs, &bxs}) std::fill(v->begin(), v->end(), 0.0);
+      double dps = 0;
       int64_t inited = 0, flushed = 0;
       auto init_row = [&](int64_t r) {
-        std::memset(ctx.gring_g(r), 0, sizeof(A) * ctx.ring_g_elems);
-        std::memset(ctx.gring_x(r), 0, sizeof(A) * ctx.ring_x_elems);
+        for (int bi = 0; bi < ctx.nbk; ++bi) {
+          std::memset(ctx.gring_g(bi, r), 0, sizeof(A) * ctx.ring_g_elems);
+          std::memset(ctx.gring_x(bi, r), 0, sizeof(A) * ctx.ring_x_elems);
+        }
       };
       auto flush = [&](int64_t r) {
-        lgag_flush_row<S, A>(ctx, a, b, r, false);
-        lgag_flush_row<S, A>(ctx, a, b, r, true);
+        for (int bi = 0; bi < ctx.nbk; ++bi) {
+          lgag_flush_row<S, A>(ctx, a, bi, ctx.b0 + bi, r, false);
+          lgag_flush_row<S, A>(ctx, a, bi, ctx.b0 + bi, r, true);
+        }
       };
       for (int64_t h = 0; h < a.H; ++h) {
-        ctx.load_block_rows(0, b, h == 0 ? 0 : h + ctx.K - 1, h + ctx.K);
+        ctx.load_group_rows(h);
         for (; flushed < h; ++flushed) {
           if (flushed >= inited) init_row(inited++);
           flush(flushed);
         }
         for (; inited < h + ctx.K; ++inited) init_row(inited);
-        lgag_block_row<ACT, S>(ctx, a, b, h, sums ? su : nullptr, sug, sux, sph,
-                               (sums && b == 0) ? &dps : nullptr, dzg.get(), dzx.get(), bgs, bxs);
-        A* rows[kMaxKernel];
-        A* grows[kMaxKernel];
-        ctx.rows_of(0, h, false, rows);
-        for (int dy = 0; dy < ctx.K; ++dy) grows[dy] = ctx.gring_g(h + dy);
-        wgrad_row_k<A>(ctx.K, a.jg, rows, dzg.get(), 1, a.W, 1, dg.get());
-        scatter_row_k<A>(ctx.K, a.jg, grows, ctx.wgr(b), dzg.get(), 1, a.W, 1);
-        ctx.rows_of(0, h, true, rows);
-        for (int dy = 0; dy < ctx.K; ++dy) grows[dy] = ctx.gring_x(h + dy);
-        wgrad_row_k<A>(ctx.K, a.jx, rows, dzx.get(), 1, a.W, 1, dx.get());
-        scatter_row_k<A>(ctx.K, a.jx, grows, ctx.wxr(b), dzx.get(), 1, a.W, 1);
+        for (int bi = 0; bi < ctx.nbk; ++bi) {
+          const int b = ctx.b0 + bi;
+          const size_t o = (size_t)bi * CB;
+          lgag_block_row<ACT, S>(ctx, a, bi, b, h, sums ? &su[o] : nullptr, &sug[o], &sux[o], &sph[o],
+                                 (sums && b == 0) ? &dps : nullptr, dzg.get(), dzx.get(), &bgs[o], &bxs[o]);
+          A* rows[kMaxKernel];
+          A* grows[kMaxKernel];
+          ctx.rows_of(bi, h, false, rows);
+          for (int dy = 0; dy < ctx.K; ++dy) grows[dy] = ctx.gring_g(bi, h + dy);
+          wgrad_row_k<A>(ctx.K, a.jg, rows, dzg.get(), 1, a.W, 1, dg.get() + bi * ng);
+          scatter_row_k<A>(ctx.K, a.jg, grows, ctx.wgr(b), dzg.get(), 1, a.W, 1);
+          ctx.rows_of(bi, h, true, rows);
+          for (int dy = 0; dy < ctx.K; ++dy) grows[dy] = ctx.gring_x(bi, h + dy);
+          wgrad_row_k<A>(ctx.K, a.jx, rows, dzx.get(), 1, a.W, 1, dx.get() + bi * nx);
+          scatter_row_k<A>(ctx.K, a.jx, grows, ctx.wxr(b), dzx.get(), 1, a.W, 1);
+        }
       }
       for (; flushed < Hp; ++flushed) {
         if (flushed >= inited) init_row(inited++);
         flush(flushed);
       }
-      for (int l = 0; l < ctx.lanes(b); ++l) {
-        const int64_t o = ctx.o0(b) + l;
-        const int64_t idx = ctx.n * a.Fi + o;
-        for (int j = 0; j < a.jg; ++j)
-          for (int t = 0; t < kk; ++t)
-            a.wgpart[((ctx.n * a.Fi + o) * a.jg + j) * kk + t] = dg.get()[((size_t)t * a.jg + j) * CB + l];
-        for (int j = 0; j < a.jx; ++j)
-          for (int t = 0; t < kk; ++t)
-            a.wxpart[((ctx.n * a.Fi + o) * a.jx + j) * kk + t] = dx.get()[((size_t)t * a.jx + j) * CB + l];
-        a.bgpart[idx] = bgs[l];
-        a.bxpart[idx] = bxs[l];
-        if (sums) {
-          a.su[idx] = su[l];
-          a.sug[idx] = sug[l];
-          a.sux[idx] = sux[l];
-          a.sph[idx] = sph[l];
+      for (int bi = 0; bi < ctx.nbk; ++bi) {
+        const int b = ctx.b0 + bi;
+        for (int l = 0; l < ctx.lanes(b); ++l) {
+          const int64_t o = ctx.o0(b) + l;
+          const int64_t idx = ctx.n * a.Fi + o;
+          const size_t q = (size_t)bi * CB + l;
+          for (int j = 0; j < a.jg; ++j)
+            for (int t = 0; t < kk; ++t)
+              a.wgpart[((ctx.n * a.Fi + o) * a.jg + j) * kk + t] = dg.get()[bi * ng + ((size_t)t * a.jg + j) * CB + l];
+          for (int j = 0; j < a.jx; ++j)
+            for (int t = 0; t < kk; ++t)
+              a.wxpart[((ctx.n * a.Fi + o) * a.jx + j) * kk + t] = dx.get()[bi * nx + ((size_t)t * a.jx + j) * CB + l];
+          a.bgpart[idx] = bgs[q];
+          a.bxpart[idx] = bxs[q];
+          if (sums) {
+            a.su[idx] = su[q];
+            a.sug[idx] = sug[q];
+            a.sux[idx] = sux[q];
+            a.sph[idx] = sph[q];
+          }
         }
       }
-      if (sums && b == 0) a.dpsum[ctx.n] = dps;
+      if (sums && ctx.b0 == 0) a.dpsum[ctx.n] = dps;
     }
   });
 }

@@ -78,8 +78,9 @@ LgagSetup setup_lgag(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   s.N = x.size(0);
   s.nbands = (a.H + kBand - 1) / kBand;
   s.nblk = (a.Fi + a.block_lanes - 1) / a.block_lanes;
+  a.group = blocks_per_item(s.N, s.nblk);
   s.row_items = s.N * s.nbands;
-  s.block_items = s.N * s.nblk;
+  s.block_items = s.N * ((s.nblk + a.group - 1) / a.group);
   return s;
 }
 

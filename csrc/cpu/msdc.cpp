@@ -56,7 +56,9 @@ MsdcSetup setup_msdc(const at::Tensor& x, at::TensorList weights, bool concat, i
   a.w = s.w_all.data_ptr<double>();
   a.x = view4(x);
   s.N = x.size(0);
-  s.items = s.N * ((a.C + block_lanes(s.dt) - 1) / block_lanes(s.dt));
+  const int64_t nblocks = (a.C + block_lanes(s.dt) - 1) / block_lanes(s.dt);
+  a.group = blocks_per_item(s.N, nblocks);
+  s.items = s.N * ((nblocks + a.group - 1) / a.group);
   return s;
 }
 

@@ -42,7 +42,9 @@ UpdwSetup setup_updw(const at::Tensor& x, const at::Tensor& weight, c10::string_
   a.w = s.w64.data_ptr<double>();
   a.x = view4(x);
   s.N = x.size(0);
-  s.items = s.N * ((a.C + block_lanes(s.dt) - 1) / block_lanes(s.dt));
+  const int64_t nblocks = (a.C + block_lanes(s.dt) - 1) / block_lanes(s.dt);
+  a.group = blocks_per_item(s.N, nblocks);
+  s.items = s.N * ((nblocks + a.group - 1) / a.group);
   return s;
 }
 

@@ -1,0 +1,440 @@
+"""CPU benchmark of the fused ``cpu`` backend against PyTorch, side by side in one run; writes a markdown table.
+
+    python benchmarks/cpu_table.py                      # full table -> benchmarks/results/cpu_table.md
+    python benchmarks/cpu_table.py --quick              # fewer shapes / repeats
+    python benchmarks/cpu_table.py --only msdc --res 352
+
+Baselines (issue 3): for each op the best of the plain PyTorch composition (what ``backend="torch"`` modules
+run) in eager NCHW, eager channels_last and ``torch.compile`` (inductor, default mode) of the same composition.
+The fused provider is the public functional call with ``backend="cpu"`` (Python checks and dispatch included).
+Modes: forward in eval mode, and forward + backward in training mode (batch-statistics BN, running-stat
+updates). Whole decoder: inference, and a training step (forward, backward, SGD step), fused vs ``"torch"``.
+Also: saved-activation bytes of a decoder training step (``saved_tensors_hooks``) and the fraction of the
+measured copy bandwidth that the eval-mode MSDC kernel reaches.
+
+Timing: every provider of a row is measured in interleaved rounds (round-robin, so a load change on a shared
+machine hits all of them alike); the reported time is the median over rounds of each round's best-of-reps.
+Threads: ``torch.set_num_threads(2)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import emcad_kernels as ek  # noqa: E402
+from emcad_kernels import _ext  # noqa: E402
+
+THREADS = 2
+RESOLUTIONS = {224: 6, 352: 8}  # image size -> batch (EMCAD-B2 training recipes)
+B2_CHANNELS = (512, 320, 128, 64)  # decoder widths deep -> shallow (strides 32, 16, 8, 4)
+EF = 2  # MSCB expansion
+
+
+# --------------------------------------------------------------------------------------------------
+# shapes
+# --------------------------------------------------------------------------------------------------
+def msdc_shapes(res):
+    """MSDC tensors of the four MSCBs: (N, E=2C, H, W)."""
+    n = RESOLUTIONS[res]
+    return [(n, EF * c, res // s, res // s) for c, s in zip(B2_CHANNELS, (32, 16, 8, 4))]
+
+
+def eucb_shapes(res):
+    """EUCB inputs (upsampled x2): (N, C_in, H, W) for eucb3, eucb2, eucb1."""
+    n = RESOLUTIONS[res]
+    return [(n, c, res // s, res // s) for c, s in zip(B2_CHANNELS[:3], (32, 16, 8))]
+
+
+def lgag_shapes(res):
+    """LGAG g/x tensors: (N, C, H, W) for lgag3, lgag2, lgag1."""
+    n = RESOLUTIONS[res]
+    return [(n, c, res // s, res // s) for c, s in zip(B2_CHANNELS[1:], (16, 8, 4))]
+
+
+# --------------------------------------------------------------------------------------------------
+# plain PyTorch compositions (the baselines) and fused calls
+# --------------------------------------------------------------------------------------------------
+def _init_bn(bn):
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.1)
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    return bn
+
+
+class PlainMSDC(nn.Module):
+    """MSDC branches (conv -> BN -> ReLU6), summed, then the MSCB channel shuffle (groups = C/2)."""
+
+    def __init__(self, c, ks=(1, 3, 5)):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, k, 1, k // 2, groups=c, bias=False) for k in ks)
+        self.bns = nn.ModuleList(_init_bn(nn.BatchNorm2d(c)) for _ in ks)
+        self.groups = c // 2
+
+    def forward(self, x):
+        y = sum(F.relu6(bn(conv(x))) for conv, bn in zip(self.convs, self.bns))
+        n, c, h, w = y.shape
+        return y.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    def fused(self, x):
+        return ek.multi_scale_dwconv(x, [c.weight for c in self.convs], list(self.bns), activation="relu6",
+                                     shuffle_groups=self.groups, training=self.training, backend="cpu")
+
+
+class PlainUpDw(nn.Module):
+    """EUCB front: nearest x2 -> depthwise 3x3 -> BN -> ReLU (the identity shuffle is a copy in eager)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+        self.bn = _init_bn(nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))))
+        n, c, h, w = y.shape
+        return y.view(n, c, 1, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    def fused(self, x):
+        return ek.upsample_dwconv(x, self.conv.weight, self.bn, scale=2, mode="nearest", activation="relu",
+                                  training=self.training, backend="cpu")
+
+
+class PlainLGAG(nn.Module):
+    """LGAG with EMCAD's grouping (groups = C/2) and the aggregation: g + x * psi."""
+
+    def __init__(self, c):
+        super().__init__()
+        f = c // 2
+        self.W_g = nn.Sequential(nn.Conv2d(c, f, 3, 1, 1, groups=f), _init_bn(nn.BatchNorm2d(f)))
+        self.W_x = nn.Sequential(nn.Conv2d(c, f, 3, 1, 1, groups=f), _init_bn(nn.BatchNorm2d(f)))
+        self.psi = nn.Sequential(nn.Conv2d(f, 1, 1), _init_bn(nn.BatchNorm2d(1)), nn.Sigmoid())
+        self.groups = f
+
+    def forward(self, g, x):
+        return g + x * self.psi(F.relu(self.W_g(g) + self.W_x(x)))
+
+    def fused(self, g, x):
+        return ek.grouped_attention_gate(g, x, self.W_g[0].weight, self.W_g[0].bias, self.W_g[1],
+                                         self.W_x[0].weight, self.W_x[0].bias, self.W_x[1], self.psi[0].weight,
+                                         self.psi[0].bias, self.psi[1], groups=self.groups, add_gate_input=True,
+                                         training=self.training, backend="cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------------
+def measure(providers: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict[str, float]:
+    """Median over interleaved rounds of the best of ``reps`` calls, in milliseconds."""
+    for fn in providers.values():  # warm-up (compilation, allocator)
+        fn()
+        fn()
+    samples = {k: [] for k in providers}
+    for _ in range(rounds):
+        for name, fn in providers.items():
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            samples[name].append(best * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _compile(mod_or_fn):
+    torch._dynamo.reset()
+    return torch.compile(mod_or_fn)
+
+
+def op_providers(kind: str, shape, mode: str, with_compile: bool = True) -> dict[str, Callable[[], None]]:
+    """Callables for one benchmark row: baselines nchw/cl/compile and the fused cpu call."""
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    training = mode == "train"
+    mod = {"msdc": PlainMSDC, "eucb": PlainUpDw, "lgag": PlainLGAG}[kind](c).train(training)
+    n_inputs = 2 if kind == "lgag" else 1
+    x_nchw = [torch.randn(shape) for _ in range(n_inputs)]
+    x_cl = [t.contiguous(memory_format=torch.channels_last) for t in x_nchw]
+    mod_cl = copy.deepcopy(mod).to(memory_format=torch.channels_last)
+    compiled = _compile(copy.deepcopy(mod)) if with_compile else None
+
+    def run(fn, inputs):
+        if training:
+            ins = [t.detach().requires_grad_(True) for t in inputs]
+
+            def step():
+                out = fn(*ins)
+                out.backward(torch.ones_like(out))
+            return step
+
+        def fwd():
+            with torch.no_grad():
+                fn(*inputs)
+        return fwd
+
+    providers = {"eager nchw": run(mod, x_nchw), "eager cl": run(mod_cl, x_cl)}
+    if compiled is not None:
+        providers["compile"] = run(compiled, x_nchw)
+    fused_mod = copy.deepcopy(mod)
+    providers["cpu (nchw)"] = run(fused_mod.fused, x_nchw)
+    providers["cpu (cl)"] = run(fused_mod.fused, x_cl)
+    return providers
+
+
+# --------------------------------------------------------------------------------------------------
+# whole decoder
+# --------------------------------------------------------------------------------------------------
+def decoder_inputs(res, channels_last=False):
+    n = RESOLUTIONS[res]
+    feats = [torch.randn(n, c, res // s, res // s) for c, s in zip(B2_CHANNELS, (32, 16, 8, 4))]
+    if channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    return feats[0], feats[1:]
+
+
+def make_decoder(backend):
+    from emcad.models.decoder import EMCAD
+    torch.manual_seed(0)
+    dec = EMCAD(B2_CHANNELS, backend=backend)
+    for m in dec.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _init_bn(m)
+    return dec
+
+
+def decoder_providers(res, mode):
+    providers = {}
+    for label, backend, cl in (("torch nchw", "torch", False), ("torch cl", "torch", True),
+                               ("cpu (nchw)", "cpu", False), ("cpu (cl)", "cpu", True)):
+        dec = make_decoder(backend)
+        if cl:
+            dec = dec.to(memory_format=torch.channels_last)
+        x, skips = decoder_inputs(res, cl)
+        if mode == "eval":
+            dec.eval()
+
+            def fwd(dec=dec, x=x, skips=skips):
+                with torch.no_grad():
+                    dec(x, skips)
+            providers[label] = fwd
+        else:
+            dec.train()
+            opt = torch.optim.SGD(dec.parameters(), lr=1e-3, momentum=0.9)
+
+            def step(dec=dec, x=x, skips=skips, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                outs = dec(x, skips)
+                sum(o.float().mean() for o in outs).backward()
+                opt.step()
+            providers[label] = step
+    return providers
+
+
+def saved_activation_bytes(backend, res, channels_last=False):
+    """Bytes of distinct tensors saved for backward during one decoder training forward."""
+    dec = make_decoder(backend).train()
+    x, skips = decoder_inputs(res, channels_last)
+    if channels_last:
+        dec = dec.to(memory_format=torch.channels_last)
+    params = {p.untyped_storage().data_ptr() for p in dec.parameters()}
+    inputs = {t.untyped_storage().data_ptr() for t in (x, *skips)}
+    seen, total = set(), [0]
+
+    def pack(t):
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key not in seen and key not in params and key not in inputs:
+            seen.add(key)
+            total[0] += st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = dec(x, skips)
+    del outs
+    return total[0]
+
+
+def copy_bandwidth_gbs(numel=64 * 2**20 // 4, rounds=5, reps=5):
+    """Copy bandwidth (bytes read + written per second) with torch's own copy on THREADS threads."""
+    src = torch.randn(numel)
+    dst = torch.empty_like(src)
+    t = measure({"copy": lambda: dst.copy_(src)}, rounds, reps)["copy"]
+    return 2 * src.numel() * 4 / (t * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+def machine_info():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "?"
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "isa": _ext.cpu_isa(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "commit": commit,
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "load": load,
+    }
+
+
+def best_baseline(times: dict[str, float]) -> tuple[str, float]:
+    base = {k: v for k, v in times.items() if not k.startswith("cpu")}
+    name = min(base, key=base.get)
+    return name, base[name]
+
+
+def best_fused(times: dict[str, float]) -> tuple[str, float]:
+    fused = {k: v for k, v in times.items() if k.startswith("cpu")}
+    name = min(fused, key=fused.get)
+    return name, fused[name]
+
+
+def fmt_row(label, times, target: Optional[float]):
+    bname, bt = best_baseline(times)
+    fname, ft = best_fused(times)
+    ratio = bt / ft
+    cells = " | ".join(f"{times[k]:.2f}" for k in times)
+    verdict = "" if target is None else (" ✓" if ratio >= target else f" ✗ (target {target}×)")
+    return f"| {label} | {cells} | {bname} | {fname} | **{ratio:.2f}×**{verdict} |", ratio
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and shapes")
+    ap.add_argument("--only", choices=["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth"], action="append")
+    ap.add_argument("--res", type=int, choices=sorted(RESOLUTIONS), action="append")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_table.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    _ext.require_cpu_ext()
+    rounds, reps = (3, 2) if args.quick else (5, 3)
+    sections = args.only or ["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth"]
+    resolutions = args.res or sorted(RESOLUTIONS)
+    info = machine_info()
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch.set_num_threads({THREADS}); kernel build "
+             f"`{info['isa']}` (PyTorch CPU capability {info['torch_cpu_capability']}); torch {info['torch']}, "
+             f"Python {info['python']}; commit {info['commit']}; {info['date']}; load average at start "
+             f"{info['load'][0]:.1f}.", "",
+             f"Command: `python benchmarks/cpu_table.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             ""]
+    targets = {("msdc", "eval"): 5.0, ("msdc", "train"): 3.0, ("eucb", "eval"): 3.0, ("lgag", "eval"): 3.0,
+               ("eucb", "train"): None, ("lgag", "train"): None}
+    summary = {}
+    shape_fns = {"msdc": msdc_shapes, "eucb": eucb_shapes, "lgag": lgag_shapes}
+    for kind in ("msdc", "eucb", "lgag"):
+        if kind not in sections:
+            continue
+        for mode in ("eval", "train"):
+            title = {"eval": "forward, eval mode", "train": "forward + backward, training mode"}[mode]
+            lines += [f"### {kind.upper()} {title} (fp32, ms; lower is better)", ""]
+            header = None
+            for res in resolutions:
+                shapes = shape_fns[kind](res)
+                if args.quick:
+                    shapes = shapes[-2:]
+                for shape in shapes:
+                    times = measure(op_providers(kind, shape, mode, not args.no_compile), rounds, reps)
+                    if header is None:
+                        header = list(times)
+                        lines += ["| shape (N, C, H, W) | " + " | ".join(header) +
+                                  " | best baseline | best fused | speed-up |",
+                                  "|" + "---|" * (len(header) + 4)]
+                    row, ratio = fmt_row(f"{res}: {tuple(shape)}", times, targets[(kind, mode)])
+                    lines.append(row)
+                    summary.setdefault((kind, mode), []).append(ratio)
+                    print(row, flush=True)
+            lines.append("")
+    if "decoder" in sections:
+        for mode in ("eval", "train"):
+            title = {"eval": "inference (no_grad, eval mode)",
+                     "train": "training step (forward, backward, SGD step)"}[mode]
+            lines += [f"### Whole EMCAD-B2 decoder, {title} (fp32, ms)", ""]
+            header = None
+            for res in resolutions:
+                times = measure(decoder_providers(res, mode), rounds, max(1, reps - 1))
+                if header is None:
+                    header = list(times)
+                    lines += ["| input | " + " | ".join(header) + " | best torch | best fused | speed-up |",
+                              "|" + "---|" * (len(header) + 4)]
+                target = 2.5 if mode == "eval" else 2.0
+                row, ratio = fmt_row(f"{res}px, batch {RESOLUTIONS[res]}", times, target)
+                lines.append(row)
+                summary.setdefault(("decoder", mode), []).append(ratio)
+                print(row, flush=True)
+            lines.append("")
+    if "memory" in sections:
+        lines += ["### Saved activations of one decoder training forward (MB, distinct storages)", "",
+                  "| input | torch | cpu | cpu / torch |", "|---|---|---|---|"]
+        for res in resolutions:
+            t = saved_activation_bytes("torch", res) / 2**20
+            c = saved_activation_bytes("cpu", res) / 2**20
+            verdict = "✓" if c / t <= 0.4 else "✗ (target ≤ 40%)"
+            lines.append(f"| {res}px, batch {RESOLUTIONS[res]} | {t:.1f} | {c:.1f} | **{100 * c / t:.0f}%** {verdict} |")
+            summary.setdefault(("memory", ""), []).append(c / t)
+            print(lines[-1], flush=True)
+        lines.append("")
+    if "bandwidth" in sections:
+        bw = copy_bandwidth_gbs(rounds=rounds, reps=reps)
+        lines += ["### Eval-mode MSDC kernel vs copy bandwidth", "",
+                  f"Copy bandwidth (torch `copy_`, 256 MB moved per call, {THREADS} threads): **{bw:.1f} GB/s**.", "",
+                  "| shape | layout | ms | GB/s (x read + y written) | fraction of copy |", "|---|---|---|---|---|"]
+        for res in resolutions:
+            for shape in msdc_shapes(res)[-2:]:
+                mod = PlainMSDC(shape[1]).eval()
+                for layout in ("nchw", "cl"):
+                    x = torch.randn(shape)
+                    if layout == "cl":
+                        x = x.contiguous(memory_format=torch.channels_last)
+
+                    def fwd(x=x, mod=mod):
+                        with torch.no_grad():
+                            mod.fused(x)
+                    t = measure({"cpu": fwd}, rounds, reps)["cpu"]
+                    gbs = 2 * x.numel() * 4 / (t * 1e-3) / 1e9
+                    verdict = "✓" if gbs / bw >= 0.5 else "✗ (target ≥ 50%)"
+                    lines.append(f"| {res}: {tuple(shape)} | {layout} | {t:.2f} | {gbs:.1f} | "
+                                 f"**{100 * gbs / bw:.0f}%** {verdict} |")
+                    summary.setdefault(("bandwidth", ""), []).append(gbs / bw)
+                    print(lines[-1], flush=True)
+        lines.append("")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
