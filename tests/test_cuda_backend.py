@@ -240,8 +240,8 @@ def _build_emulation_library() -> ctypes.CDLL:
 requires_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: skipping the CPU emulation of the CUDA kernels")
 
 
-SLOW_EMULATION = ("the CPU emulation of the CUDA kernels takes ~10 min on 2 cores: run with --run-slow or "
-                  "EMCAD_RUN_SLOW=1")
+SLOW_EMULATION = ("the CPU emulation of the CUDA kernels through the torch binding takes ~10 min on 2 cores: run "
+                  "with --run-slow or EMCAD_RUN_SLOW=1")
 
 
 def _skip_unless_slow_tests(request):
@@ -252,8 +252,8 @@ def _skip_unless_slow_tests(request):
 
 
 @pytest.fixture(scope="module")
-def emu(request):
-    _skip_unless_slow_tests(request)
+def emu():
+    """The launchers alone through ctypes: a few quick parity runs of the kernel code on every default run."""
     if GXX is None:
         pytest.skip("g++ not found")
     return _build_emulation_library()
