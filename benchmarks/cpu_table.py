@@ -13,7 +13,7 @@ Also: saved-activation bytes of a decoder training step (``saved_tensors_hooks``
 measured copy bandwidth that the eval-mode MSDC kernel reaches.
 
 Timing: every provider of a row is measured in interleaved rounds (round-robin, so a load change on a shared
-machine hits all of them alike); the reported time is the median over rounds of each round's best-of-reps.
+machine hits all of them alike); the reported time is the best over all rounds and repetitions.
 Threads: ``torch.set_num_threads(2)``.
 """
 
@@ -24,7 +24,6 @@ import copy
 import datetime
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -142,7 +141,8 @@ class PlainLGAG(nn.Module):
 # timing
 # --------------------------------------------------------------------------------------------------
 def measure(providers: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict[str, float]:
-    """Median over interleaved rounds of the best of ``reps`` calls, in milliseconds."""
+    """Best time over interleaved rounds of ``reps`` calls each, in milliseconds. The minimum, not the median:
+    on a shared machine other processes only ever add time, and every provider gets the same chances."""
     for fn in providers.values():  # warm-up (compilation, allocator)
         fn()
         fn()
@@ -155,7 +155,7 @@ def measure(providers: dict[str, Callable[[], None]], rounds: int, reps: int) ->
                 fn()
                 best = min(best, time.perf_counter() - t0)
             samples[name].append(best * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: min(v) for k, v in samples.items()}
 
 
 def _compile(mod_or_fn):
@@ -163,8 +163,12 @@ def _compile(mod_or_fn):
     return torch.compile(mod_or_fn)
 
 
-def op_providers(kind: str, shape, mode: str, with_compile: bool = True) -> dict[str, Callable[[], None]]:
-    """Callables for one benchmark row: baselines nchw/cl/compile and the fused cpu call."""
+OP_PROVIDERS = ("eager nchw", "eager cl", "compile", "cpu (nchw)", "cpu (cl)")
+
+
+def op_providers(kind: str, shape, mode: str, with_compile: bool = True,
+                 only: Optional[tuple] = None) -> dict[str, Callable[[], None]]:
+    """Callables for one benchmark row: baselines nchw/cl/compile and the fused cpu call (``only``: a subset)."""
     torch.manual_seed(0)
     n, c, h, w = shape
     training = mode == "train"
@@ -173,7 +177,8 @@ def op_providers(kind: str, shape, mode: str, with_compile: bool = True) -> dict
     x_nchw = [torch.randn(shape) for _ in range(n_inputs)]
     x_cl = [t.contiguous(memory_format=torch.channels_last) for t in x_nchw]
     mod_cl = copy.deepcopy(mod).to(memory_format=torch.channels_last)
-    compiled = _compile(copy.deepcopy(mod)) if with_compile else None
+    want = set(only or OP_PROVIDERS)
+    compiled = _compile(copy.deepcopy(mod)) if with_compile and "compile" in want else None
 
     def run(fn, inputs):
         if training:
@@ -195,7 +200,7 @@ def op_providers(kind: str, shape, mode: str, with_compile: bool = True) -> dict
     fused_mod = copy.deepcopy(mod)
     providers["cpu (nchw)"] = run(fused_mod.fused, x_nchw)
     providers["cpu (cl)"] = run(fused_mod.fused, x_cl)
-    return providers
+    return {k: v for k, v in providers.items() if k in want}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -328,9 +328,20 @@ def test_lgag_unusual_grouping_falls_back_inside_the_backend():
     assert_parity(lgag_case(channels=(6, 6, 4), groups=1, training=True))
 
 
-def test_large_channel_counts_span_many_blocks():
-    assert_parity(msdc_case(torch.float32, "cl", True, shape=(2, 70, 6, 5), shuffle=35))
-    assert_parity(lgag_case(torch.float32, "cl", True, channels=(68, 68, 34), groups=34, shape=(1, 5, 6)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_many_channel_blocks_grouped_per_item(layout, training):
+    """Shapes with many channel blocks per item (grouped row I/O; a partial last block; the interleaved store
+    of EMCAD's shuffle and a generic shuffle)."""
+    assert_parity(msdc_case(torch.float64, layout, training, shape=(4, 130, 6, 5), shuffle=65))
+    assert_parity(msdc_case(torch.float64, layout, training, shape=(4, 128, 5, 6), shuffle=64, stride=2))
+    assert_parity(msdc_case(torch.float64, layout, training, shape=(4, 132, 5, 5), shuffle=12, combine="concat"))
+    assert_parity(msdc_case(torch.float32, layout, training, shape=(4, 256, 5, 6), shuffle=128), tol=2e-4)
+    assert_parity(updw_case(torch.float64, layout, training, shape=(4, 130, 4, 3)))
+    assert_parity(updw_case(torch.float64, layout, training, "bilinear", shape=(4, 130, 4, 3)))
+    assert_parity(lgag_case(torch.float64, layout, training, channels=(260, 260, 130), groups=130, shape=(4, 4, 5)))
+    assert_parity(lgag_case(torch.float32, layout, training, channels=(128, 128, 64), groups=64, shape=(4, 4, 5)),
+                  tol=2e-4)
 
 
 # --------------------------------------------------------------------------------------------------

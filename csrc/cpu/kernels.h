@@ -20,11 +20,13 @@ inline int block_lanes(int dtype) { return dtype == kF64 ? 8 : 16; }
 // Channel blocks per item: as many as keep at least `kMinItems` items (N times groups), so that every pixel
 // line of a channels_last tensor is consumed while it is in cache. A function of the shape only.
 constexpr int64_t kMinItems = 16;
+constexpr int64_t kMaxGroup = 64;
 inline int blocks_per_item(int64_t n, int64_t nblocks) {
   if (nblocks <= 1 || n <= 0) return 1;
   int64_t g = (n * nblocks) / kMinItems;
   if (g < 1) g = 1;
   if (g > nblocks) g = nblocks;
+  if (g > kMaxGroup) g = kMaxGroup;
   return (int)g;
 }
 

@@ -348,6 +348,90 @@ inline bool lanes_contiguous(const int64_t* off, int lanes) {
 }
 
 // ------------------------------------------------------------------------------------------------------
+// grouped row I/O for channels_last-like tensors (unit channel stride): one sweep over the pixels moves
+// every channel block of an item, so each pixel line is read or written completely at once
+// ------------------------------------------------------------------------------------------------------
+// Loads row `row` of image n for blocks bi < nbk whose lanes are the consecutive channels
+// c_first + bi*CB + l (lanes of the last block: lanes_last) into padded rows dst[bi] (pixel stride CB).
+template <typename S, typename A>
+void load_row_blocks(const View4& v, int64_t n, int64_t row, int64_t c_first, int nbk, int lanes_last,
+                     A* const* dst, int wp, int padl) {
+  constexpr int CB = lanes_of<A>();
+  const int64_t W = v.w;
+  for (int bi = 0; bi < nbk; ++bi) {
+    A* d = dst[bi];
+    if (row < 0 || row >= v.h) {
+      std::memset(d, 0, sizeof(A) * (size_t)wp * CB);
+      continue;
+    }
+    std::memset(d, 0, sizeof(A) * (size_t)padl * CB);
+    std::memset(d + (padl + W) * CB, 0, sizeof(A) * (size_t)(wp - padl - W) * CB);
+  }
+  if (row < 0 || row >= v.h) return;
+  const S* base = static_cast<const S*>(v.data) + n * v.sn + row * v.sh + c_first;
+  const int full = lanes_last == CB ? nbk : nbk - 1;
+  for (int64_t w = 0; w < W; ++w) {
+    const S* src = base + w * v.sw;
+    for (int bi = 0; bi < full; ++bi) {
+      A* d = dst[bi] + (padl + w) * CB;
+      const S* sp = src + bi * CB;
+#pragma omp simd
+      for (int l = 0; l < CB; ++l) d[l] = load_val(sp + l);
+    }
+    if (full < nbk) {
+      A* d = dst[full] + (padl + w) * CB;
+      const S* sp = src + full * CB;
+      for (int l = 0; l < CB; ++l) d[l] = l < lanes_last ? load_val(sp + l) : A(0);
+    }
+  }
+}
+
+// How the lanes of a block map to the channels of one pixel: consecutive, two interleaved runs (the channel
+// shuffle of EMCAD's MSCB, lanes 2i -> run 0, 2i+1 -> run 1) or anything (scalar).
+enum LaneMap : int { kLanesContig = 0, kLanesRuns2 = 1, kLanesScalar = 2 };
+
+inline int lane_map(const int64_t* off, int lanes, int CB, int64_t sc) {
+  if (sc == 1 && lanes_contiguous(off, lanes)) return kLanesContig;
+  if (sc == 1 && lanes == CB && CB % 2 == 0) {
+    bool ok = true;
+    for (int l = 0; l < lanes && ok; ++l) ok = off[l] == off[l % 2] + l / 2;
+    if (ok) return kLanesRuns2;
+  }
+  return kLanesScalar;
+}
+
+// Stores the nbk blocks of one output row with one sweep over the pixels: block bi from src[bi] (pixel
+// stride CB) to channel offsets off[bi*CB + l], lanes lanes[bi], mapping kind map[bi].
+template <typename S, typename A>
+void store_row_blocks(const View4& v, int64_t n, int64_t row, int nbk, A* const* src, const int64_t* off,
+                      const int* lanes, const int* map, int64_t count) {
+  constexpr int CB = lanes_of<A>();
+  S* base = static_cast<S*>(v.data) + n * v.sn + row * v.sh;
+  for (int64_t w = 0; w < count; ++w) {
+    S* px = base + w * v.sw;
+    for (int bi = 0; bi < nbk; ++bi) {
+      const A* sp = src[bi] + w * CB;
+      const int64_t* o = off + (size_t)bi * CB;
+      if (map[bi] == kLanesContig && lanes[bi] == CB) {
+        S* d = px + o[0];
+#pragma omp simd
+        for (int l = 0; l < CB; ++l) store_val(d + l, sp[l]);
+      } else if (map[bi] == kLanesRuns2) {
+        S* d0 = px + o[0];
+        S* d1 = px + o[1];
+#pragma omp simd
+        for (int i = 0; i < CB / 2; ++i) {
+          store_val(d0 + i, sp[2 * i]);
+          store_val(d1 + i, sp[2 * i + 1]);
+        }
+      } else {
+        for (int l = 0; l < lanes[bi]; ++l) store_val(px + o[l], sp[l]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
 // stencil cores (templated on the kernel size K and the slots per lane J; J = 0: runtime slot count jn)
 // ------------------------------------------------------------------------------------------------------
 // out[o*ostep] = init + sum_{dy,dx,j} w[(dy*K+dx)*JJ + j] * rows[dy][(o*colstep + dx)*ps + j*CB],
@@ -577,10 +661,12 @@ struct MsdcCtx {
   // per block of the group
   std::vector<int64_t> xoff, gxoff, yoff;  // [G][CB], [G][CB], [G][nb][CB]
   std::vector<char> xcontig, gxcontig, ycontig;
-  std::vector<int> c0, lanes;
+  std::vector<int> c0, lanes, ymap, gxmap;
+  std::vector<int64_t> y0off;  // [G][CB] branch-0 output offsets (sum mode)
   int64_t n = 0;
   int nbk = 0;  // blocks in the current item
   int64_t loaded = 0;
+  bool x_grouped = false, gx_grouped = false;  // unit channel stride: grouped row I/O
 
   MsdcCtx(const MsdcArgs& args, bool need_grad) : a(args) {
     for (int b = 0; b < a.nb; ++b) kmax = std::max(kmax, a.ks[b]);
@@ -590,7 +676,7 @@ struct MsdcCtx {
     nblocks = (a.C + CB - 1) / CB;
     G = std::max(1, std::min(a.group, nblocks));
     ngroups = (nblocks + G - 1) / G;
-    ring.slots = kmax + s;
+    ring.slots = kmax;  // rows [oh*s, oh*s + kmax) are live; a new row replaces one that is done
     ring.row_elems = (int64_t)Wp * CB;
     ring_mem.alloc((size_t)G * ring.slots * ring.row_elems);
     ring.buf = ring_mem.get();
@@ -598,7 +684,7 @@ struct MsdcCtx {
     coef_mem.alloc((size_t)G * a.nb * 8 * CB);
     const size_t row = (size_t)std::max(a.Wo, 1) * CB;
     zrow.alloc(row);
-    yrow.alloc(row);
+    yrow.alloc(row * G);
     if (need_grad) {
       grow.alloc(row);
       gzrow.alloc(row);
@@ -614,8 +700,12 @@ struct MsdcCtx {
     ycontig.resize((size_t)G * a.nb);
     c0.resize(G);
     lanes.resize(G);
+    ymap.resize(G);
+    gxmap.resize(G);
+    y0off.resize((size_t)G * CB);
   }
 
+  A* yrow_of(int bi) const { return yrow.get() + (size_t)bi * std::max(a.Wo, 1) * CB; }
   A* wts(int bi, int b) const { return w_mem.get() + ((size_t)bi * a.nb + b) * KK * CB; }
   // coefficient vectors per branch: 0 scale, 1 shift, 2 mean, 3 rstd, 4 c2, 5 c3
   A* coef(int bi, int b, int i) const { return coef_mem.get() + (((size_t)bi * a.nb + b) * 8 + i) * CB; }
@@ -669,16 +759,35 @@ struct MsdcCtx {
           for (int l = 0; l < CB; ++l)
             coef(bi, b, i)[l] = (src[i] && l < lanes[bi]) ? (A)src[i][(int64_t)b * a.C + c0[bi] + l] : A(0);
       }
+      ymap[bi] = lane_map(yo(bi, 0), lanes[bi], CB, ov.sc);
+      gxmap[bi] = lane_map(gxo, lanes[bi], CB, a.gx.sc);
+      std::copy(yo(bi, 0), yo(bi, 0) + CB, &y0off[(size_t)bi * CB]);
     }
+    x_grouped = a.x.sc == 1 && nbk > 1;
+    gx_grouped = a.gx.data != nullptr && a.gx.sc == 1 && nbk > 1;
     loaded = 0;
   }
 
   // makes padded input rows [0, upto) available in the rings of all blocks of the item
   void load_until(int64_t upto) {
-    for (; loaded < upto; ++loaded)
+    for (; loaded < upto; ++loaded) {
+      if (x_grouped) {
+        A* dst[64];
+        for (int bi = 0; bi < nbk; ++bi) dst[bi] = ring_row(ring, bi, loaded);
+        load_row_blocks<S, A>(a.x, n, loaded - P, c0[0], nbk, lanes[nbk - 1], dst, Wp, P);
+        continue;
+      }
       for (int bi = 0; bi < nbk; ++bi)
         load_row<S, A>(a.x, n, loaded - P, &xoff[(size_t)bi * CB], lanes[bi], xcontig[bi],
                        ring_row(ring, bi, loaded), Wp, CB, P);
+    }
+  }
+
+  // stores the y rows of all blocks (sum mode) with one sweep
+  void store_y(int64_t oh) {
+    A* src[64];
+    for (int bi = 0; bi < nbk; ++bi) src[bi] = yrow_of(bi);
+    store_row_blocks<S, A>(a.y, n, oh, nbk, src, y0off.data(), lanes.data(), ymap.data(), a.Wo);
   }
 
   // row pointers of branch b of block bi for output row oh
@@ -761,13 +870,11 @@ void msdc_apply(const MsdcArgs& a, int64_t i0, int64_t i1) {
               store_row<S, A>(a.y, ctx.n, oh, ctx.yo(bi, b), ctx.lanes[bi], ctx.ycontig[(size_t)bi * a.nb + b],
                               ctx.zrow.get(), a.Wo, CB);
             } else {
-              act_row<ACT, A>(ctx.yrow.get(), ctx.zrow.get(), a.Wo, b > 0);
+              act_row<ACT, A>(ctx.yrow_of(bi), ctx.zrow.get(), a.Wo, b > 0);
             }
           }
-          if (!a.concat)
-            store_row<S, A>(a.y, ctx.n, oh, ctx.yo(bi, 0), ctx.lanes[bi], ctx.ycontig[(size_t)bi * a.nb],
-                            ctx.yrow.get(), a.Wo, CB);
         }
+        if (!a.concat) ctx.store_y(oh);
       }
     }
   });
@@ -831,6 +938,13 @@ void msdc_bwd_grad(const MsdcArgs& a, int64_t i0, int64_t i1) {
       auto flush_row = [&](int64_t r) {
         const int64_t h = r - ctx.P;
         if (h < 0 || h >= a.H) return;
+        if (ctx.gx_grouped) {
+          A* src[64];
+          for (int bi = 0; bi < ctx.nbk; ++bi) src[bi] = ctx.ring_row(ctx.gring, bi, r) + (int64_t)ctx.P * CB;
+          store_row_blocks<S, A>(a.gx, ctx.n, h, ctx.nbk, src, ctx.gxoff.data(), ctx.lanes.data(),
+                                 ctx.gxmap.data(), a.W);
+          return;
+        }
         for (int bi = 0; bi < ctx.nbk; ++bi)
           store_row<S, A>(a.gx, ctx.n, h, &ctx.gxoff[(size_t)bi * CB], ctx.lanes[bi], ctx.gxcontig[bi],
                           ctx.ring_row(ctx.gring, bi, r) + (int64_t)ctx.P * CB, a.W, CB);
@@ -1098,6 +1212,31 @@ struct UpdwCtx {
   }
 };
 
+// Nearest x2 + 3x3 (EMCAD's EUCB) in eval/apply form: one output row of phase ph, both column phases per
+// low-res column (6 input vectors feed 8 FMAs and 2 outputs), bias, activation and the store fused; `out` is
+// pixel 0 of the output row, `osw` its pixel stride (lanes contiguous). r0/r1: padded low-res rows.
+template <int ACT, typename SO, typename A>
+__attribute__((noinline)) void updw2x3_row(const A* __restrict__ r0, const A* __restrict__ r1,
+                                           const A* __restrict__ k0, const A* __restrict__ k1,
+                                           const A* __restrict__ init, int W, SO* __restrict__ out, int64_t osw) {
+  constexpr int CB = lanes_of<A>();
+  for (int j = 0; j < W; ++j) {
+    const A* a0 = r0 + (int64_t)j * CB;
+    const A* a1 = r1 + (int64_t)j * CB;
+    SO* o0 = out + (int64_t)(2 * j) * osw;
+    SO* o1 = o0 + osw;
+#pragma omp simd
+    for (int l = 0; l < CB; ++l) {
+      const A x00 = a0[l], x01 = a0[CB + l], x02 = a0[2 * CB + l];
+      const A x10 = a1[l], x11 = a1[CB + l], x12 = a1[2 * CB + l];
+      A v0 = init[l] + k0[l] * x00 + k0[CB + l] * x01 + k0[2 * CB + l] * x10 + k0[3 * CB + l] * x11;
+      A v1 = init[l] + k1[l] * x01 + k1[CB + l] * x02 + k1[2 * CB + l] * x11 + k1[3 * CB + l] * x12;
+      store_val(o0 + l, emcad::act_fwd<ACT>(v0));
+      store_val(o1 + l, emcad::act_fwd<ACT>(v1));
+    }
+  }
+}
+
 template <typename S>
 void updw_stats(const UpdwArgs& a, int64_t i0, int64_t i1) {
   using A = typename UpdwCtx<S>::A;
@@ -1127,6 +1266,7 @@ void updw_apply(const UpdwArgs& a, int64_t i0, int64_t i1) {
   using A = typename UpdwCtx<S>::A;
   constexpr int CB = UpdwCtx<S>::CB;
   UpdwCtx<S> ctx(a, false);
+  const bool x2k3 = !a.bilinear && a.S == 2 && a.k == 3;  // EMCAD's EUCB: fused row kernel
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
@@ -1134,6 +1274,23 @@ void updw_apply(const UpdwArgs& a, int64_t i0, int64_t i1) {
       for (int64_t y = 0; y < a.Ho; ++y) {
         ctx.prepare(y);
         for (int bi = 0; bi < ctx.nbk; ++bi) {
+          if (x2k3) {
+            const int64_t i = y / 2;
+            const int ph = (int)(y % 2);
+            const A* r0 = UpdwCtx<S>::rrow(ctx.ring, bi, i + ctx.poly.rb(ph) + ctx.PL);
+            const A* r1 = UpdwCtx<S>::rrow(ctx.ring, bi, i + ctx.poly.rb(ph) + ctx.PL + 1);
+            const A* k0 = ctx.pk(bi, ph, 0, true);
+            const A* k1 = ctx.pk(bi, ph, 1, true);
+            if (ctx.ycontig[bi] && ctx.lanes[bi] == CB) {  // straight into the output tensor
+              S* out = static_cast<S*>(a.y.data) + ctx.n * a.y.sn + y * a.y.sh + ctx.c0[bi];
+              updw2x3_row<ACT, S, A>(r0, r1, k0, k1, ctx.coef(bi, 1), a.W, out, a.y.sw);
+            } else {
+              updw2x3_row<ACT, A, A>(r0, r1, k0, k1, ctx.coef(bi, 1), a.W, ctx.zrow.get(), CB);
+              store_row<S, A>(a.y, ctx.n, y, &ctx.yoff[(size_t)bi * CB], ctx.lanes[bi], ctx.ycontig[bi],
+                              ctx.zrow.get(), a.Wo, CB);
+            }
+            continue;
+          }
           ctx.out_row(bi, y, true);
           act_row<ACT, A>(ctx.zrow.get(), ctx.zrow.get(), a.Wo, false);
           store_row<S, A>(a.y, ctx.n, y, &ctx.yoff[(size_t)bi * CB], ctx.lanes[bi], ctx.ycontig[bi], ctx.zrow.get(),
