@@ -434,58 +434,51 @@ void store_row_blocks(const View4& v, int64_t n, int64_t row, int nbk, A* const*
 // ------------------------------------------------------------------------------------------------------
 // stencil cores (templated on the kernel size K and the slots per lane J; J = 0: runtime slot count jn)
 // ------------------------------------------------------------------------------------------------------
+// NP output pixels starting at o, accumulated in registers
+template <int K, int J, int NP, typename A>
+EMCAD_INLINE void conv_px(const A* const* rows, const A* __restrict__ w, const A* __restrict__ init, int64_t o,
+                          int64_t pstep, int64_t ps, int JJ, A* __restrict__ out, int64_t ostep) {
+  constexpr int CB = lanes_of<A>();
+  A acc[NP][CB];
+  for (int p = 0; p < NP; ++p)
+    for (int l = 0; l < CB; ++l) acc[p][l] = init ? init[l] : A(0);
+  for (int dy = 0; dy < K; ++dy) {  // rows are not unrolled: keeps the code (and compile time) small
+    const A* xr = rows[dy] + o * pstep;
+#pragma GCC unroll 9
+    for (int dx = 0; dx < K; ++dx) {
+      for (int j = 0; j < JJ; ++j) {
+        const A* wp = w + ((dy * K + dx) * JJ + j) * CB;
+        const A* xp = xr + dx * ps + j * CB;
+#pragma GCC unroll 16
+        for (int p = 0; p < NP; ++p)
+#pragma omp simd
+          for (int l = 0; l < CB; ++l) acc[p][l] += wp[l] * xp[p * pstep + l];
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+#pragma omp simd
+    for (int l = 0; l < CB; ++l) out[(o + p) * ostep * CB + l] = acc[p][l];
+}
+
 // out[o*ostep] = init + sum_{dy,dx,j} w[(dy*K+dx)*JJ + j] * rows[dy][(o*colstep + dx)*ps + j*CB],
-// o in [0, n_out); rows[dy] point at the first pixel of the window for o = 0.
+// o in [0, n_out); rows[dy] point at the first pixel of the window for o = 0. Pixels are blocked by PB
+// (register accumulators), then PB/2 for short rows, then one at a time.
 template <int K, int J, typename A>
-__attribute__((noinline)) void conv_row(const A* const* rows, const A* __restrict__ w, const A* __restrict__ init, int n_out, int colstep,
-              int jn, A* __restrict__ out, int ostep) {
+__attribute__((noinline)) void conv_row(const A* const* rows, const A* __restrict__ w, const A* __restrict__ init,
+                                        int n_out, int colstep, int jn, A* __restrict__ out, int ostep) {
   constexpr int CB = lanes_of<A>();
   // fp64 is the verification dtype: smaller blocks keep the code size down
   constexpr int PB = sizeof(A) == 8 ? (kPixelBlock > 1 ? kPixelBlock / 2 : 1) : kPixelBlock;
   const int JJ = J > 0 ? J : jn;
   const int64_t ps = (int64_t)JJ * CB;
   const int64_t pstep = (int64_t)colstep * ps;
-  int o = 0;
-  for (; o + PB <= n_out; o += PB) {
-    A acc[PB][CB];
-    for (int p = 0; p < PB; ++p)
-      for (int l = 0; l < CB; ++l) acc[p][l] = init ? init[l] : A(0);
-    for (int dy = 0; dy < K; ++dy) {  // rows are not unrolled: keeps the code (and compile time) small
-      const A* xr = rows[dy] + (int64_t)o * pstep;
-#pragma GCC unroll 9
-      for (int dx = 0; dx < K; ++dx) {
-        for (int j = 0; j < JJ; ++j) {
-          const A* wp = w + ((dy * K + dx) * JJ + j) * CB;
-          const A* xp = xr + dx * ps + j * CB;
-#pragma GCC unroll 16
-          for (int p = 0; p < PB; ++p)
-#pragma omp simd
-            for (int l = 0; l < CB; ++l) acc[p][l] += wp[l] * xp[p * pstep + l];
-        }
-      }
-    }
-    for (int p = 0; p < PB; ++p)
-#pragma omp simd
-      for (int l = 0; l < CB; ++l) out[(int64_t)(o + p) * ostep * CB + l] = acc[p][l];
-  }
-  for (; o < n_out; ++o) {
-    A acc[CB];
-    for (int l = 0; l < CB; ++l) acc[l] = init ? init[l] : A(0);
-    const int64_t base = (int64_t)o * pstep;
-    for (int dy = 0; dy < K; ++dy) {
-#pragma GCC unroll 9
-      for (int dx = 0; dx < K; ++dx) {
-        for (int j = 0; j < JJ; ++j) {
-          const A* wp = w + ((dy * K + dx) * JJ + j) * CB;
-          const A* xp = rows[dy] + base + dx * ps + j * CB;
-#pragma omp simd
-          for (int l = 0; l < CB; ++l) acc[l] += wp[l] * xp[l];
-        }
-      }
-    }
-#pragma omp simd
-    for (int l = 0; l < CB; ++l) out[(int64_t)o * ostep * CB + l] = acc[l];
-  }
+  int64_t o = 0;
+  for (; o + PB <= n_out; o += PB) conv_px<K, J, PB, A>(rows, w, init, o, pstep, ps, JJ, out, ostep);
+  if (PB >= 4)
+    for (; o + PB / 2 <= n_out; o += PB / 2)
+      conv_px<K, J, (PB >= 4 ? PB / 2 : 1), A>(rows, w, init, o, pstep, ps, JJ, out, ostep);
+  for (; o < n_out; ++o) conv_px<K, J, 1, A>(rows, w, init, o, pstep, ps, JJ, out, ostep);
 }
 
 // dacc[(dy*K+dx)*JJ + j] += sum_o gz[o*gstep] * rows[dy][(o*colstep + dx)*ps + j*CB]  (row sums in A)
@@ -668,7 +661,10 @@ struct MsdcCtx {
   int64_t loaded = 0;
   bool x_grouped = false, gx_grouped = false;  // unit channel stride: grouped row I/O
 
-  MsdcCtx(const MsdcArgs& args, bool need_grad) : a(args) {
+  int blk0 = 0;  // first channel block of the current item
+  bool fold = false;
+
+  MsdcCtx(const MsdcArgs& args, bool need_grad, bool fold_bn) : a(args), fold(fold_bn) {
     for (int b = 0; b < a.nb; ++b) kmax = std::max(kmax, a.ks[b]);
     P = kmax / 2;
     s = a.stride;
@@ -680,8 +676,30 @@ struct MsdcCtx {
     ring.row_elems = (int64_t)Wp * CB;
     ring_mem.alloc((size_t)G * ring.slots * ring.row_elems);
     ring.buf = ring_mem.get();
-    w_mem.alloc((size_t)G * a.nb * KK * CB);
-    coef_mem.alloc((size_t)G * a.nb * 8 * CB);
+    // weights (times the BN scale if `fold`) and coefficients of every block, built once per call and thread
+    w_mem.alloc((size_t)nblocks * std::max<int64_t>(a.taps_total, 1) * CB);
+    coef_mem.alloc((size_t)nblocks * a.nb * 8 * CB);
+    for (int blk = 0; blk < nblocks; ++blk) {
+      const int cb0 = blk * CB, L = std::min(CB, a.C - cb0);
+      for (int b = 0; b < a.nb; ++b) {
+        const int k = a.ks[b], kk = k * k;
+        A* wb = w_mem.get() + ((size_t)blk * a.taps_total + a.toff[b]) * CB;
+        for (int t = 0; t < kk; ++t)
+          for (int l = 0; l < CB; ++l) {
+            double v = 0;
+            if (l < L) {
+              const int64_t c = cb0 + l;
+              v = a.w[a.woff[b] + c * kk + t];
+              if (fold) v *= a.scale[(int64_t)b * a.C + c];
+            }
+            wb[t * CB + l] = (A)v;
+          }
+        const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
+        A* cf = coef_mem.get() + ((size_t)blk * a.nb + b) * 8 * CB;
+        for (int i = 0; i < 6; ++i)
+          for (int l = 0; l < CB; ++l) cf[i * CB + l] = (src[i] && l < L) ? (A)src[i][(int64_t)b * a.C + cb0 + l] : A(0);
+      }
+    }
     const size_t row = (size_t)std::max(a.Wo, 1) * CB;
     zrow.alloc(row);
     yrow.alloc(row * G);
@@ -706,9 +724,9 @@ struct MsdcCtx {
   }
 
   A* yrow_of(int bi) const { return yrow.get() + (size_t)bi * std::max(a.Wo, 1) * CB; }
-  A* wts(int bi, int b) const { return w_mem.get() + ((size_t)bi * a.nb + b) * KK * CB; }
+  A* wts(int bi, int b) const { return w_mem.get() + ((size_t)(blk0 + bi) * a.taps_total + a.toff[b]) * CB; }
   // coefficient vectors per branch: 0 scale, 1 shift, 2 mean, 3 rstd, 4 c2, 5 c3
-  A* coef(int bi, int b, int i) const { return coef_mem.get() + (((size_t)bi * a.nb + b) * 8 + i) * CB; }
+  A* coef(int bi, int b, int i) const { return coef_mem.get() + (((size_t)(blk0 + bi) * a.nb + b) * 8 + i) * CB; }
   int64_t* yo(int bi, int b) { return &yoff[((size_t)bi * a.nb + b) * CB]; }
   A* ring_row(const Ring<A>& r, int bi, int64_t row) const {
     return r.buf + ((size_t)bi * r.slots + (size_t)(row % r.slots)) * r.row_elems;
@@ -720,10 +738,11 @@ struct MsdcCtx {
     return emcad::shuffle_dst(oc, cout, a.shuffle_groups);
   }
 
-  // sets up the item's blocks: lanes, offsets, weights (times the BN scale if `fold`) and coefficients
-  void begin_item(int64_t item, bool fold, bool grads) {
+  // sets up the item's blocks: lanes and offsets
+  void begin_item(int64_t item, bool grads) {
     n = item / ngroups;
     const int b0 = (int)(item % ngroups) * G;
+    blk0 = b0;
     nbk = std::min(G, nblocks - b0);
     const View4& ov = grads ? a.g : a.y;
     for (int bi = 0; bi < nbk; ++bi) {
@@ -742,22 +761,6 @@ struct MsdcCtx {
         int64_t* o = yo(bi, b);
         for (int l = 0; l < CB; ++l) o[l] = out_channel(b, c0[bi] + std::min(l, lanes[bi] - 1)) * ov.sc;
         ycontig[(size_t)bi * a.nb + b] = ov.sc == 1 && lanes_contiguous(o, lanes[bi]);
-        const int k = a.ks[b], kk = k * k;
-        A* wb = wts(bi, b);
-        for (int t = 0; t < kk; ++t)
-          for (int l = 0; l < CB; ++l) {
-            double v = 0;
-            if (l < lanes[bi]) {
-              const int64_t c = c0[bi] + l;
-              v = a.w[a.woff[b] + c * kk + t];
-              if (fold) v *= a.scale[(int64_t)b * a.C + c];
-            }
-            wb[t * CB + l] = (A)v;
-          }
-        const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
-        for (int i = 0; i < 6; ++i)
-          for (int l = 0; l < CB; ++l)
-            coef(bi, b, i)[l] = (src[i] && l < lanes[bi]) ? (A)src[i][(int64_t)b * a.C + c0[bi] + l] : A(0);
       }
       ymap[bi] = lane_map(yo(bi, 0), lanes[bi], CB, ov.sc);
       gxmap[bi] = lane_map(gxo, lanes[bi], CB, a.gx.sc);
@@ -810,10 +813,10 @@ template <typename S>
 void msdc_stats(const MsdcArgs& a, int64_t i0, int64_t i1) {
   using A = typename MsdcCtx<S>::A;
   constexpr int CB = MsdcCtx<S>::CB;
-  MsdcCtx<S> ctx(a, false);
+  MsdcCtx<S> ctx(a, false, false);
   std::vector<emcad::Welford> acc((size_t)ctx.G * a.nb * CB);
   for (int64_t item = i0; item < i1; ++item) {
-    ctx.begin_item(item, false, false);
+    ctx.begin_item(item, false);
     std::fill(acc.begin(), acc.end(), emcad::Welford());
     for (int64_t oh = 0; oh < a.Ho; ++oh) {
       ctx.load_until(oh * ctx.s + ctx.kmax);
@@ -853,11 +856,11 @@ template <typename S>
 void msdc_apply(const MsdcArgs& a, int64_t i0, int64_t i1) {
   using A = typename MsdcCtx<S>::A;
   constexpr int CB = MsdcCtx<S>::CB;
-  MsdcCtx<S> ctx(a, false);
+  MsdcCtx<S> ctx(a, false, true);
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
-      ctx.begin_item(item, true, false);
+      ctx.begin_item(item, false);
       for (int64_t oh = 0; oh < a.Ho; ++oh) {
         ctx.load_until(oh * ctx.s + ctx.kmax);
         for (int bi = 0; bi < ctx.nbk; ++bi) {
@@ -884,12 +887,12 @@ template <typename S>
 void msdc_bwd_reduce(const MsdcArgs& a, int64_t i0, int64_t i1) {
   using A = typename MsdcCtx<S>::A;
   constexpr int CB = MsdcCtx<S>::CB;
-  MsdcCtx<S> ctx(a, true);
+  MsdcCtx<S> ctx(a, true, false);
   std::vector<double> s1((size_t)ctx.G * a.nb * CB), s2((size_t)ctx.G * a.nb * CB);
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
-      ctx.begin_item(item, false, true);
+      ctx.begin_item(item, true);
       std::fill(s1.begin(), s1.end(), 0.0);
       std::fill(s2.begin(), s2.end(), 0.0);
       for (int64_t oh = 0; oh < a.Ho; ++oh) {
@@ -918,7 +921,7 @@ template <typename S>
 void msdc_bwd_grad(const MsdcArgs& a, int64_t i0, int64_t i1) {
   using A = typename MsdcCtx<S>::A;
   constexpr int CB = MsdcCtx<S>::CB;
-  MsdcCtx<S> ctx(a, true);
+  MsdcCtx<S> ctx(a, true, false);
   const int64_t taps = std::max<int64_t>(a.taps_total, 1);
   Scratch<double> dacc((size_t)ctx.G * taps * CB);
   std::vector<double> s1((size_t)ctx.G * a.nb * CB), s2((size_t)ctx.G * a.nb * CB);
@@ -926,7 +929,7 @@ void msdc_bwd_grad(const MsdcArgs& a, int64_t i0, int64_t i1) {
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
-      ctx.begin_item(item, false, true);
+      ctx.begin_item(item, true);
       dacc.zero();
       std::fill(s1.begin(), s1.end(), 0.0);
       std::fill(s2.begin(), s2.end(), 0.0);
@@ -1022,7 +1025,6 @@ struct UpdwCtx {
     p = a.k / 2;
     const size_t row = (size_t)std::max(a.Wo, 1) * CB;
     zrow.alloc(row);
-    coef_mem.alloc((size_t)G * 8 * CB);
     if (need_grad) {
       grow.alloc(row);
       gzrow.alloc(row);
@@ -1058,8 +1060,11 @@ struct UpdwCtx {
       gring_mem.alloc((size_t)G * ring.slots * ring.row_elems);
       gring.buf = gring_mem.get();
     }
-    k_mem.alloc((size_t)G * nk * CB);
-    kraw_mem.alloc((size_t)G * nk * CB);
+    // (polyphase) kernels, folded and raw, and coefficients of every block: built once per call and thread
+    k_mem.alloc((size_t)nblocks * nk * CB);
+    kraw_mem.alloc((size_t)nblocks * nk * CB);
+    coef_mem.alloc((size_t)nblocks * 8 * CB);
+    for (int blk = 0; blk < nblocks; ++blk) build_block(blk);
     for (auto* v : {&xoff, &gxoff, &yoff, &goff}) v->resize((size_t)G * CB);
     for (auto* v : {&xcontig, &gxcontig, &ycontig, &gcontig}) v->resize(G);
     c0.resize(G);
@@ -1069,15 +1074,58 @@ struct UpdwCtx {
   static A* rrow(const Ring<A>& r, int bi, int64_t row) {
     return r.buf + ((size_t)bi * r.slots + (size_t)(row % r.slots)) * r.row_elems;
   }
-  A* coef(int bi, int i) const { return coef_mem.get() + ((size_t)bi * 8 + i) * CB; }
-  A* kern(int bi, bool fold) const { return (fold ? k_mem.get() : kraw_mem.get()) + (size_t)bi * nk * CB; }
+  int blk0 = 0;  // first channel block of the current item
+  A* coef(int bi, int i) const { return coef_mem.get() + ((size_t)(blk0 + bi) * 8 + i) * CB; }
+  A* kern(int bi, bool fold) const {
+    return (fold ? k_mem.get() : kraw_mem.get()) + (size_t)(blk0 + bi) * nk * CB;
+  }
+
+  void build_block(int blk) {
+    const int cb0 = blk * CB, L = std::min(CB, a.C - cb0), kk = a.k * a.k;
+    const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
+    A* cf = coef_mem.get() + (size_t)blk * 8 * CB;
+    for (int i = 0; i < 6; ++i)
+      for (int l = 0; l < CB; ++l) cf[i * CB + l] = (src[i] && l < L) ? (A)src[i][cb0 + l] : A(0);
+    auto wval = [&](int l, int t, bool f) -> double {
+      if (l >= L) return 0.0;
+      double v = a.w[(int64_t)(cb0 + l) * kk + t];
+      if (f) v *= a.scale[cb0 + l];
+      return v;
+    };
+    A* kf = k_mem.get() + (size_t)blk * nk * CB;
+    A* kr = kraw_mem.get() + (size_t)blk * nk * CB;
+    if (!a.bilinear) {
+      std::vector<double> kd((size_t)nk * CB, 0.0), kdr((size_t)nk * CB, 0.0);
+      for (int ph = 0; ph < a.S; ++ph)
+        for (int q = 0; q < a.S; ++q)
+          for (int dy = 0; dy < a.k; ++dy)
+            for (int dx = 0; dx < a.k; ++dx) {
+              const int r = poly.tap(ph, dy), sidx = poly.tap(q, dx);
+              const size_t base = (((size_t)(ph * a.S + q) * T + r) * T + sidx) * CB;
+              for (int l = 0; l < CB; ++l) {
+                kd[base + l] += wval(l, dy * a.k + dx, a.scale != nullptr);
+                kdr[base + l] += wval(l, dy * a.k + dx, false);
+              }
+            }
+      for (size_t i = 0; i < (size_t)nk * CB; ++i) {
+        kf[i] = (A)kd[i];
+        kr[i] = (A)kdr[i];
+      }
+    } else {
+      for (int t = 0; t < kk; ++t)
+        for (int l = 0; l < CB; ++l) {
+          kf[t * CB + l] = (A)wval(l, t, a.scale != nullptr);
+          kr[t * CB + l] = (A)wval(l, t, false);
+        }
+    }
+  }
   A* pk(int bi, int ph, int q, bool fold) const { return kern(bi, fold) + ((size_t)(ph * a.S + q) * T * T) * CB; }
 
-  void begin_item(int64_t item, bool fold) {
+  void begin_item(int64_t item) {
     n = item / ngroups;
     const int b0 = (int)(item % ngroups) * G;
+    blk0 = b0;
     nbk = std::min(G, nblocks - b0);
-    const int kk = a.k * a.k;
     for (int bi = 0; bi < nbk; ++bi) {
       c0[bi] = (b0 + bi) * CB;
       lanes[bi] = std::min(CB, a.C - c0[bi]);
@@ -1095,41 +1143,6 @@ struct UpdwCtx {
       gxcontig[bi] = a.gx.sc == 1 && lanes_contiguous(gxo, L);
       ycontig[bi] = a.y.sc == 1 && lanes_contiguous(yo, L);
       gcontig[bi] = a.g.sc == 1 && lanes_contiguous(go, L);
-      const double* src[6] = {a.scale, a.shift, a.mean, a.rstd, a.c2, a.c3};
-      for (int i = 0; i < 6; ++i)
-        for (int l = 0; l < CB; ++l) coef(bi, i)[l] = (src[i] && l < L) ? (A)src[i][c0[bi] + l] : A(0);
-      auto wval = [&](int l, int t, bool f) -> double {
-        if (l >= L) return 0.0;
-        double v = a.w[(int64_t)(c0[bi] + l) * kk + t];
-        if (f) v *= a.scale[c0[bi] + l];
-        return v;
-      };
-      A* kf = kern(bi, true);
-      A* kr = kern(bi, false);
-      if (!a.bilinear) {
-        std::vector<double> kd((size_t)nk * CB, 0.0), kdr((size_t)nk * CB, 0.0);
-        for (int ph = 0; ph < a.S; ++ph)
-          for (int q = 0; q < a.S; ++q)
-            for (int dy = 0; dy < a.k; ++dy)
-              for (int dx = 0; dx < a.k; ++dx) {
-                const int r = poly.tap(ph, dy), sidx = poly.tap(q, dx);
-                const size_t base = (((size_t)(ph * a.S + q) * T + r) * T + sidx) * CB;
-                for (int l = 0; l < CB; ++l) {
-                  kd[base + l] += wval(l, dy * a.k + dx, fold);
-                  kdr[base + l] += wval(l, dy * a.k + dx, false);
-                }
-              }
-        for (size_t i = 0; i < (size_t)nk * CB; ++i) {
-          kf[i] = (A)kd[i];
-          kr[i] = (A)kdr[i];
-        }
-      } else {
-        for (int t = 0; t < kk; ++t)
-          for (int l = 0; l < CB; ++l) {
-            kf[t * CB + l] = (A)wval(l, t, fold);
-            kr[t * CB + l] = (A)wval(l, t, false);
-          }
-      }
     }
     loaded = 0;
     xloaded = 0;
@@ -1244,7 +1257,7 @@ void updw_stats(const UpdwArgs& a, int64_t i0, int64_t i1) {
   UpdwCtx<S> ctx(a, false);
   std::vector<emcad::Welford> acc((size_t)ctx.G * CB);
   for (int64_t item = i0; item < i1; ++item) {
-    ctx.begin_item(item, false);
+    ctx.begin_item(item);
     std::fill(acc.begin(), acc.end(), emcad::Welford());
     for (int64_t y = 0; y < a.Ho; ++y) {
       ctx.prepare(y);
@@ -1270,7 +1283,7 @@ void updw_apply(const UpdwArgs& a, int64_t i0, int64_t i1) {
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
-      ctx.begin_item(item, true);
+      ctx.begin_item(item);
       for (int64_t y = 0; y < a.Ho; ++y) {
         ctx.prepare(y);
         for (int bi = 0; bi < ctx.nbk; ++bi) {
@@ -1310,7 +1323,7 @@ void updw_bwd_reduce(const UpdwArgs& a, int64_t i0, int64_t i1) {
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
-      ctx.begin_item(item, false);
+      ctx.begin_item(item);
       std::fill(s1.begin(), s1.end(), 0.0);
       std::fill(s2.begin(), s2.end(), 0.0);
       for (int64_t y = 0; y < a.Ho; ++y) {
@@ -1345,7 +1358,7 @@ void updw_bwd_grad(const UpdwArgs& a, int64_t i0, int64_t i1) {
   with_act(a.act, [&](auto AC) {
     constexpr int ACT = decltype(AC)::value;
     for (int64_t item = i0; item < i1; ++item) {
-      ctx.begin_item(item, false);
+      ctx.begin_item(item);
       dacc.zero();
       std::fill(s1.begin(), s1.end(), 0.0);
       std::fill(s2.begin(), s2.end(), 0.0);
