@@ -396,7 +396,7 @@ def test_full_network_counts(name, nc, params, keys):
 
 
 def test_registry():
-    names = list_models()
+    names = list_models(include_lightweight=False)
     assert names == [f"emcad_b{i}" for i in range(6)] + [f"emcad_resnet{d}" for d in (18, 34, 50, 101, 152)]
     for name in names:
         model = on_meta(create_model, name)

@@ -42,9 +42,9 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def list_models(include_lightweight: bool = False) -> list[str]:
-    """Names of the EMCAD models accepted by :func:`create_model`; with ``include_lightweight`` also the
-    encoder-free ``egeunet`` and ``malunet``."""
+def list_models(include_lightweight: bool = True) -> list[str]:
+    """Names of every model accepted by :func:`create_model`: the EMCADNet variants, then the encoder-free
+    ``egeunet`` and ``malunet`` (left out with ``include_lightweight=False``)."""
     return list(MODELS) + (list(LIGHTWEIGHT_MODELS) if include_lightweight else [])
 
 
