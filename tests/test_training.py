@@ -1,6 +1,7 @@
 """Training: calibrated synthetic convergence, exact resume, DDP (gloo, SyncBatchNorm) against one process,
 checkpoint files, and the train-mode fix (quirk #1)."""
 
+import math
 import os
 import subprocess
 import sys
@@ -114,6 +115,21 @@ def test_model_is_in_train_mode_after_every_validation(tmp_path):
     train(TrainConfig(**TINY, steps=5, output=str(tmp_path / "b"), reproduce_eval_mode_quirk=True),
           callback=record)
     assert modes == [True, True, False, False, False]  # the original behaviour, only behind the flag
+
+
+def test_amp_runs_the_fused_ops_in_bf16(tmp_path, monkeypatch):
+    import emcad_kernels.backends as kb
+
+    dtypes, select = set(), kb.select
+
+    def recording_select(call, backend=None):
+        dtypes.add(call.dtype)
+        return select(call, backend)
+
+    monkeypatch.setattr(kb, "select", recording_select)
+    res = train(TrainConfig(**TINY, steps=2, output=str(tmp_path / "run"), amp=True))
+    assert torch.bfloat16 in dtypes
+    assert all(math.isfinite(row["loss"]) for row in res.train_rows)
 
 
 def _run_cli(args, **kw):

@@ -119,7 +119,7 @@ def _add_train(sub) -> None:
     g.add_argument("--drop-path", type=float, help="PVTv2 stochastic-depth rate [the encoder's 0.1]")
     g.add_argument("--clip-grad-norm", type=float, metavar="MAX", help="clip the gradient norm")
     g.add_argument("--clip-grad-value", type=float, metavar="V", help="clamp gradients to [-V, V] (CASCADE: 0.5)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA; also CPU, useful on CPUs with native bf16)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     g.add_argument("--seed", type=int, help="[0]")
     g.add_argument("--device", help="auto, cpu or cuda [auto]")

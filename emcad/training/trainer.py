@@ -19,7 +19,7 @@ Behaviour worth knowing:
 * DDP under ``torchrun``: gloo on CPU, nccl on GPU; each process takes its share of every global batch;
   logging, validation and checkpoints on rank 0; ``sync_bn`` synchronises BatchNorm statistics (the decoder then
   uses its torch path, because the fused kernels compute per-process statistics).
-* bf16 autocast with ``amp=True`` on CUDA (ignored with a note on CPU); ``deterministic=True`` sets
+* bf16 autocast with ``amp=True`` (CUDA, and CPU, where it pays off only with native bf16 support); ``deterministic=True`` sets
   ``torch.use_deterministic_algorithms`` and the cuDNN flags for the run.
 
 Outputs in ``output`` (printed at the start): ``config.json``, ``train_log.csv``, ``val_log.csv``,
@@ -445,9 +445,7 @@ class Trainer:
         if cfg.batch_size % self.dist.world_size:
             raise TrainError(f"batch size {cfg.batch_size} (global) is not divisible by the {self.dist.world_size} "
                              f"processes")
-        self.amp = bool(cfg.amp and self.device.startswith("cuda"))
-        if cfg.amp and not self.amp:
-            self.log("note: --amp (bf16 autocast) is for CUDA; training in fp32 on the CPU")
+        self.amp = bool(cfg.amp)
 
         # output directory (rank 0 decides, everyone agrees)
         out = cfg.output
