@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from emcad_kernels import reference
+from op_cases import check_against_reference, lgag_case, msdc_case, run, updw_case
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -532,130 +533,6 @@ def emu_backend(request):
 # ==================================================================================================================
 # shared test cases (used on CPU with the emulation and on the GPU with the real extension)
 # ==================================================================================================================
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def _rand(gen, *shape, scale=1.0, offset=0.0):
-    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
-
-
-def _bn_state(gen, channels):
-    return [_rand(gen, channels, scale=0.2, offset=1.0), _rand(gen, channels, scale=0.1),
-            _rand(gen, channels, scale=0.1), torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5]
-
-
-class Case:
-    """Inputs of one functional call in float64 on CPU; ``run`` casts and places them."""
-
-    def __init__(self, op, tensors, bn, kwargs):
-        self.op, self.tensors, self.bn, self.kwargs = op, tensors, bn, kwargs
-
-    def __repr__(self):
-        shapes = {k: tuple(v.shape) for k, v in self.tensors.items() if v.dim() == 4}
-        return f"{self.op}{shapes}{self.kwargs}"
-
-
-def msdc_case(shape=(2, 6, 13, 11), kernel_sizes=(1, 3, 5), seed=0, **kwargs):
-    gen = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
-    tensors = {"x": _rand(gen, *shape)}
-    for i, k in enumerate(kernel_sizes):
-        tensors[f"w{i}"] = _rand(gen, c, 1, k, k, scale=0.3)
-    kwargs.setdefault("shuffle_groups", c // 2 if c % 2 == 0 else None)
-    kwargs.setdefault("activation", "relu6")
-    return Case("multi_scale_dwconv", tensors, [_bn_state(gen, c) for _ in kernel_sizes], kwargs)
-
-
-def updw_case(shape=(2, 5, 9, 6), k=3, seed=1, **kwargs):
-    gen = torch.Generator().manual_seed(seed)
-    c = shape[1]
-    kwargs.setdefault("activation", "relu")
-    return Case("upsample_dwconv", {"x": _rand(gen, *shape), "weight": _rand(gen, c, 1, k, k, scale=0.3)},
-                [_bn_state(gen, c)], kwargs)
-
-
-def lgag_case(shape=(2, 6, 11, 9), k=3, groups=None, f_int=None, seed=2, **kwargs):
-    gen = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
-    f_int = f_int or c // 2
-    groups = groups or f_int
-    tensors = {"g": _rand(gen, *shape), "x": _rand(gen, *shape),
-               "wg": _rand(gen, f_int, c // groups, k, k, scale=0.3), "bg": _rand(gen, f_int, scale=0.1),
-               "wx": _rand(gen, f_int, c // groups, k, k, scale=0.3), "bx": _rand(gen, f_int, scale=0.1),
-               "wpsi": _rand(gen, 1, f_int, 1, 1, scale=0.5), "bpsi": _rand(gen, 1, scale=0.1)}
-    kwargs.setdefault("add_gate_input", True)
-    kwargs["groups"] = groups
-    return Case("grouped_attention_gate", tensors,
-                [_bn_state(gen, f_int), _bn_state(gen, f_int), _bn_state(gen, 1)], kwargs)
-
-
-def run(case: Case, backend: str, dtype, channels_last: bool, training: bool, device="cpu", grad_seed=3):
-    """Forward + backward through the functional API: {name: tensor} with the output, the gradient of every
-    differentiable input and the updated running statistics; and the output tensor itself."""
-    import emcad_kernels as ek
-
-    named, leaves = {}, []
-    for name, t in case.tensors.items():
-        t = t.to(device=device, dtype=dtype)
-        if channels_last and t.dim() == 4 and name in ("x", "g"):
-            t = t.contiguous(memory_format=torch.channels_last)
-        named[name] = t.requires_grad_()
-        leaves.append((name, named[name]))
-    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    bns = []
-    for i, state in enumerate(case.bn):
-        w, b, rm, rv = (s.to(device=device, dtype=bn_dtype) for s in state)
-        bns.append(ek.BatchNormParams(w.requires_grad_(), b.requires_grad_(), rm, rv))
-        leaves += [(f"bn{i}.weight", w), (f"bn{i}.bias", b)]
-    kw = dict(case.kwargs, training=training, backend=backend)
-    if case.op == "multi_scale_dwconv":
-        ws = [named[k] for k in named if k.startswith("w")]
-        y = ek.multi_scale_dwconv(named["x"], ws, bns, **kw)
-    elif case.op == "upsample_dwconv":
-        y = ek.upsample_dwconv(named["x"], named["weight"], bns[0], **kw)
-    else:
-        t = named
-        y = ek.grouped_attention_gate(t["g"], t["x"], t["wg"], t["bg"], bns[0], t["wx"], t["bx"], bns[1], t["wpsi"],
-                                      t["bpsi"], bns[2], **kw)
-    gen = torch.Generator().manual_seed(grad_seed)
-    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    grads = torch.autograd.grad(y, [t for _, t in leaves], gy)
-    out = {"out": y.detach()}
-    out.update({f"grad {name}": g for (name, _), g in zip(leaves, grads)})
-    for i, bn in enumerate(bns):
-        out[f"bn{i}.running_mean"] = bn.running_mean
-        out[f"bn{i}.running_var"] = bn.running_var
-    return out, y
-
-
-def assert_matches(actual: dict, same_dtype: dict, ref64: dict, dtype, label: str):
-    """max|out - ref64| <= 2 max|ref_same_dtype - ref64| + floor(dtype) max(1, max|ref64|) for every entry
-    (KERNELS.md 8.1)."""
-    assert actual.keys() == ref64.keys()
-    for name in ref64:
-        a = actual[name].detach().double().cpu()
-        lp = same_dtype[name].detach().double().cpu()
-        ref = ref64[name].detach().double().cpu()
-        assert a.shape == ref.shape, f"{label} {name}: shape {tuple(a.shape)} != {tuple(ref.shape)}"
-        assert torch.isfinite(a).all(), f"{label} {name}: non-finite values"
-        err = (a - ref).abs().max().item()
-        err_pt = (lp - ref).abs().max().item()
-        tol = 2 * err_pt + FLOOR[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= tol, f"{label} {name}: max error {err:.3g} > {tol:.3g} (reference in {dtype}: {err_pt:.3g})"
-
-
-def check_against_reference(case, backend, device, dtype, channels_last, training, ref_device="cpu"):
-    label = f"{case} {dtype} {'channels_last' if channels_last else 'NCHW'} {'train' if training else 'eval'}"
-    got, y = run(case, backend, dtype, channels_last, training, device=device)
-    same, y_ref = run(case, "reference", dtype, channels_last, training, device=device)
-    ref64, _ = run(case, "reference", torch.float64, channels_last, training, device=ref_device)
-    assert_matches(got, same, ref64, dtype, label)
-    assert y.stride() == y_ref.stride(), f"{label}: output strides {y.stride()} != {y_ref.stride()}"
-    for name in ("grad x", "grad g"):
-        if name in got:
-            assert got[name].stride() == same[name].stride(), f"{label} {name}"
-
-
 def _dt(dtype):
     return str(dtype).replace("torch.", "")
 

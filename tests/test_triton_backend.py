@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -28,6 +27,8 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
                                               "backend tests need it")
 
 import emcad_kernels as ek  # noqa: E402
+import op_cases  # noqa: E402
+from op_cases import lgag_case, msdc_case, updw_case  # noqa: E402
 from emcad_kernels import triton as ek_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -37,9 +38,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if not CUDA and not ek_triton.INTERPRET:
     pytest.skip("no GPU and the triton kernels were not decorated for the interpreter: TRITON_INTERPRET=1 must be "
                 "set before emcad_kernels is imported (tests/conftest.py does that)", allow_module_level=True)
-
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
 
 # --------------------------------------------------------------------------------------------------
 # memory checking under the interpreter (compute-sanitizer's job on a GPU)
@@ -119,128 +117,12 @@ def test_interpreter_bounds_check_catches_out_of_bounds_reads():
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# --------------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------------
-def _rand(gen, *shape, scale=1.0, offset=0.0):
-    return torch.randn(shape, generator=gen) * scale + offset
-
-
-def _bn_state(gen, channels):
-    """(weight, bias, running_mean, running_var) in fp32, away from the trivial values."""
-    return [_rand(gen, channels, scale=0.2, offset=1.0), _rand(gen, channels, scale=0.1),
-            _rand(gen, channels, scale=0.1), torch.rand(channels, generator=gen) + 0.5]
-
-
-@dataclass
-class Case:
-    """Inputs of one op call in fp32 on CPU; ``run`` places them and calls the functional API."""
-
-    op: str
-    tensors: dict
-    bn: list
-    kwargs: dict = field(default_factory=dict)
-
-
-def msdc_case(shape=(2, 6, 13, 11), kernel_sizes=(1, 3, 5), seed=0, **kwargs):
-    gen = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
-    tensors = {"x": _rand(gen, *shape)}
-    for i, k in enumerate(kernel_sizes):
-        tensors[f"w{i}"] = _rand(gen, c, 1, k, k, scale=0.3)
-    kwargs.setdefault("shuffle_groups", c // 2)
-    kwargs.setdefault("activation", "relu6")
-    return Case("multi_scale_dwconv", tensors, [_bn_state(gen, c) for _ in kernel_sizes], kwargs)
-
-
-def updw_case(shape=(2, 5, 9, 6), k=3, seed=1, **kwargs):
-    gen = torch.Generator().manual_seed(seed)
-    c = shape[1]
-    kwargs.setdefault("activation", "relu")
-    return Case("upsample_dwconv", {"x": _rand(gen, *shape), "weight": _rand(gen, c, 1, k, k, scale=0.3)},
-                [_bn_state(gen, c)], kwargs)
-
-
-def lgag_case(shape=(2, 6, 9, 7), k=3, groups=None, f_int=None, seed=2, **kwargs):
-    gen = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
-    f_int = f_int or c // 2
-    groups = groups or f_int
-    tensors = {"g": _rand(gen, *shape), "x": _rand(gen, *shape),
-               "wg": _rand(gen, f_int, c // groups, k, k, scale=0.3), "bg": _rand(gen, f_int, scale=0.1),
-               "wx": _rand(gen, f_int, c // groups, k, k, scale=0.3), "bx": _rand(gen, f_int, scale=0.1),
-               "wpsi": _rand(gen, 1, f_int, 1, 1, scale=0.5), "bpsi": _rand(gen, 1, scale=0.1)}
-    kwargs.setdefault("add_gate_input", True)
-    kwargs["groups"] = groups
-    return Case("grouped_attention_gate", tensors, [_bn_state(gen, f_int), _bn_state(gen, f_int), _bn_state(gen, 1)],
-                kwargs)
-
-
-def run(case: Case, backend: str, dtype: torch.dtype, channels_last: bool, training: bool, device=DEVICE,
-        grad_seed=3):
-    """Forward + backward through the functional API. Returns ({name: tensor}, output): the output, the gradient
-    of every differentiable input and the updated running statistics."""
-    named, leaves = {}, []
-    for name, t in case.tensors.items():
-        t = t.to(device=device, dtype=dtype)
-        if channels_last and t.dim() == 4 and name in ("x", "g"):
-            t = t.contiguous(memory_format=torch.channels_last)
-        named[name] = t.requires_grad_()
-        leaves.append((name, named[name]))
-    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    bns = []
-    for i, state in enumerate(case.bn):
-        w, b, rm, rv = (s.to(device=device, dtype=bn_dtype) for s in state)
-        bns.append(ek.BatchNormParams(w.requires_grad_(), b.requires_grad_(), rm, rv))
-        leaves += [(f"bn{i}.weight", w), (f"bn{i}.bias", b)]
-    kw = dict(case.kwargs, training=training, backend=backend)
-    if case.op == "multi_scale_dwconv":
-        ws = [named[k] for k in named if k.startswith("w")]
-        y = ek.multi_scale_dwconv(named["x"], ws, bns, **kw)
-    elif case.op == "upsample_dwconv":
-        y = ek.upsample_dwconv(named["x"], named["weight"], bns[0], **kw)
-    else:
-        t = named
-        y = ek.grouped_attention_gate(t["g"], t["x"], t["wg"], t["bg"], bns[0], t["wx"], t["bx"], bns[1], t["wpsi"],
-                                      t["bpsi"], bns[2], **kw)
-    gen = torch.Generator().manual_seed(grad_seed)
-    gy = torch.randn(y.shape, generator=gen).to(device=device, dtype=dtype)
-    grads = torch.autograd.grad(y, [t for _, t in leaves], gy)
-    out = {"out": y.detach()}
-    out.update({f"grad {name}": g for (name, _), g in zip(leaves, grads)})
-    for i, bn in enumerate(bns):
-        out[f"bn{i}.running_mean"] = bn.running_mean
-        out[f"bn{i}.running_var"] = bn.running_var
-    return out, y
-
-
-def assert_matches(actual: dict, same_dtype: dict, ref64: dict, dtype: torch.dtype, label: str):
-    assert actual.keys() == ref64.keys()
-    for name in ref64:
-        a = actual[name].detach().double().cpu()
-        lp = same_dtype[name].detach().double().cpu()
-        ref = ref64[name].detach().double().cpu()
-        assert a.shape == ref.shape, f"{label} {name}: shape {tuple(a.shape)} != {tuple(ref.shape)}"
-        assert torch.isfinite(a).all(), f"{label} {name}: non-finite values"
-        err = (a - ref).abs().max().item()
-        err_pt = (lp - ref).abs().max().item()
-        tol = 2 * err_pt + FLOOR[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= tol, f"{label} {name}: max error {err:.3g} > {tol:.3g} (reference in {dtype}: {err_pt:.3g})"
+def run(case, backend, dtype, channels_last, training, device=DEVICE, grad_seed=3):
+    return op_cases.run(case, backend, dtype, channels_last, training, device, grad_seed)
 
 
 def check_against_reference(case, dtype, channels_last, training):
-    label = f"{case.op} {dtype} {'channels_last' if channels_last else 'NCHW'} {'train' if training else 'eval'}"
-    got, y = run(case, "triton", dtype, channels_last, training)
-    same, y_ref = run(case, "reference", dtype, channels_last, training)
-    ref64, _ = run(case, "reference", torch.float64, channels_last, training, device="cpu")
-    assert_matches(got, same, ref64, dtype, label)
-    # the output keeps the input's memory format, as the reference does
-    assert y.is_contiguous(memory_format=torch.channels_last) == y_ref.is_contiguous(
-        memory_format=torch.channels_last), label
-    assert y.stride() == y_ref.stride(), label
-    for name in ("grad x", "grad g"):
-        if name in got:
-            assert got[name].stride() == same[name].stride(), f"{label} {name}"
+    op_cases.check_against_reference(case, "triton", DEVICE, dtype, channels_last, training)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,9 +180,10 @@ def test_msdc_eval_no_running_stats_uses_batch_statistics():
 
 
 def run_no_running(case, backend):
-    x = case.tensors["x"].to(DEVICE).requires_grad_()
-    ws = [case.tensors[k].to(DEVICE) for k in case.tensors if k.startswith("w")]
-    bns = [ek.BatchNormParams(w.to(DEVICE), b.to(DEVICE), None, None) for w, b, _, _ in case.bn]
+    x = case.tensors["x"].to(DEVICE, torch.float32).requires_grad_()
+    ws = [case.tensors[k].to(DEVICE, torch.float32) for k in case.tensors if k.startswith("w")]
+    bns = [ek.BatchNormParams(w.to(DEVICE, torch.float32), b.to(DEVICE, torch.float32), None, None)
+           for w, b, _, _ in case.bn]
     y = ek.multi_scale_dwconv(x, ws, bns, training=False, backend=backend, shuffle_groups=2)
     (gx,) = torch.autograd.grad(y.square().sum(), [x])
     return {"out": y.detach(), "grad x": gx}, y
@@ -383,8 +266,9 @@ def test_torch_compile_fullgraph_matches_eager():
         return (y * y).sum()
 
     def grads(fn):
-        x = case.tensors["x"].to(DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
-        ws = [case.tensors[f"w{i}"].to(DEVICE).requires_grad_() for i in range(3)]
+        x = case.tensors["x"].to(DEVICE, torch.float32).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        ws = [case.tensors[f"w{i}"].to(DEVICE, torch.float32).requires_grad_() for i in range(3)]
         gw = torch.ones(3, 4, device=DEVICE, requires_grad=True)
         gb = torch.zeros(3, 4, device=DEVICE, requires_grad=True)
         loss = fn(x, *ws, gw, gb)

@@ -1,0 +1,141 @@
+"""Shared inputs and parity checks for the backend tests (triton, cuda): one functional call per ``Case``, run
+forward and backward on any backend, device, dtype and layout, and compared with the reference.
+
+Tolerance (KERNELS.md §8.1): for every output and gradient,
+``max|backend − ref64| <= 2·max|ref_same_dtype − ref64| + FLOOR[dtype]·max(1, max|ref64|)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rand(gen, *shape, scale=1.0, offset=0.0):
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
+
+
+def bn_state(gen, channels):
+    """(weight, bias, running_mean, running_var), away from the trivial values."""
+    return [rand(gen, channels, scale=0.2, offset=1.0), rand(gen, channels, scale=0.1),
+            rand(gen, channels, scale=0.1), torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5]
+
+
+@dataclass
+class Case:
+    """Inputs of one functional call in float64 on CPU; ``run`` casts and places them."""
+
+    op: str
+    tensors: dict
+    bn: list
+    kwargs: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        shapes = {k: tuple(v.shape) for k, v in self.tensors.items() if v.dim() == 4}
+        return f"{self.op}{shapes}{self.kwargs}"
+
+
+def msdc_case(shape=(2, 6, 13, 11), kernel_sizes=(1, 3, 5), seed=0, **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    tensors = {"x": rand(gen, *shape)}
+    for i, k in enumerate(kernel_sizes):
+        tensors[f"w{i}"] = rand(gen, c, 1, k, k, scale=0.3)
+    kwargs.setdefault("shuffle_groups", c // 2 if c % 2 == 0 else None)
+    kwargs.setdefault("activation", "relu6")
+    return Case("multi_scale_dwconv", tensors, [bn_state(gen, c) for _ in kernel_sizes], kwargs)
+
+
+def updw_case(shape=(2, 5, 9, 6), k=3, seed=1, **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    kwargs.setdefault("activation", "relu")
+    return Case("upsample_dwconv", {"x": rand(gen, *shape), "weight": rand(gen, c, 1, k, k, scale=0.3)},
+                [bn_state(gen, c)], kwargs)
+
+
+def lgag_case(shape=(2, 6, 9, 7), k=3, groups=None, f_int=None, seed=2, **kwargs):
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    f_int = f_int or c // 2
+    groups = groups or f_int
+    tensors = {"g": rand(gen, *shape), "x": rand(gen, *shape),
+               "wg": rand(gen, f_int, c // groups, k, k, scale=0.3), "bg": rand(gen, f_int, scale=0.1),
+               "wx": rand(gen, f_int, c // groups, k, k, scale=0.3), "bx": rand(gen, f_int, scale=0.1),
+               "wpsi": rand(gen, 1, f_int, 1, 1, scale=0.5), "bpsi": rand(gen, 1, scale=0.1)}
+    kwargs.setdefault("add_gate_input", True)
+    kwargs["groups"] = groups
+    return Case("grouped_attention_gate", tensors, [bn_state(gen, f_int), bn_state(gen, f_int), bn_state(gen, 1)],
+                kwargs)
+
+
+def run(case: Case, backend: str, dtype, channels_last: bool, training: bool, device="cpu", grad_seed=3):
+    """Forward + backward through the functional API. Returns ({name: tensor}, output): the output, the gradient
+    of every differentiable input and the updated running statistics."""
+    import emcad_kernels as ek
+
+    named, leaves = {}, []
+    for name, t in case.tensors.items():
+        t = t.to(device=device, dtype=dtype)
+        if channels_last and t.dim() == 4 and name in ("x", "g"):
+            t = t.contiguous(memory_format=torch.channels_last)
+        named[name] = t.requires_grad_()
+        leaves.append((name, named[name]))
+    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    bns = []
+    for i, state in enumerate(case.bn):
+        w, b, rm, rv = (s.to(device=device, dtype=bn_dtype) for s in state)
+        bns.append(ek.BatchNormParams(w.requires_grad_(), b.requires_grad_(), rm, rv))
+        leaves += [(f"bn{i}.weight", w), (f"bn{i}.bias", b)]
+    kw = dict(case.kwargs, training=training, backend=backend)
+    if case.op == "multi_scale_dwconv":
+        ws = [named[k] for k in named if k.startswith("w")]
+        y = ek.multi_scale_dwconv(named["x"], ws, bns, **kw)
+    elif case.op == "upsample_dwconv":
+        y = ek.upsample_dwconv(named["x"], named["weight"], bns[0], **kw)
+    else:
+        t = named
+        y = ek.grouped_attention_gate(t["g"], t["x"], t["wg"], t["bg"], bns[0], t["wx"], t["bx"], bns[1], t["wpsi"],
+                                      t["bpsi"], bns[2], **kw)
+    gen = torch.Generator().manual_seed(grad_seed)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(y, [t for _, t in leaves], gy)
+    out = {"out": y.detach()}
+    out.update({f"grad {name}": g for (name, _), g in zip(leaves, grads)})
+    for i, bn in enumerate(bns):
+        out[f"bn{i}.running_mean"] = bn.running_mean
+        out[f"bn{i}.running_var"] = bn.running_var
+    return out, y
+
+
+def assert_matches(actual: dict, same_dtype: dict, ref64: dict, dtype, label: str):
+    """Every entry of ``actual`` within the tolerance above of ``ref64`` (``same_dtype``: the reference in
+    ``dtype``)."""
+    assert actual.keys() == ref64.keys()
+    for name in ref64:
+        a = actual[name].detach().double().cpu()
+        lp = same_dtype[name].detach().double().cpu()
+        ref = ref64[name].detach().double().cpu()
+        assert a.shape == ref.shape, f"{label} {name}: shape {tuple(a.shape)} != {tuple(ref.shape)}"
+        assert torch.isfinite(a).all(), f"{label} {name}: non-finite values"
+        err = (a - ref).abs().max().item()
+        err_pt = (lp - ref).abs().max().item()
+        tol = 2 * err_pt + FLOOR[dtype] * max(1.0, ref.abs().max().item())
+        assert err <= tol, f"{label} {name}: max error {err:.3g} > {tol:.3g} (reference in {dtype}: {err_pt:.3g})"
+
+
+def check_against_reference(case, backend, device, dtype, channels_last, training, ref_device="cpu"):
+    """``backend`` on ``device`` against the reference: values (``assert_matches``) and the memory format of the
+    output and of the input gradients."""
+    label = f"{case} {dtype} {'channels_last' if channels_last else 'NCHW'} {'train' if training else 'eval'}"
+    got, y = run(case, backend, dtype, channels_last, training, device=device)
+    same, y_ref = run(case, "reference", dtype, channels_last, training, device=device)
+    ref64, _ = run(case, "reference", torch.float64, channels_last, training, device=ref_device)
+    assert_matches(got, same, ref64, dtype, label)
+    assert y.stride() == y_ref.stride(), f"{label}: output strides {y.stride()} != {y_ref.stride()}"
+    for name in ("grad x", "grad g"):
+        if name in got:
+            assert got[name].stride() == same[name].stride(), f"{label} {name}"
