@@ -14,7 +14,7 @@ imported); ``INTERPRET`` says whether they were decorated for it.
 from __future__ import annotations
 
 from ..library import Kernels
-from . import lgag, lndw, msdc, updw
+from . import dwgn, lgag, lndw, msdc, updw
 from ._utils import ACTIVATION_CODES, INTERPRET, SUPPORTED_DTYPES
 
 
@@ -23,8 +23,10 @@ KERNELS = Kernels(
     updw_forward=updw.updw_forward, updw_backward=updw.updw_backward,
     lgag_forward=lgag.lgag_forward, lgag_backward=lgag.lgag_backward,
     lndw_forward=lndw.lndw_forward, lndw_backward=lndw.lndw_backward,
+    dwgn_forward=dwgn.dwgn_forward, dwgn_backward=dwgn.dwgn_backward,
 )
 
-IMPLEMENTED_OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv")
+IMPLEMENTED_OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
+                   "dilated_dwconv_groupnorm")
 
 __all__ = ["ACTIVATION_CODES", "IMPLEMENTED_OPS", "INTERPRET", "KERNELS", "SUPPORTED_DTYPES"]
