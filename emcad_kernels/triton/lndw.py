@@ -167,10 +167,10 @@ def _lndw_bwd_kernel(x, grad, gx, wt, lnw, lnb, part,
 def _tile(h: int, w: int, block_c: int) -> Tile:
     """Pinned tile (a function of the shape only): all of a group's channels times ~2048/BLOCK_C pixels (16..128)
     on 4 warps, so a tile holds at most ~16 fp32 values per thread and array; SUB = 8 tiles per backward program.
-    Under the interpreter, 4×8 tiles and SUB = 3 so that tiny test images still have ragged edges, several tiles
-    and chunks whose last tiles lie past the end."""
+    Under the interpreter (which pays per operation, not per element), 8×8 tiles and SUB = 2: the tiny odd test
+    images still have ragged edges, several tiles per image and chunks whose last tile lies past the end."""
     if INTERPRET:
-        return Tile(BLOCK_H=4, BLOCK_W=8, BLOCK_C=block_c, num_warps=1, SUB=3)
+        return Tile(BLOCK_H=8, BLOCK_W=8, BLOCK_C=block_c, num_warps=1, SUB=2)
     pixels = max(16, min(128, 2048 // block_c))
     block_w = min(next_pow2(w), 16, pixels)
     return Tile(BLOCK_H=max(1, pixels // block_w), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4, SUB=8)
