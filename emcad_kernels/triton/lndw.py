@@ -165,15 +165,18 @@ def _lndw_bwd_kernel(x, grad, gx, wt, lnw, lnb, part,
 # launchers (the kernel interface of library.py)
 # --------------------------------------------------------------------------------------------------
 def _tile(h: int, w: int, block_c: int) -> Tile:
-    """Pinned tile (a function of the shape only): all of a group's channels times ~2048/BLOCK_C pixels (16..128)
-    on 4 warps, so a tile holds at most ~16 fp32 values per thread and array; SUB = 8 tiles per backward program.
+    """Pinned tile (a function of the shape only): all of a group's channels times 1024/BLOCK_C pixels (16..128),
+    8 fp32 values per thread and array on 4 warps (8 warps for the 16-pixel tiles of groups wider than 64
+    channels); SUB = 8 tiles per backward program. Larger tiles spill on sm_90 (compile check with
+    ``cuobjdump --dump-resource-usage``: 16 values per thread spill ~300 bytes in the forward at 64 channels).
     Under the interpreter (which pays per operation, not per element), 8×8 tiles and SUB = 2: the tiny odd test
     images still have ragged edges, several tiles per image and chunks whose last tile lies past the end."""
     if INTERPRET:
         return Tile(BLOCK_H=8, BLOCK_W=8, BLOCK_C=block_c, num_warps=1, SUB=2)
-    pixels = max(16, min(128, 2048 // block_c))
+    pixels = max(16, min(128, 1024 // block_c))
     block_w = min(next_pow2(w), 16, pixels)
-    return Tile(BLOCK_H=max(1, pixels // block_w), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4, SUB=8)
+    num_warps = 8 if pixels * block_c >= 2048 else 4
+    return Tile(BLOCK_H=max(1, pixels // block_w), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps, SUB=8)
 
 
 def _groups(weights, dilations):
