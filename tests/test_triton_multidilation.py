@@ -15,6 +15,8 @@ determinism, ``torch.compile`` and whole-model training steps against ``backend=
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -25,8 +27,10 @@ import emcad_kernels as ek  # noqa: E402
 from emcad_kernels import triton as ek_triton  # noqa: E402
 from emcad_kernels.functional import dilated_dwconv_groupnorm, layernorm_dilated_dwconv  # noqa: E402
 
-# the interpreter's out-of-bounds check (autouse) and the tolerance rule are shared with the other triton tests
-from test_triton_backend import FLOOR, assert_matches, interpreter_bounds_check  # noqa: E402,F401
+# the interpreter's out-of-bounds check (autouse), the tolerance rule and the sm_90 compile harness are shared
+# with the other triton tests
+from test_triton_backend import (_COMPILE_CHECK, FLOOR, _clean_env, _python, assert_matches,  # noqa: E402,F401
+                                 interpreter_bounds_check)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -258,6 +262,43 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for a, b in zip(grads(step), grads(compiled)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+_COMPILE_LAUNCHES = r"""
+from emcad_kernels.triton import dwgn, lndw
+
+def cl(*shape, dtype=torch.bfloat16):
+    return torch.zeros(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+for g, groups, dils in ((5, 4, [1, 2, 5, 7]), (25, 4, [1, 2, 5, 7]), (64, 1, [1]), (128, 1, [1])):
+    x = cl(2, g * groups, 13, 11)
+    lws, lbs = [torch.ones(g)] * groups, [torch.zeros(g)] * groups
+    ws, bs = [torch.zeros(g, 1, 3, 3, **bf)] * groups, [torch.zeros(g, **bf)] * groups
+    lndw.lndw_forward(x, lws, lbs, ws, bs, dils, 1e-6)
+    lndw.lndw_backward(x, x, lws, lbs, ws, bs, dils, 1e-6)
+for c, k in ((32, 3), (64, 5)):
+    x = cl(2, c, 13, 11)
+    ws, bs = [torch.zeros(c // 4, 1, k, k, **bf)] * 4, [torch.zeros(c // 4, **bf)] * 4
+    dwgn.dwgn_forward(x, ws, bs, torch.ones(c), torch.zeros(c), [7, 5, 2, 1], 1e-5)
+    dwgn.dwgn_backward(x, x, ws, bs, torch.ones(c), torch.zeros(c), [7, 5, 2, 1], 1e-5)
+for name, regs, stack in report:
+    print(f"{name} {regs} {stack}")
+"""
+
+
+@pytest.mark.skipif(os.environ.get("EMCAD_TRITON_COMPILE_CHECK") != "1",
+                    reason="set EMCAD_TRITON_COMPILE_CHECK=1 to compile the kernels for sm_90 without a GPU")
+def test_kernels_compile_for_sm90_without_spills():
+    """Compiles the lndw / dwgn launches (bf16, channels_last; groups of 5, 25, 64 and 128 channels; 3×3 and 5×5)
+    with the real Triton compiler for sm_90 and checks their register spills."""
+    harness = _COMPILE_CHECK.split("from emcad_kernels.triton import")[0] + "bf = dict(dtype=torch.bfloat16)\n"
+    out = _python(harness + _COMPILE_LAUNCHES, _clean_env(), timeout=3600)
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    assert {r[0] for r in rows} >= {"_lndw_fwd_kernel", "_lndw_bwd_kernel", "_dwgn_stats_kernel", "_dwgn_fwd_kernel",
+                                    "_dwgn_bwd_stats_kernel", "_dwgn_bwd_dz_kernel", "_dwgn_bwd_dx_kernel"}, out
+    print("kernel registers stack-bytes\n" + "\n".join(" ".join(r) for r in rows))
+    spilling = [r for r in rows if int(r[2]) > 32]  # a few bytes (one spilled pointer) are harmless
+    assert not spilling, f"kernels spilling more than 32 bytes of stack: {spilling}"
 
 
 # --------------------------------------------------------------------------------------------------

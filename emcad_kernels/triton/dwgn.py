@@ -265,7 +265,7 @@ def _geometry(x, weights, dilations):
         raise ValueError(f"the triton kernel supports odd kernel sizes <= {MAX_KERNEL_SIZE}, got {k}")
     q = x.shape[1] // g
     dils = [int(d) for d in dilations] + [1] * (MAX_GROUPS - g)
-    return g, q, k, dils, _tile(x.shape[2], x.shape[3], next_pow2(q))
+    return g, q, k, dils, _tile(x.shape[2], x.shape[3], next_pow2(q), k)
 
 
 def _flat(tensors):

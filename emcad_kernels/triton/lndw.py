@@ -164,16 +164,17 @@ def _lndw_bwd_kernel(x, grad, gx, wt, lnw, lnb, part,
 # --------------------------------------------------------------------------------------------------
 # launchers (the kernel interface of library.py)
 # --------------------------------------------------------------------------------------------------
-def _tile(h: int, w: int, block_c: int) -> Tile:
-    """Pinned tile (a function of the shape only): all of a group's channels times 1024/BLOCK_C pixels (16..128),
-    8 fp32 values per thread and array on 4 warps (8 warps for the 16-pixel tiles of groups wider than 64
-    channels); SUB = 8 tiles per backward program. Larger tiles spill on sm_90 (compile check with
-    ``cuobjdump --dump-resource-usage``: 16 values per thread spill ~300 bytes in the forward at 64 channels).
+def _tile(h: int, w: int, block_c: int, k: int = 3) -> Tile:
+    """Pinned tile (a function of the shape only): all of a group's channels times 1024/BLOCK_C pixels (16..128;
+    half as many for K >= 5), 8 fp32 values per thread and array on 4 warps (8 warps for the 16-pixel tiles of
+    groups wider than 64 channels); SUB = 8 tiles per backward program. Larger tiles spill on sm_90 (compile
+    check with ``cuobjdump --dump-resource-usage``: 16 values per thread spill ~300 bytes in the forward at 64
+    channels; the 25 unrolled taps of a 5×5 spill 80 bytes at 8 values per thread).
     Under the interpreter (which pays per operation, not per element), 8×8 tiles and SUB = 2: the tiny odd test
     images still have ragged edges, several tiles per image and chunks whose last tile lies past the end."""
     if INTERPRET:
         return Tile(BLOCK_H=8, BLOCK_W=8, BLOCK_C=block_c, num_warps=1, SUB=2)
-    pixels = max(16, min(128, 1024 // block_c))
+    pixels = max(16, min(128, (1024 if k <= 3 else 512) // block_c))
     block_w = min(next_pow2(w), 16, pixels)
     num_warps = 8 if pixels * block_c >= 2048 else 4
     return Tile(BLOCK_H=max(1, pixels // block_w), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps, SUB=8)
@@ -207,7 +208,7 @@ def lndw_forward(x, ln_weights, ln_biases, weights, biases, dilations, eps):
         return reference.lndw_forward(x, ln_weights, ln_biases, weights, biases, dilations, eps)
     n, c, h, w = x.shape
     starts, sizes, dils, k, block_c = _groups(weights, dilations)
-    tile = _tile(h, w, block_c)
+    tile = _tile(h, w, block_c, k)
     y = empty_4d(x.shape, x.dtype, x.device, is_channels_last(x))
     _lndw_fwd_kernel[(tile.num_tiles(n, h, w), len(weights))](
         x, y, _flat(weights), _flat(biases), _flat(ln_weights, torch.float32), _flat(ln_biases, torch.float32),
@@ -222,7 +223,7 @@ def lndw_backward(grad, x, ln_weights, ln_biases, weights, biases, dilations, ep
     n, c, h, w = x.shape
     g = len(weights)
     starts, sizes, dils, k, block_c = _groups(weights, dilations)
-    tile = _tile(h, w, block_c)
+    tile = _tile(h, w, block_c, k)
     t = tile.num_chunks(n, h, w)
     row = [s * (k * k + 3) for s in sizes[:g]]  # partial-row length of each group
     offsets = [t * sum(row[:i]) for i in range(g)]
