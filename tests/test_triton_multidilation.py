@@ -161,7 +161,7 @@ DWGN_ODD = {
     "1x1-image": dict(c=8, groups=4, dilations=(1, 9, 2, 1), shape=(2, 1, 1)),
     "one-channel-groups": dict(c=4, groups=4, dilations=(1, 2, 3, 1), shape=(1, 5, 3)),
     "dilation-beyond-image-13x11": dict(c=6, groups=2, dilations=(1, 17), shape=(1, 13, 11)),
-    "gau-k5-single-dilation": dict(c=8, groups=4, k=5, dilations=(1, 1, 1, 1), shape=(2, 4, 5)),
+    "gau-k5-single-dilation": dict(c=8, groups=4, k=5, dilations=(1, 1, 1, 1), shape=(1, 4, 5)),
     "one-group": dict(c=3, groups=1, dilations=(2,), shape=(2, 4, 7)),
 }
 

@@ -43,7 +43,7 @@ from .. import reference
 from . import _reduce
 from ._utils import (accumulate_partial, cdiv, empty_4d, empty_scratch, is_channels_last, next_pow2, tile_coords,
                      welford_merge)
-from .lndw import MAX_GROUPS, MAX_KERNEL_SIZE, _tile, pick
+from .lndw import MAX_GROUPS, MAX_KERNEL_SIZE, group_tile, pick
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +265,8 @@ def _geometry(x, weights, dilations):
         raise ValueError(f"the triton kernel supports odd kernel sizes <= {MAX_KERNEL_SIZE}, got {k}")
     q = x.shape[1] // g
     dils = [int(d) for d in dilations] + [1] * (MAX_GROUPS - g)
-    return g, q, k, dils, _tile(x.shape[2], x.shape[3], next_pow2(q), k)
+    n, _, h, w = x.shape
+    return g, q, k, dils, group_tile(n, h, w, next_pow2(q), k)
 
 
 def _flat(tensors):

@@ -24,8 +24,8 @@ backward (one pass, recomputing the LayerNorm; no scratch buffer)
                            gradient outputs.
 
 The backward kernel loops over a chunk of ``SUB`` tiles and writes one partial row per chunk and group; its tile
-is a function of the shape only (never autotuned), so the reduction order is fixed and results are bitwise
-reproducible. Group geometry (channel offset, size, dilation, partial-buffer offset) is passed as scalar
+(``group_tile``) is a function of the shape only (never autotuned), so the reduction order is fixed and results
+are bitwise reproducible. Group geometry (channel offset, size, dilation, partial-buffer offset) is passed as scalar
 arguments and selected by the group index: no host-to-device copy per call (CUDA-graph safe).
 
 Layouts: addressed through strides (NCHW, channels_last, other strides); outputs take the input's memory format.
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .. import reference
 from . import _reduce
-from ._utils import INTERPRET, Tile, accumulate_partial, empty_4d, is_channels_last, next_pow2, tile_coords
+from ._utils import INTERPRET, Tile, accumulate_partial, cdiv, empty_4d, is_channels_last, next_pow2, tile_coords
 
 MAX_GROUPS = 4
 MAX_KERNEL_SIZE = 7
@@ -164,20 +164,26 @@ def _lndw_bwd_kernel(x, grad, gx, wt, lnw, lnb, part,
 # --------------------------------------------------------------------------------------------------
 # launchers (the kernel interface of library.py)
 # --------------------------------------------------------------------------------------------------
-def _tile(h: int, w: int, block_c: int, k: int = 3) -> Tile:
-    """Pinned tile (a function of the shape only): all of a group's channels times 1024/BLOCK_C pixels (16..128;
-    half as many for K >= 5), 8 fp32 values per thread and array on 4 warps (8 warps for the 16-pixel tiles of
-    groups wider than 64 channels); SUB = 8 tiles per backward program. Larger tiles spill on sm_90 (compile
-    check with ``cuobjdump --dump-resource-usage``: 16 values per thread spill ~300 bytes in the forward at 64
-    channels; the 25 unrolled taps of a 5×5 spill 80 bytes at 8 values per thread).
+def group_tile(n: int, h: int, w: int, block_c: int, k: int = 3) -> Tile:
+    """Pinned tile (a function of the shape only) for the programs that cover all channels of one group.
+
+    ``BLOCK_C`` channels times 1024/BLOCK_C pixels (16..128; half as many for K >= 5): 8 fp32 values per thread
+    and array on 4 warps (8 warps for the 16-pixel tiles of groups wider than 64 channels). Larger tiles spill on
+    sm_90 (compile check with ``cuobjdump --dump-resource-usage``: 16 values per thread spill ~300 bytes in the
+    forward at 64 channels; the 25 unrolled taps of a 5×5 spill 80 bytes at 8 values per thread). Programs
+    writing partials loop over SUB tiles: 1 while there are fewer than 2048 tiles (the EGE-UNet / MALUNet maps are
+    small: keep every SM busy), up to 8 for large problems (partial buffers of at most ~1024 rows per group).
     Under the interpreter (which pays per operation, not per element), 8×8 tiles and SUB = 2: the tiny odd test
     images still have ragged edges, several tiles per image and chunks whose last tile lies past the end."""
     if INTERPRET:
         return Tile(BLOCK_H=8, BLOCK_W=8, BLOCK_C=block_c, num_warps=1, SUB=2)
     pixels = max(16, min(128, (1024 if k <= 3 else 512) // block_c))
     block_w = min(next_pow2(w), 16, pixels)
+    block_h = max(1, pixels // block_w)
     num_warps = 8 if pixels * block_c >= 2048 else 4
-    return Tile(BLOCK_H=max(1, pixels // block_w), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps, SUB=8)
+    tiles = n * cdiv(h, block_h) * cdiv(w, block_w)
+    return Tile(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps,
+                SUB=min(8, max(1, tiles // 1024)))
 
 
 def _groups(weights, dilations):
@@ -208,7 +214,7 @@ def lndw_forward(x, ln_weights, ln_biases, weights, biases, dilations, eps):
         return reference.lndw_forward(x, ln_weights, ln_biases, weights, biases, dilations, eps)
     n, c, h, w = x.shape
     starts, sizes, dils, k, block_c = _groups(weights, dilations)
-    tile = _tile(h, w, block_c, k)
+    tile = group_tile(n, h, w, block_c, k)
     y = empty_4d(x.shape, x.dtype, x.device, is_channels_last(x))
     _lndw_fwd_kernel[(tile.num_tiles(n, h, w), len(weights))](
         x, y, _flat(weights), _flat(biases), _flat(ln_weights, torch.float32), _flat(ln_biases, torch.float32),
@@ -223,7 +229,7 @@ def lndw_backward(grad, x, ln_weights, ln_biases, weights, biases, dilations, ep
     n, c, h, w = x.shape
     g = len(weights)
     starts, sizes, dils, k, block_c = _groups(weights, dilations)
-    tile = _tile(h, w, block_c, k)
+    tile = group_tile(n, h, w, block_c, k)
     t = tile.num_chunks(n, h, w)
     row = [s * (k * k + 3) for s in sizes[:g]]  # partial-row length of each group
     offsets = [t * sum(row[:i]) for i in range(g)]
