@@ -9,6 +9,7 @@ interpreter).
 Tolerance (KERNELS.md §8.1), for the output and every gradient:
 ``max|triton − ref64| <= 2·max|ref_same_dtype − ref64| + floor(dtype)·max(1, max|ref64|)``.
 
+A ``slow`` test (``--run-slow``) runs whole EGE-UNet / MALUNet forward + backward passes on the triton backend.
 GPU-only tests (marker ``gpu``) run the EGE-UNet GAB / GHPA and MALUNet DGA / GAU shapes at 256 px in all dtypes,
 determinism, ``torch.compile`` and whole-model training steps against ``backend="torch"``.
 """
@@ -262,6 +263,45 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for a, b in zip(grads(step), grads(compiled)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _model_results(model, x):
+    """{"out i": ..., "grad <param>": ...} of a loss over every output of an EGE-UNet / MALUNet forward."""
+    outs, stack = [], [model(x)]
+    while stack:
+        o = stack.pop(0)
+        if isinstance(o, (list, tuple)):
+            stack = list(o) + stack
+        else:
+            outs.append(o)
+    loss = sum((o - 0.5).square().mean() for o in outs)
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(loss, params)
+    res = {f"out {i}": o.detach() for i, o in enumerate(outs)}
+    res.update({f"grad {n}": g for n, g in zip(names, grads)})
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["egeunet", "malunet"])
+def test_whole_model_triton_matches_reference(name):
+    """EGE-UNet (11 lndw calls) / MALUNet (24 dwgn calls, down to 1×1 maps) at 32 px with every fused op on the
+    triton backend: outputs and every parameter gradient vs the float64 reference, by the tolerance rule
+    (about a minute for both under the interpreter, hence ``slow``)."""
+    import copy
+
+    models = pytest.importorskip("emcad.models", reason="the emcad models package is not importable")
+    torch.manual_seed(0)
+    ref = {"egeunet": models.EGEUNet, "malunet": models.MALUNet}[name](backend="reference")
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused = copy.deepcopy(ref).set_backend("triton").to(DEVICE)
+    x = torch.rand(1, 3, 32, 32) * 255
+    got = _model_results(fused, x.to(DEVICE))
+    same = _model_results(ref, x)
+    ref64 = _model_results(copy.deepcopy(ref).double(), x.double())
+    assert_matches(got, same, ref64, torch.float32, name)
 
 
 _COMPILE_LAUNCHES = r"""
