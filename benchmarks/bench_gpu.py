@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""GPU benchmark of the triton backend (issue 4).
+"""GPU benchmark of the triton backend (issues 4 and 7).
 
-For each fused op (``msdc``, ``updw``, ``lgag``) at the EMCAD-B2 decoder shapes (224 px / batch 6 and 352 px /
-batch 16; four stages each), in bf16 and fp32, and each mode (``fwd_eval``: inference forward; ``fwd_train``:
+For each fused op (``msdc``, ``updw``, ``lgag`` at the EMCAD-B2 decoder shapes; ``lndw``, ``dwgn`` at the
+EGE-UNet GAB / MALUNet DGA shapes of the same strides, see ``op_problem``) at 224 px / batch 6 and 352 px /
+batch 16 (four stages each), in bf16 and fp32, and each mode (``fwd_eval``: inference forward; ``fwd_train``:
 training forward; ``fwd_bwd``: training forward + backward) it times these providers side by side:
 
 * ``eager_nchw`` / ``eager_cl``: the plain PyTorch module composition (``nn.Conv2d``, ``nn.BatchNorm2d``, ...)
@@ -13,9 +14,10 @@ training forward; ``fwd_bwd``: training forward + backward) it times these provi
 
 The device's copy bandwidth is measured in the same run (``dst.copy_(src)``, bytes read + written); forward rows
 carry the achieved bandwidth of the ideal traffic (MSDC: read x + write y; EUCB front: read x + write 4x; LGAG:
-read g, x + write out) as a fraction of it. The whole decoder (``emcad.models.EMCAD``) and EMCADNet-B2
-(``emcad.create_model("emcad_b2")``) get training-step time (forward, loss, backward, AdamW step), peak training
-memory and inference latency per provider (``torch`` eager NCHW / channels_last, compiled, ``triton``).
+read g, x + write out; LNDW, DWGN: read x + write y) as a fraction of it. The whole decoder
+(``emcad.models.EMCAD``), EMCADNet-B2 (``emcad.create_model("emcad_b2")``), EGE-UNet and MALUNet (``--nets``) get
+training-step time (forward, loss, backward, AdamW step), peak training memory and inference latency per provider
+(``torch`` eager NCHW / channels_last, compiled, ``triton``).
 
 Results: ``<out>/bench_<gpu>_<utc-time>.json`` (environment + rows + target checks), the same rows as CSV, and a
 Markdown summary; each row carries GPU name, driver, torch / triton versions, git commit and date.
@@ -27,6 +29,7 @@ Examples::
 
     python benchmarks/bench_gpu.py --out benchmarks/results
     python benchmarks/bench_gpu.py --out /tmp/b --sizes 352:16 --dtypes bf16 --ops msdc --stages 3 --no-model
+    python benchmarks/bench_gpu.py --out /tmp/b --sizes 256:8 --ops lndw,dwgn --nets egeunet,malunet
     python benchmarks/bench_gpu.py --out /tmp/smoke --dry-run
 """
 
@@ -51,6 +54,7 @@ DRY_CHANNELS = (16, 12, 8, 4)
 STRIDES = (32, 16, 8, 4)
 PROVIDERS = ("eager_nchw", "eager_cl", "compiled", "triton", "triton_nchw")
 MODES = ("fwd_eval", "fwd_train", "fwd_bwd")
+NETS = ("decoder", "model", "egeunet", "malunet")
 
 
 def parse_args(argv=None):
@@ -58,14 +62,17 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="directory for the JSON / CSV / Markdown results")
     p.add_argument("--sizes", default="224:6,352:16", help="image_size:batch pairs (default: 224:6,352:16)")
     p.add_argument("--dtypes", default=None, help="comma list of bf16, fp16, fp32 (default: bf16,fp32; dry run: fp32)")
-    p.add_argument("--ops", default="msdc,updw,lgag")
+    p.add_argument("--ops", default="msdc,updw,lgag,lndw,dwgn")
     p.add_argument("--stages", default="0,1,2,3", help="decoder stages (0 = deepest, stride 32)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--compile-mode", default="max-autotune")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run: "
                                                            "aot_eager)")
-    p.add_argument("--no-model", action="store_true", help="skip the decoder and EMCADNet-B2 benchmarks")
+    p.add_argument("--nets", default="decoder,model,egeunet,malunet",
+                   help="networks for the training-step / inference benchmarks: decoder (EMCAD decoder), model "
+                        "(EMCADNet-B2), egeunet, malunet (the dry run skips model, egeunet and malunet)")
+    p.add_argument("--no-model", action="store_true", help="skip the network benchmarks")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op benchmarks")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
@@ -229,10 +236,84 @@ class LGAGRef(nn.Module):
                                          training=self.training, backend="triton")
 
 
+class LayerNorm2dRef(nn.Module):
+    """Channels-first LayerNorm from elementwise ops, as EGE-UNet builds it (EGE-UNet_MALUNet.md §2.1)."""
+
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        return self.weight[:, None, None] * ((x - u) / torch.sqrt(s + self.eps)) + self.bias[:, None, None]
+
+
+class LNDWRef(nn.Module):
+    """EGE-UNet GAB groups: per group of g channels, channels-first LayerNorm → 3×3 depthwise conv with dilation
+    1, 2, 5, 7 (bias); groups concatenated."""
+
+    DILATIONS = (1, 2, 5, 7)
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = g
+        self.groups = nn.ModuleList(nn.Sequential(LayerNorm2dRef(g), nn.Conv2d(g, g, 3, 1, d, d, groups=g))
+                                    for d in self.DILATIONS)
+
+    def forward(self, x):
+        return torch.cat([grp(xi) for grp, xi in zip(self.groups, x.split(self.g, 1))], 1)
+
+    def fused(self, x):
+        return ek.layernorm_dilated_dwconv(x, [grp[0].weight for grp in self.groups],
+                                           [grp[0].bias for grp in self.groups],
+                                           [grp[1].weight for grp in self.groups], [grp[1].bias for grp in self.groups],
+                                           dilations=self.DILATIONS, eps=1e-6, backend="triton")
+
+
+class DWGNRef(nn.Module):
+    """MALUNet DGA front: 4 groups of C/4 channels, 3×3 depthwise convs with dilation 7, 5, 2, 1 (bias),
+    concatenated, GroupNorm(4, C)."""
+
+    DILATIONS = (7, 5, 2, 1)
+
+    def __init__(self, c):
+        super().__init__()
+        q = c // 4
+        self.q = q
+        self.convs = nn.ModuleList(nn.Conv2d(q, q, 3, 1, d, d, groups=q) for d in self.DILATIONS)
+        self.gn = nn.GroupNorm(4, c)
+
+    def forward(self, x):
+        return self.gn(torch.cat([conv(xi) for conv, xi in zip(self.convs, x.split(self.q, 1))], 1))
+
+    def fused(self, x):
+        return ek.dilated_dwconv_groupnorm(x, [c.weight for c in self.convs], [c.bias for c in self.convs],
+                                           self.gn.weight, self.gn.bias, dilations=self.DILATIONS, eps=self.gn.eps,
+                                           backend="triton")
+
+
+# per stage (strides 32, 16, 8, 4): EGE-UNet GAB5..GAB2 group width g (4 groups of g channels) and MALUNet DGA
+# channels (DGA(64) / DGA(32) / DGA(24) run at strides 32 / 16 / 8; MALUNet has no DGA at stride 4)
+LNDW_GROUP = (25, 17, 13, 9)
+DWGN_CHANNELS = (64, 32, 24, None)
+DRY_LNDW_GROUP = (5, 5, 3, 3)
+DRY_DWGN_CHANNELS = (16, 8, 8, None)
+
+
 def op_problem(op: str, channels, stage: int, size: int, batch: int):
     """(module, input shapes, ideal forward bytes per element size) of one op at one decoder stage."""
     c = channels[stage]
     r = size // STRIDES[stage]
+    dry = channels == DRY_CHANNELS
+    if op == "lndw":
+        g = (DRY_LNDW_GROUP if dry else LNDW_GROUP)[stage]
+        return LNDWRef(g), [(batch, 4 * g, r, r)], 2 * batch * 4 * g * r * r
+    if op == "dwgn":
+        c = (DRY_DWGN_CHANNELS if dry else DWGN_CHANNELS)[stage]
+        return DWGNRef(c), [(batch, c, r, r)], 2 * batch * c * r * r
     if op == "msdc":  # MSCB expands to 2C channels before the MSDC
         e = batch * 2 * c * r * r
         return MSDCRef(2 * c), [(batch, 2 * c, r, r)], 2 * e
@@ -315,6 +396,12 @@ def bench_network(kind, size, batch, dtype_name, providers, timer, args, channel
             def inputs(cl):
                 x4, x3, x2, x1 = _make_inputs(feats, dtype, device, cl, False)
                 return (x4, [x3, x2, x1])
+        elif kind in ("egeunet", "malunet"):
+            from emcad.models import EGEUNet, MALUNet
+            net = {"egeunet": EGEUNet, "malunet": MALUNet}[kind](backend="torch")
+
+            def inputs(cl):
+                return tuple(_make_inputs([(batch, 3, size, size)], dtype, device, cl, False))
         else:
             import emcad
             net = emcad.create_model("emcad_b2", num_classes=9, backend="torch")
@@ -343,8 +430,7 @@ def bench_network(kind, size, batch, dtype_name, providers, timer, args, channel
         try:
             def train_step():
                 opt.zero_grad(set_to_none=True)
-                outs = fn(*args_in)
-                loss = sum(o.float().square().mean() for o in outs)
+                loss = sum(o.float().square().mean() for o in _flatten(fn(*args_in)))
                 loss.backward()
                 opt.step()
 
@@ -367,6 +453,13 @@ def bench_network(kind, size, batch, dtype_name, providers, timer, args, channel
         print(_fmt(row), flush=True)
         model = fn = opt = None  # free this provider's copy before the next one
     return rows
+
+
+def _flatten(out):
+    """The tensors of a network output (a tensor, or nested tuples/lists: EGE-UNet's deep supervision)."""
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten(o)]
+    return [out]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,7 +563,7 @@ def summary_markdown(env, copy_bw, rows, targets):
             r = _find(rows, kind="op", op=op, image_size=size, stage=stage, dtype=dtype, mode=mode, provider=p)
             cells.append(f"{r['ms_p50'] * 1e3:.0f} µs" if r else "–")
         lines.append(f"| {op} | {size}/{batch} | {stage} | {dtype} | {mode} | " + " | ".join(cells) + " |")
-    nets = [r for r in rows if r.get("kind") in ("decoder", "model") and "error" not in r]
+    nets = [r for r in rows if r.get("kind") in NETS and "error" not in r]
     if nets:
         lines += ["", "| network | px/batch | dtype | provider | train step | peak train MiB | inference |",
                   "|---|---|---|---|---|---|---|"]
@@ -516,16 +609,22 @@ def main(args):
                     for stage in stages:
                         if op == "updw" and stage == 3:
                             continue  # the last EUCB upsamples stage 2 (stride 8) to stage 3 (stride 4)
+                        if op == "dwgn" and DWGN_CHANNELS[stage] is None:
+                            continue
                         rows += bench_op(op, stage, size, batch, dtype_name, providers, modes, timer, args,
                                          channels, device, copy_bw, env)
     if not args.no_model:
         net_providers = [p for p in providers if p != "triton_nchw"]
+        nets = [n for n in args.nets.split(",") if n]
+        unknown = [n for n in nets if n not in NETS]
+        if unknown:
+            sys.exit(f"unknown --nets {unknown}; choose from {NETS}")
+        if args.dry_run:  # whole networks other than the decoder are far too slow for the interpreter smoke test
+            nets = [n for n in nets if n == "decoder"]
         for size, batch in sizes:
             for dtype_name in dtypes:
-                rows += bench_network("decoder", size, batch, dtype_name, net_providers, timer, args, channels,
-                                      device, env)
-                if not args.dry_run:  # the PVTv2-B2 encoder is far too slow for the interpreter smoke test
-                    rows += bench_network("model", size, batch, dtype_name, net_providers, timer, args, channels,
+                for kind in nets:
+                    rows += bench_network(kind, size, batch, dtype_name, net_providers, timer, args, channels,
                                           device, env)
     targets = check_targets(rows, sizes)
     base = write_results(args.out, env, copy_bw, rows, targets)

@@ -14,7 +14,10 @@ from .backends import Backend, OpCall, register_backend
 from .library import OpSet, define_op_set
 
 MSDC_MAX_BRANCHES = 3
-MAX_KERNEL_SIZE = {"multi_scale_dwconv": 7, "upsample_dwconv": 5, "grouped_attention_gate": 7}
+MAX_KERNEL_SIZE = {"multi_scale_dwconv": 7, "upsample_dwconv": 5, "grouped_attention_gate": 7,
+                   "layernorm_dilated_dwconv": 7, "dilated_dwconv_groupnorm": 7}
+MULTI_DILATION_OPS = ("layernorm_dilated_dwconv", "dilated_dwconv_groupnorm")
+MAX_DILATION_GROUPS = 4
 UPSAMPLE_MODES = ("nearest", "bilinear")
 
 
@@ -61,6 +64,14 @@ def _check(call: OpCall) -> list[str]:
             reasons.append(f"scale {call.scale} is not supported (only 2)")
         if call.mode not in UPSAMPLE_MODES:
             reasons.append(f"upsampling mode {call.mode!r} is not supported")
+    elif call.op in MULTI_DILATION_OPS:
+        # one program covers one group; group geometry travels as scalar kernel arguments (4 slots) and the
+        # conv window is a compile-time K×K, shared by all groups
+        if call.groups > MAX_DILATION_GROUPS:
+            reasons.append(f"{call.groups} channel groups are not supported (at most {MAX_DILATION_GROUPS})")
+        if len(set(call.kernel_sizes)) > 1:
+            reasons.append(f"different kernel sizes per group {call.kernel_sizes} are not supported (one size for "
+                           f"all groups)")
     return reasons
 
 

@@ -1,4 +1,5 @@
-"""Triton backend of the fused ops: one module per op (``msdc``, ``updw``, ``lgag``), shared helpers in
+"""Triton backend of the fused ops: one module per op (``msdc``, ``updw``, ``lgag``, and the EGE-UNet / MALUNet
+multi-dilation ops ``lndw`` and ``dwgn``), shared helpers in
 ``_utils`` (interpreter detection, autotuning policy, activations) and ``_reduce`` (deterministic reductions of
 per-program partials: BatchNorm statistics, weight and parameter gradients).
 
@@ -13,7 +14,7 @@ imported); ``INTERPRET`` says whether they were decorated for it.
 from __future__ import annotations
 
 from ..library import Kernels
-from . import lgag, msdc, updw
+from . import dwgn, lgag, lndw, msdc, updw
 from ._utils import ACTIVATION_CODES, INTERPRET, SUPPORTED_DTYPES
 
 
@@ -21,8 +22,11 @@ KERNELS = Kernels(
     msdc_forward=msdc.msdc_forward, msdc_backward=msdc.msdc_backward,
     updw_forward=updw.updw_forward, updw_backward=updw.updw_backward,
     lgag_forward=lgag.lgag_forward, lgag_backward=lgag.lgag_backward,
+    lndw_forward=lndw.lndw_forward, lndw_backward=lndw.lndw_backward,
+    dwgn_forward=dwgn.dwgn_forward, dwgn_backward=dwgn.dwgn_backward,
 )
 
-IMPLEMENTED_OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate")
+IMPLEMENTED_OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
+                   "dilated_dwconv_groupnorm")
 
 __all__ = ["ACTIVATION_CODES", "IMPLEMENTED_OPS", "INTERPRET", "KERNELS", "SUPPORTED_DTYPES"]
