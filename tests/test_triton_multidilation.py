@@ -30,8 +30,8 @@ from emcad_kernels.functional import dilated_dwconv_groupnorm, layernorm_dilated
 
 # the interpreter's out-of-bounds check (autouse), the tolerance rule and the sm_90 compile harness are shared
 # with the other triton tests
-from test_triton_backend import (_COMPILE_CHECK, _clean_env, _python, assert_matches,  # noqa: E402,F401
-                                 interpreter_bounds_check)
+from op_cases import assert_matches  # noqa: E402
+from test_triton_backend import _COMPILE_CHECK, _clean_env, _python, interpreter_bounds_check  # noqa: E402,F401
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
