@@ -38,20 +38,13 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
-import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-B2_CHANNELS = (512, 320, 128, 64)  # decoder widths, strides 32, 16, 8, 4
-DRY_CHANNELS = (16, 12, 8, 4)
-STRIDES = (32, 16, 8, 4)
 PROVIDERS = ("eager_nchw", "eager_cl", "compiled", "triton", "triton_nchw")
 MODES = ("fwd_eval", "fwd_train", "fwd_bwd")
 NETS = ("decoder", "model", "egeunet", "malunet")
@@ -84,156 +77,15 @@ ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.dry_run:
     # must happen before triton kernels are decorated, i.e. before emcad_kernels.triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]  # the package, and gpu_common when run via runpy
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import emcad_kernels as ek  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-# --------------------------------------------------------------------------------------------------
-# environment
-# --------------------------------------------------------------------------------------------------
-def _cmd(args) -> str:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=REPO).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def environment(device: str) -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "gpu_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "driver": _cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()[0:1],
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "git_commit": _cmd(["git", "rev-parse", "HEAD"]),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-    }
-    env["driver"] = env["driver"][0] if env["driver"] else None
-    if device == "cuda":
-        prop = torch.cuda.get_device_properties(0)
-        env.update(sm_count=prop.multi_processor_count, memory_gib=round(prop.total_memory / 2**30, 1),
-                   capability=f"{prop.major}.{prop.minor}")
-    return env
-
-
-# --------------------------------------------------------------------------------------------------
-# timing
-# --------------------------------------------------------------------------------------------------
-class Timer:
-    def __init__(self, device: str, warmup_ms: float, rep_ms: float):
-        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
-
-    def __call__(self, fn, grad_to_none=None) -> tuple[float, float, float]:
-        """(median, 20th, 80th percentile) in milliseconds."""
-        if self.device == "cuda":
-            import triton.testing
-            q = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=grad_to_none,
-                                        quantiles=[0.5, 0.2, 0.8])
-            return tuple(float(v) for v in q)
-        t0 = time.perf_counter()  # dry run (interpreter): one call, only to exercise the code
-        fn()
-        ms = (time.perf_counter() - t0) * 1e3
-        return ms, ms, ms
-
-    def peak_memory(self, fn) -> float | None:
-        """Peak allocated memory (MiB) of one call, above what was allocated before."""
-        if self.device != "cuda":
-            fn()
-            return None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def copy_bandwidth(timer: Timer, device: str) -> float:
-    """Measured device copy bandwidth in GB/s (bytes read + written)."""
-    nbytes = 2**30 if device == "cuda" else 2**24
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms, _, _ = timer(lambda: dst.copy_(src))
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-# --------------------------------------------------------------------------------------------------
-# the ops: plain PyTorch compositions (the baselines) and their fused calls
-# --------------------------------------------------------------------------------------------------
-def channel_shuffle(x, groups):
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
-class MSDCRef(nn.Module):
-    """MSDC + MSCB shuffle: three depthwise conv → BN → ReLU6 branches, summed, shuffled with C/2 groups."""
-
-    def __init__(self, c, kernel_sizes=(1, 3, 5)):
-        super().__init__()
-        self.dwconvs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, k, 1, k // 2, groups=c, bias=False),
-                                                   nn.BatchNorm2d(c), nn.ReLU6()) for k in kernel_sizes)
-        self.groups = c // 2
-
-    def forward(self, x):
-        y = sum(branch(x) for branch in self.dwconvs)
-        return channel_shuffle(y, self.groups)
-
-    def fused(self, x):
-        return ek.multi_scale_dwconv(x, [b[0].weight for b in self.dwconvs], [b[1] for b in self.dwconvs],
-                                     activation="relu6", shuffle_groups=self.groups, training=self.training,
-                                     backend="triton")
-
-
-class UpDWRef(nn.Module):
-    """EUCB front: nearest ×2 upsampling → depthwise 3×3 → BN → ReLU."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.conv = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.conv(self.up(x))))
-
-    def fused(self, x):
-        return ek.upsample_dwconv(x, self.conv.weight, self.bn, mode="nearest", activation="relu",
-                                  training=self.training, backend="triton")
-
-
-class LGAGRef(nn.Module):
-    """LGAG with EMCAD's aggregation: ``g + x·sigmoid(BN(psi(relu(BN(gconv(g)) + BN(gconv(x))))))``."""
-
-    def __init__(self, c):
-        super().__init__()
-        f = c // 2
-        self.W_g = nn.Sequential(nn.Conv2d(c, f, 3, 1, 1, groups=f, bias=True), nn.BatchNorm2d(f))
-        self.W_x = nn.Sequential(nn.Conv2d(c, f, 3, 1, 1, groups=f, bias=True), nn.BatchNorm2d(f))
-        self.psi = nn.Sequential(nn.Conv2d(f, 1, 1, bias=True), nn.BatchNorm2d(1), nn.Sigmoid())
-        self.groups = f
-
-    def forward(self, g, x):
-        return g + x * self.psi(torch.relu(self.W_g(g) + self.W_x(x)))
-
-    def fused(self, g, x):
-        return ek.grouped_attention_gate(g, x, self.W_g[0].weight, self.W_g[0].bias, self.W_g[1], self.W_x[0].weight,
-                                         self.W_x[0].bias, self.W_x[1], self.psi[0].weight, self.psi[0].bias,
-                                         self.psi[1], groups=self.groups, add_gate_input=True, activation="relu",
-                                         training=self.training, backend="triton")
+from gpu_common import (B2_CHANNELS, DRY_CHANNELS, DTYPES, STRIDES, LGAGRef, MSDCRef, Timer, UpDWRef,  # noqa: E402
+                        copy_bandwidth, env_row, environment, make_inputs)
 
 
 class LayerNorm2dRef(nn.Module):
@@ -324,16 +176,6 @@ def op_problem(op: str, channels, stage: int, size: int, batch: int):
     return LGAGRef(c), [(batch, c, r, r), (batch, c, r, r)], 3 * e
 
 
-def _make_inputs(shapes, dtype, device, channels_last, requires_grad):
-    out = []
-    for s in shapes:
-        t = torch.randn(s, device=device, dtype=dtype)
-        if channels_last:
-            t = t.contiguous(memory_format=torch.channels_last)
-        out.append(t.requires_grad_(requires_grad))
-    return out
-
-
 def bench_op(op, stage, size, batch, dtype_name, providers, modes, timer, args, channels, device, copy_bw, env):
     dtype = DTYPES[dtype_name]
     base, shapes, ideal_elems = op_problem(op, channels, stage, size, batch)
@@ -356,7 +198,7 @@ def bench_op(op, stage, size, batch, dtype_name, providers, modes, timer, args, 
                        shape="x".join(map(str, shapes[0])), dtype=dtype_name, provider=provider, mode=mode)
             try:
                 module.train(mode != "fwd_eval")
-                inputs = _make_inputs(shapes, dtype, device, cl, mode == "fwd_bwd")
+                inputs = make_inputs(shapes, dtype, device, cl, mode == "fwd_bwd")
                 params = [p for p in module.parameters()]
                 if mode == "fwd_eval":
                     def call():
@@ -394,20 +236,20 @@ def bench_network(kind, size, batch, dtype_name, providers, timer, args, channel
             feats = [(batch, c, size // s, size // s) for c, s in zip(channels, STRIDES)]
 
             def inputs(cl):
-                x4, x3, x2, x1 = _make_inputs(feats, dtype, device, cl, False)
+                x4, x3, x2, x1 = make_inputs(feats, dtype, device, cl, False)
                 return (x4, [x3, x2, x1])
         elif kind in ("egeunet", "malunet"):
             from emcad.models import EGEUNet, MALUNet
             net = {"egeunet": EGEUNet, "malunet": MALUNet}[kind](backend="torch")
 
             def inputs(cl):
-                return tuple(_make_inputs([(batch, 3, size, size)], dtype, device, cl, False))
+                return tuple(make_inputs([(batch, 3, size, size)], dtype, device, cl, False))
         else:
             import emcad
             net = emcad.create_model("emcad_b2", num_classes=9, backend="torch")
 
             def inputs(cl):
-                return tuple(_make_inputs([(batch, 3, size, size)], dtype, device, cl, False))
+                return tuple(make_inputs([(batch, 3, size, size)], dtype, device, cl, False))
     except Exception as e:
         print(f"skipping {kind}: {type(e).__name__}: {e}")
         return [dict(env_row(env), kind=kind, image_size=size, batch=batch, dtype=dtype_name,
@@ -465,11 +307,7 @@ def _flatten(out):
 # --------------------------------------------------------------------------------------------------
 # reporting
 # --------------------------------------------------------------------------------------------------
-ENV_COLUMNS = ("gpu_name", "driver", "torch", "triton", "git_commit", "date")
-
-
-def env_row(env):
-    return {k: env.get(k) for k in ENV_COLUMNS}
+ENV_COLUMNS = tuple(env_row({}))
 
 
 def _fmt(row):
