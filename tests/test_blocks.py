@@ -368,3 +368,153 @@ def test_channel_shuffle():
     c = 4  # ef = 2: even channels first, then odd
     x = torch.arange(2 * c, dtype=torch.float32).view(1, 2 * c, 1, 1)
     assert channel_shuffle(x, c).flatten().long().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+# --------------------------------------------------------------------------------------------------
+# eval-mode pointwise folding (issue #8): BN folded into the 1×1 weights, shuffle into pconv2's columns
+# --------------------------------------------------------------------------------------------------
+from emcad.models import blocks as _blocks  # noqa: E402
+
+
+def test_shuffle_permutation_folds_into_weight_columns():
+    """``W' @ d == W @ channel_shuffle(d)`` with ``W'[:, perm[o]] = W[:, o]`` (same math, summation order
+    aside), and the permutation is exactly channel_shuffle's."""
+    torch.manual_seed(0)
+    for c, g in ((8, 4), (12, 3), (16, 8), (6, 6)):
+        d = torch.randn(2, c, 3, 3, dtype=torch.float64)
+        perm = _blocks.shuffle_permutation(c, g)
+        assert torch.equal(channel_shuffle(d, g), d[:, perm])
+        conv = nn.Conv2d(c, 5, 1, bias=False).double()
+        w, _ = _blocks._FoldedPointwise.compute(conv, None, torch.float64, shuffle_groups=g)
+        torch.testing.assert_close(_blocks.pointwise_conv(d, w, None), conv(channel_shuffle(d, g)),
+                                   atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("size", [6, 16], ids=["small", "hw256"])  # both pointwise_conv branches per layout
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", ["mscb_add", "mscb_concat", "mscb_conv1x1_ef3", "mscb_stride2", "mscblayer_n2",
+                                  "eucb"])
+def test_folded_inference_matches_torch(case, channels_last, size):
+    """no_grad eval (the cached folded path) against the torch composition."""
+    make, _, _ = CASES[case]
+    ref = randomize(make()).eval()
+    fused = copy.deepcopy(ref)
+    set_backend(ref, "torch")
+    x = torch.randn(B, C, size // 2 if case == "eucb" else size, size // 2 if case == "eucb" else size) * 2.0
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):  # second call: from the cache
+            a, b = ref(x), fused(x)
+            torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+            if channels_last:
+                assert b.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=1e-5)
+
+
+def _fold_counter(monkeypatch):
+    counts = [0]
+    original = _blocks._FoldedPointwise.compute
+
+    def counting(*args, **kwargs):
+        counts[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_blocks._FoldedPointwise, "compute", staticmethod(counting))
+    return counts
+
+
+def test_fold_cache_hits_and_invalidation(monkeypatch):
+    """The folded weights are computed once, then follow in-place weight and buffer changes, load_state_dict,
+    dtype changes, BN statistics updated by a training step, and an eps change."""
+    counts = _fold_counter(monkeypatch)
+    make, inputs, _ = CASES["mscb_add"]
+    fused = randomize(make()).eval()
+    ref = copy.deepcopy(fused)
+    set_backend(ref, "torch")
+    x = inputs()[0]
+
+    def check(dtype=torch.float32):
+        with torch.no_grad():
+            tol = TOL[dtype] if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(fused(x.to(dtype)), ref(x.to(dtype)), **tol)
+
+    check()
+    assert counts[0] == 2  # pconv1, pconv2
+    check()
+    check()
+    assert counts[0] == 2  # cache hits
+    for mutate in (lambda m: m.pconv1[0].weight.mul_(1.5),           # conv weight in place (optimizer step)
+                   lambda m: m.pconv2[1].weight.add_(0.25),          # BN affine
+                   lambda m: m.pconv1[1].running_var.mul_(2.0),      # BN buffer
+                   lambda m: m.pconv2[1].running_mean.add_(0.1)):
+        with torch.no_grad():
+            mutate(fused)
+            mutate(ref)
+        before = counts[0]
+        check()
+        assert counts[0] == before + 1
+    # load_state_dict (copy_ into the existing tensors)
+    other = randomize(make(), seed=7).eval()
+    fused.load_state_dict(other.state_dict())
+    ref.load_state_dict(other.state_dict())
+    check()
+    # .to(dtype) and back: new storage each time
+    fused.double()
+    ref.double()
+    check(torch.float64)
+    fused.float()
+    ref.float()
+    check()
+    # a training step changes the running statistics (inside batch_norm, without a version bump), then eval
+    fused.train()
+    ref.train()
+    with torch.no_grad():
+        fused(x)
+        ref(x)
+    fused.eval()
+    ref.eval()
+    check()
+    # eps is part of the key
+    fused.pconv1[1].eps = ref.pconv1[1].eps = 0.5
+    check()
+
+
+def test_fold_gradients_in_eval_mode():
+    """Eval mode with gradients on: the fold is recomputed differentiably (conv and BN affine get gradients),
+    nothing stale is cached across a weight update."""
+    compare_fused(CASES["mscb_add"][0], CASES["mscb_add"][1], dtype=torch.float64, train=False, steps=1)
+    make, inputs, _ = CASES["mscb_add"]
+    fused = randomize(make()).eval().double()
+    ref = copy.deepcopy(fused)
+    set_backend(ref, "torch")
+    x = inputs()[0].double()
+    for _ in range(2):
+        for m in (fused, ref):
+            m.zero_grad()
+            m(x).square().sum().backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.sub_(0.1 * p.grad)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), ref(x), **TOL[torch.float64])
+
+
+def test_fold_switch_and_torch_backend_untouched(monkeypatch):
+    counts = _fold_counter(monkeypatch)
+    make, inputs, _ = CASES["mscb_add"]
+    m = randomize(make()).eval()
+    x = inputs()[0]
+    with torch.no_grad():
+        set_backend(m, "torch")
+        m(x)
+        assert counts[0] == 0
+        set_backend(m, "auto")
+        monkeypatch.setattr(_blocks, "FOLD_EVAL_POINTWISE", False)
+        m(x)
+        assert counts[0] == 0
+        m.train()
+        monkeypatch.setattr(_blocks, "FOLD_EVAL_POINTWISE", True)
+        m(x)
+        assert counts[0] == 0  # training mode: batch statistics, nothing to fold
