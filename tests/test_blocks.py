@@ -518,3 +518,27 @@ def test_fold_switch_and_torch_backend_untouched(monkeypatch):
         monkeypatch.setattr(_blocks, "FOLD_EVAL_POINTWISE", True)
         m(x)
         assert counts[0] == 0  # training mode: batch statistics, nothing to fold
+
+
+def test_fold_cache_follows_module_training_and_clear(monkeypatch):
+    """Running statistics change inside batch_norm without a version bump: a training-mode module forward is
+    caught through num_batches_tracked; an update outside the module needs clear_fold_caches."""
+    make, inputs, _ = CASES["mscb_add"]
+    fused = randomize(make()).eval()
+    ref = copy.deepcopy(fused)
+    set_backend(ref, "torch")
+    x = inputs()[0]
+    with torch.no_grad():
+        fused(x)
+        for m in (fused, ref):
+            m.pconv1[1].train()
+            m.pconv1(x)  # only the pconv1 BN in training mode, called directly
+            m.pconv1[1].eval()
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=1e-5)
+        batch = torch.randn(4, fused.pconv2[1].num_features, 3, 3)
+        for m in (fused, ref):  # F.batch_norm outside the module: no version bump, no num_batches_tracked
+            bn = m.pconv2[1]
+            nn.functional.batch_norm(batch, bn.running_mean, bn.running_var, training=True, momentum=0.5)
+        assert not torch.allclose(fused(x), ref(x), atol=1e-3)  # stale, as documented
+        _blocks.clear_fold_caches(fused)
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=1e-5)

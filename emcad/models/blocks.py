@@ -248,14 +248,15 @@ class _FoldedPointwise:
 
     Cached while gradients are off (inference): the key holds each source tensor's ``data_ptr``, ``_version``,
     dtype and device, so in-place updates (optimizer steps, ``load_state_dict``'s ``copy_``) and ``.to()``
-    invalidate it; the BN running statistics are in addition compared by value (see :meth:`get`). The sources are pinned (detached aliases) so that a freed parameter's
+    invalidate it. BN running statistics updated by a training-mode forward are caught through
+    ``num_batches_tracked`` (see :meth:`get`); code that updates them with ``F.batch_norm(training=True)`` outside
+    the module, or by assigning ``.data``, must call :func:`clear_fold_caches`. The sources are pinned (detached aliases) so that a freed parameter's
     address cannot be reused by a new one with the same version. With gradients on, the fold is recomputed on
     every call (it is differentiable, a few tiny ops) so that gradients reach the conv and BN parameters."""
 
     def __init__(self):
         self._key = None
         self._pins: tuple = ()
-        self._snapshot: tuple = ()
         self._value: Optional[tuple[Tensor, Optional[Tensor]]] = None
 
     @staticmethod
@@ -277,24 +278,21 @@ class _FoldedPointwise:
 
     def get(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], x: Tensor,
             shuffle_groups: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
-        params = [t for t in (conv.weight, conv.bias) if t is not None]
-        buffers = []
+        sources = [t for t in (conv.weight, conv.bias) if t is not None]
         if bn is not None:
-            params += [t for t in (bn.weight, bn.bias) if t is not None]
-            buffers = [bn.running_mean, bn.running_var]
-        sources = params + buffers
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in params)) \
+            # num_batches_tracked: the running statistics are updated inside the batch_norm kernel without a
+            # version bump, but every training-mode nn.BatchNorm2d forward (and the fused blocks) add_(1) to it
+            sources += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+                        if t is not None]
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) \
                 or any(t.is_inference() for t in sources) or torch.compiler.is_compiling():
             return self.compute(conv, bn, x.dtype, shuffle_groups)
         key = (x.dtype, torch.is_inference_mode_enabled(), None if bn is None else bn.eps, shuffle_groups,
                tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
-        # Running statistics are updated inside the batch_norm kernels without a version bump, so the buffers
-        # are also compared by value with a snapshot (2·C elements per conv: negligible next to the GEMM).
-        if key != self._key or not all(torch.equal(a, b) for a, b in zip(buffers, self._snapshot)):
+        if key != self._key:
             with torch.no_grad():
                 self._value = self.compute(conv, bn, x.dtype, shuffle_groups)
             self._key, self._pins = key, tuple(t.detach() for t in sources)
-            self._snapshot = tuple(t.detach().clone() for t in buffers)
         return self._value
 
 
@@ -304,6 +302,13 @@ def _fold_cache(module: nn.Module, name: str) -> _FoldedPointwise:
     if cache is None:
         cache = module.__dict__[name] = _FoldedPointwise()
     return cache
+
+
+def clear_fold_caches(module: nn.Module) -> None:
+    """Drop every cached folded weight under ``module`` (see :class:`_FoldedPointwise` for when this is needed)."""
+    for m in module.modules():
+        for name in [k for k, v in m.__dict__.items() if isinstance(v, _FoldedPointwise)]:
+            del m.__dict__[name]
 
 
 def shuffle_permutation(channels: int, groups: int) -> Tensor:
