@@ -18,7 +18,10 @@ Fused paths:
 * :class:`MSDC` called alone returns the branch list (``combine="concat"`` then split).
 * :class:`EUCB`: ``up_dwc`` runs as one ``upsample_dwconv`` call, the identity shuffle is dropped, then ``pwc``.
 * :class:`LGAG`: one ``grouped_attention_gate`` call (``aggregate=True`` returns ``g + x·ψ``).
-* :class:`CAB`, :class:`SAB`: plain PyTorch in every mode (not fused yet).
+* :class:`CAB`, :class:`SAB`: plain PyTorch when called alone (they return attention maps); the decoder's MSCAM
+  stage applies both as one ``emcad_kernels.mscam`` call (``d · ca · sa``), see :func:`apply_mscam_attention`.
+* Eval mode (issue 8): :class:`MSCB` folds BN into ``pconv1`` / ``pconv2`` and the shuffle into ``pconv2``'s
+  input columns (cached folded weights, :class:`_FoldedPointwise`); EUCB's ``pwc`` uses the same GEMM dispatch.
 
 Not fused (the torch composition runs instead, whatever ``backend`` says): MSDC series mode
 (``dw_parallel=False``), EUCB with stride != 1, and any block whose BatchNorms disagree in train/eval mode,
@@ -41,7 +44,8 @@ import emcad_kernels
 from emcad_kernels import BatchNormParams
 
 __all__ = [
-    "ACTIVATIONS", "BackendMixin", "CAB", "EUCB", "LGAG", "MSCB", "MSCBLayer", "MSDC", "SAB", "channel_shuffle",
+    "ACTIVATIONS", "BackendMixin", "CAB", "EUCB", "LGAG", "MSCB", "MSCBLayer", "MSDC", "SAB", "apply_mscam_attention",
+    "channel_shuffle", "clear_fold_caches",
     "init_decoder_weights", "make_activation", "set_backend", "valid_backends",
 ]
 
@@ -515,6 +519,7 @@ class CAB(BackendMixin, nn.Module):
         self.reduced_channels = in_channels // ratio
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
         self.max_pool = nn.AdaptiveMaxPool2d(1)
+        self.activation_name = activation
         self.activation = make_activation(activation)
         self.fc1 = nn.Conv2d(in_channels, self.reduced_channels, 1, bias=False)
         self.fc2 = nn.Conv2d(self.reduced_channels, self.out_channels, 1, bias=False)
@@ -545,6 +550,18 @@ class SAB(BackendMixin, nn.Module):
         max_out, _ = torch.max(x, dim=1, keepdim=True)
         return self.sigmoid(self.conv(torch.cat([avg_out, max_out], dim=1)))
 
+
+
+def apply_mscam_attention(d: Tensor, cab: CAB, sab: SAB) -> Tensor:
+    """MSCAM's attention ``d · CAB(d) · SAB(d · CAB(d))``: the plain composition for ``backend="torch"`` (hooks see
+    every submodule), otherwise one ``emcad_kernels.mscam`` call on the same weights (forward and analytic
+    backward; the reference backend runs it until a fused kernel exists)."""
+    if cab._use_torch() or sab._use_torch() or cab.out_channels != cab.in_channels or cab.fc1.bias is not None \
+            or cab.fc2.bias is not None or sab.conv.bias is not None:
+        d = cab(d) * d
+        return sab(d) * d
+    return emcad_kernels.mscam(d, _like(cab.fc1.weight, d), _like(cab.fc2.weight, d), _like(sab.conv.weight, d),
+                               activation=cab.activation_name, backend=cab._kernel_backend())
 
 # --------------------------------------------------------------------------------------------------
 # LGAG / EUCB
