@@ -288,8 +288,9 @@ def copy_bandwidth_gbs(numel=64 * 2**20 // 4, rounds=5, reps=5):
 # issue 8: eval-mode pointwise folding, heads at inference, op counts
 # --------------------------------------------------------------------------------------------------
 def folding_providers(res):
-    """Decoder inference: torch baselines, and the fused cpu backend without (``FOLD_EVAL_POINTWISE = False``,
-    the previous fused path) and with eval-mode pointwise folding, NCHW and channels_last, in one run."""
+    """Decoder inference: torch baselines, and the fused cpu backend before issue 8 ("unfolded":
+    ``FOLD_EVAL_POINTWISE = False`` and plain CAB / SAB) and after it ("folded": folded pointwise convs, the
+    ``mscam`` op), NCHW and channels_last, in one run."""
     from emcad.models import blocks
 
     def with_fold(fold, fn):
@@ -307,6 +308,9 @@ def folding_providers(res):
                                      ("cpu nchw unfolded", "cpu", False, False), ("cpu cl unfolded", "cpu", True, False),
                                      ("cpu nchw folded", "cpu", False, True), ("cpu cl folded", "cpu", True, True)):
         dec = make_decoder(backend).eval()
+        if not fold:  # the fused path before issue 8: plain CAB / SAB too (no mscam op)
+            for m in (dec.cab4, dec.cab3, dec.cab2, dec.cab1, dec.sab):
+                m.set_backend("torch")
         if cl:
             dec = dec.to(memory_format=torch.channels_last)
         x, skips = decoder_inputs(res, cl)
@@ -350,6 +354,9 @@ def op_counts(backend, res, channels_last, fold=True):
     from torch.profiler import ProfilerActivity, profile
     from emcad.models import blocks
     dec = make_decoder(backend).eval()
+    if not fold:  # as in folding_providers: the fused path before issue 8
+        for m in (dec.cab4, dec.cab3, dec.cab2, dec.cab1, dec.sab):
+            m.set_backend("torch")
     x, skips = decoder_inputs(res, channels_last)
     if channels_last:
         dec = dec.to(memory_format=torch.channels_last)
@@ -529,7 +536,8 @@ def main(argv=None):
         lines.append("")
     if "fusion" in sections:
         lines += ["### Issue 8: decoder inference with eval-mode pointwise folding (fp32, ms, no_grad, eval)", "",
-                  "`unfolded` = the fused path before issue 8 (`blocks.FOLD_EVAL_POINTWISE = False`), same run.", ""]
+                  "`unfolded` = the fused path before issue 8 (`blocks.FOLD_EVAL_POINTWISE = False`, plain CAB/SAB), "
+                  "`folded` = after it; same run, interleaved rounds.", ""]
         header = None
         for res in resolutions:
             times = measure(folding_providers(res), rounds, max(1, reps - 1))

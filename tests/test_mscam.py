@@ -164,3 +164,28 @@ def test_decoder_attention_uses_the_op(monkeypatch):
     set_backend(cab, "torch")
     apply_mscam_attention(x, cab, sab)  # torch backend: the plain composition
     assert calls == [1]
+
+
+@pytest.mark.skipif("cpu" not in ek.available_backends(), reason="cpu backend not built")
+def test_backend_without_mscam_runs_plain_composition(monkeypatch):
+    """A decoder set to a backend without mscam (cpu), or under use_backend("cpu"), runs the plain CAB/SAB."""
+    from emcad import EMCAD
+    calls = []
+    original = ek.mscam
+    monkeypatch.setattr(ek, "mscam", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    dec = EMCAD((64, 32, 16, 8)).eval()
+    ref = copy.deepcopy(dec)
+    set_backend(ref, "torch")
+    set_backend(dec, "cpu")
+    inputs = [torch.randn(1, c, s, s) for c, s in zip((64, 32, 16, 8), (2, 4, 8, 16))]
+    with torch.no_grad():
+        for a, b in zip(ref(inputs[0], inputs[1:]), dec(inputs[0], inputs[1:])):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        assert calls == []
+        set_backend(dec, "auto")
+        with ek.use_backend("cpu"):
+            dec(inputs[0], inputs[1:])
+        assert calls == []
+        dec(inputs[0], inputs[1:])
+        assert calls == [1] * 4

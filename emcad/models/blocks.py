@@ -552,12 +552,22 @@ class SAB(BackendMixin, nn.Module):
 
 
 
+def _backend_has_mscam(explicit: Optional[str]) -> bool:
+    """False when the requested kernel backend (argument, ``use_backend`` or environment) exists but has no
+    ``mscam`` op (e.g. ``"cpu"``): the attention then runs as the plain composition instead of failing."""
+    name = emcad_kernels.backends.requested_backend(explicit)
+    if name == "auto":
+        return True
+    backend = emcad_kernels.backends.get_backend(name)
+    return backend.unavailable_reason() is None and backend.ops.mscam is not None
+
+
 def apply_mscam_attention(d: Tensor, cab: CAB, sab: SAB) -> Tensor:
     """MSCAM's attention ``d · CAB(d) · SAB(d · CAB(d))``: the plain composition for ``backend="torch"`` (hooks see
     every submodule), otherwise one ``emcad_kernels.mscam`` call on the same weights (forward and analytic
     backward; the reference backend runs it until a fused kernel exists)."""
     if cab._use_torch() or sab._use_torch() or cab.out_channels != cab.in_channels or cab.fc1.bias is not None \
-            or cab.fc2.bias is not None or sab.conv.bias is not None:
+            or cab.fc2.bias is not None or sab.conv.bias is not None or not _backend_has_mscam(cab._kernel_backend()):
         d = cab(d) * d
         return sab(d) * d
     return emcad_kernels.mscam(d, _like(cab.fc1.weight, d), _like(cab.fc2.weight, d), _like(sab.conv.weight, d),
