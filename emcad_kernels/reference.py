@@ -461,8 +461,9 @@ def dwgn_backward(grad: Tensor, x: Tensor, weights: list[Tensor], biases: list[T
 # --------------------------------------------------------------------------------------------------
 # MSCAM attention: d · CAB(d) · SAB(d · CAB(d))  (EMCAD.md §2.5–2.7)
 # --------------------------------------------------------------------------------------------------
-def _mscam_math(x, fc1, fc2, sab_weight, activation):
-    """The plain CAB then SAB composition, with every intermediate the backward needs."""
+def _mscam_math(x, fc1, fc2, sab_weight, activation, keep: bool = True):
+    """The plain CAB then SAB composition, with every intermediate the backward needs (``keep=False``: the
+    forward only, the last product in place)."""
     n, c = x.shape[:2]
     avg = F.adaptive_avg_pool2d(x, 1)
     mx, mx_idx = F.adaptive_max_pool2d(x, 1, return_indices=True)
@@ -474,6 +475,8 @@ def _mscam_math(x, fc1, fc2, sab_weight, activation):
     s = torch.cat([torch.mean(d1, dim=1, keepdim=True), s_max], dim=1)
     k = sab_weight.shape[-1]
     sa = torch.sigmoid(F.conv2d(s, sab_weight, None, 1, k // 2))  # (N, 1, H, W)
+    if not keep:
+        return d1.mul_(sa), {}
     return sa * d1, dict(avg=avg, mx=mx, mx_idx=mx_idx, h_avg=h_avg, h_max=h_max, r_avg=r_avg, r_max=r_max, ca=ca,
                          d1=d1, s=s, s_idx=s_idx, sa=sa)
 
@@ -483,7 +486,7 @@ def mscam_forward(x: Tensor, fc1: Tensor, fc2: Tensor, sab_weight: Tensor, activ
     ``sa = σ(conv_k([mean_c(x·ca), max_c(x·ca)]))`` (SAB, ``(N, 1, H, W)``)."""
     dt = _compute_dtype(x)
     xs, w1, w2, ws = _upcast([x, fc1, fc2, sab_weight], dt)
-    return _finish(_mscam_math(xs, w1, w2, ws, activation)[0], x)
+    return _finish(_mscam_math(xs, w1, w2, ws, activation, keep=False)[0], x)
 
 
 def mscam_backward(grad: Tensor, x: Tensor, fc1: Tensor, fc2: Tensor, sab_weight: Tensor,

@@ -254,9 +254,10 @@ class _FoldedPointwise:
     dtype and device, so in-place updates (optimizer steps, ``load_state_dict``'s ``copy_``) and ``.to()``
     invalidate it. BN running statistics updated by a training-mode forward are caught through
     ``num_batches_tracked`` (see :meth:`get`); code that updates them with ``F.batch_norm(training=True)`` outside
-    the module, or by assigning ``.data``, must call :func:`clear_fold_caches`. The sources are pinned (detached aliases) so that a freed parameter's
-    address cannot be reused by a new one with the same version. With gradients on, the fold is recomputed on
-    every call (it is differentiable, a few tiny ops) so that gradients reach the conv and BN parameters."""
+    the module must call :func:`clear_fold_caches`. The sources are pinned (detached aliases) so that a freed
+    parameter's address cannot be reused by a new one with the same version. With gradients on, the fold is
+    recomputed on every call (it is differentiable, a few tiny ops) so that gradients reach the conv and BN
+    parameters."""
 
     def __init__(self):
         self._key = None
@@ -551,7 +552,6 @@ class SAB(BackendMixin, nn.Module):
         return self.sigmoid(self.conv(torch.cat([avg_out, max_out], dim=1)))
 
 
-
 def _backend_has_mscam(explicit: Optional[str]) -> bool:
     """False when the requested kernel backend (argument, ``use_backend`` or environment) exists but has no
     ``mscam`` op (e.g. ``"cpu"``): the attention then runs as the plain composition instead of failing."""
@@ -572,6 +572,7 @@ def apply_mscam_attention(d: Tensor, cab: CAB, sab: SAB) -> Tensor:
         return sab(d) * d
     return emcad_kernels.mscam(d, _like(cab.fc1.weight, d), _like(cab.fc2.weight, d), _like(sab.conv.weight, d),
                                activation=cab.activation_name, backend=cab._kernel_backend())
+
 
 # --------------------------------------------------------------------------------------------------
 # LGAG / EUCB
