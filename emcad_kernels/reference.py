@@ -461,10 +461,8 @@ def dwgn_backward(grad: Tensor, x: Tensor, weights: list[Tensor], biases: list[T
 # --------------------------------------------------------------------------------------------------
 # MSCAM attention: d · CAB(d) · SAB(d · CAB(d))  (EMCAD.md §2.5–2.7)
 # --------------------------------------------------------------------------------------------------
-def _mscam_math(x, fc1, fc2, sab_weight, activation, keep: bool = True):
-    """The plain CAB then SAB composition, with every intermediate the backward needs (``keep=False``: the
-    forward only, the last product in place)."""
-    n, c = x.shape[:2]
+def _mscam_math(x, fc1, fc2, sab_weight, activation):
+    """The plain CAB then SAB composition, with every intermediate the backward needs."""
     avg = F.adaptive_avg_pool2d(x, 1)
     mx, mx_idx = F.adaptive_max_pool2d(x, 1, return_indices=True)
     h_avg, h_max = F.conv2d(avg, fc1), F.conv2d(mx, fc1)
@@ -475,10 +473,24 @@ def _mscam_math(x, fc1, fc2, sab_weight, activation, keep: bool = True):
     s = torch.cat([torch.mean(d1, dim=1, keepdim=True), s_max], dim=1)
     k = sab_weight.shape[-1]
     sa = torch.sigmoid(F.conv2d(s, sab_weight, None, 1, k // 2))  # (N, 1, H, W)
-    if not keep:
-        return d1.mul_(sa), {}
     return sa * d1, dict(avg=avg, mx=mx, mx_idx=mx_idx, h_avg=h_avg, h_max=h_max, r_avg=r_avg, r_max=r_max, ca=ca,
                          d1=d1, s=s, s_idx=s_idx, sa=sa)
+
+
+def _mscam_forward_only(x, fc1, fc2, sab_weight, activation):
+    """The same math without what only the backward needs: max values without arg-max indices (``torch.max``
+    with indices over channels_last channels is ~7× slower than ``amax``: 1.38 vs 0.20 ms at 6×64×56×56, 1
+    thread), the shared MLP on the stacked [avg; max] vectors as two small GEMMs instead of four 1×1 convs, and the
+    last product in place."""
+    n, c = x.shape[:2]
+    r = fc1.shape[0]
+    pooled = torch.cat([x.mean((2, 3)), x.amax((2, 3))])  # (2N, C)
+    z = activate(pooled @ fc1.view(r, c).t(), activation) @ fc2.view(c, r).t()
+    ca = torch.sigmoid(z[:n] + z[n:]).view(n, c, 1, 1)
+    d1 = x * ca
+    s = torch.cat([d1.mean(1, keepdim=True), d1.amax(1, keepdim=True)], dim=1)
+    k = sab_weight.shape[-1]
+    return d1.mul_(torch.sigmoid(F.conv2d(s, sab_weight, None, 1, k // 2)))
 
 
 def mscam_forward(x: Tensor, fc1: Tensor, fc2: Tensor, sab_weight: Tensor, activation: str) -> Tensor:
@@ -486,7 +498,7 @@ def mscam_forward(x: Tensor, fc1: Tensor, fc2: Tensor, sab_weight: Tensor, activ
     ``sa = σ(conv_k([mean_c(x·ca), max_c(x·ca)]))`` (SAB, ``(N, 1, H, W)``)."""
     dt = _compute_dtype(x)
     xs, w1, w2, ws = _upcast([x, fc1, fc2, sab_weight], dt)
-    return _finish(_mscam_math(xs, w1, w2, ws, activation, keep=False)[0], x)
+    return _finish(_mscam_forward_only(xs, w1, w2, ws, activation), x)
 
 
 def mscam_backward(grad: Tensor, x: Tensor, fc1: Tensor, fc2: Tensor, sab_weight: Tensor,
