@@ -215,6 +215,9 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+_CL_GEMM_MAX_HW = 196  # channels_last inputs up to this many pixels per image use the GEMM (see below)
+
+
 def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """A 1×1 conv (stride 1, no groups) with a 2-D ``[C_out, C_in]`` weight, as the fastest CPU kernel for the
     layout. Measured (2 cores, fp32, EMCAD-B2 shapes, min of rounds): channels_last at H·W <= 196 an ``addmm`` on
@@ -224,7 +227,7 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     n, ci, h, w = x.shape
     co = weight.shape[0]
     if x.device.type == "cpu":
-        if _is_channels_last(x) and h * w <= 196:
+        if _is_channels_last(x) and h * w <= _CL_GEMM_MAX_HW:
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, ci)  # a view: no copy
             out = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
             return out.view(n, h, w, co).permute(0, 3, 1, 2)
