@@ -12,6 +12,14 @@ updates). Whole decoder: inference, and a training step (forward, backward, SGD 
 Also: saved-activation bytes of a decoder training step (``saved_tensors_hooks``) and the fraction of the
 measured copy bandwidth that the eval-mode MSDC kernel reaches.
 
+Section ``fusion`` (issue 8): decoder inference before / after eval-mode pointwise folding and the ``mscam`` op
+in one run, EMCADNet's heads (all four vs ``heads="last"``), and operator / compute-launch counts per decoder
+forward from ``torch.profiler`` (``op_counts``). On a machine shared with other jobs, two OpenMP threads wait for
+each other at every barrier while one of them is descheduled, so wall-clock times balloon; ``--threads 1 --clock
+cpu`` (CPU time of one thread) is then the stable measure:
+
+    python benchmarks/cpu_table.py --only fusion --threads 1 --clock cpu
+
 Timing: every provider of a row is measured in interleaved rounds (round-robin, so a load change on a shared
 machine hits all of them alike); the reported time is the best over all rounds and repetitions.
 Threads: ``torch.set_num_threads(2)``.
