@@ -390,6 +390,21 @@ def test_shuffle_permutation_folds_into_weight_columns():
                                    atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_msdc_without_shuffle_and_permuted_weights_is_the_same_math(backend):
+    """pconv2(multi_scale_dwconv(shuffle_groups=g)) == pconv2'(multi_scale_dwconv(no shuffle)): the shuffle only
+    permutes channels, so the msdc outputs are the same values, and the permuted columns undo the permutation."""
+    msdc = randomize(MSDC(16, [1, 3, 5], 1)).eval().double()
+    conv = randomize(nn.Conv2d(16, 8, 1, bias=False)).double()
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        shuffled = msdc.combined(x, True, 8, backend=backend)
+        plain = msdc.combined(x, True, None, backend=backend)
+        assert torch.equal(shuffled, plain[:, _blocks.shuffle_permutation(16, 8)])  # bitwise: a permutation
+        w, _ = _blocks._FoldedPointwise.compute(conv, None, torch.float64, shuffle_groups=8)
+        torch.testing.assert_close(_blocks.pointwise_conv(plain, w, None), conv(shuffled), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("size", [6, 16], ids=["small", "hw256"])  # both pointwise_conv branches per layout
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("case", ["mscb_add", "mscb_concat", "mscb_conv1x1_ef3", "mscb_stride2", "mscblayer_n2",
@@ -542,3 +557,19 @@ def test_fold_cache_follows_module_training_and_clear(monkeypatch):
         assert not torch.allclose(fused(x), ref(x), atol=1e-3)  # stale, as documented
         _blocks.clear_fold_caches(fused)
         torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=1e-5)
+
+
+def test_fold_frozen_parameters_input_gradient():
+    """Frozen parameters (cached folds, no grad_fn), input requiring grad: the input gradient is still right,
+    also when the cache was filled under inference_mode (a separate key: inference tensors cannot be saved)."""
+    make, inputs, _ = CASES["mscb_add"]
+    fused = randomize(make()).eval().double().requires_grad_(False)
+    ref = copy.deepcopy(fused)
+    set_backend(ref, "torch")
+    x = inputs()[0].double()
+    with torch.inference_mode():
+        fused(x)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xa).square().sum().backward()
+    fused(xb).square().sum().backward()
+    assert_close_scaled(xb.grad, xa.grad, torch.float64, "input grad")
