@@ -12,6 +12,14 @@ updates). Whole decoder: inference, and a training step (forward, backward, SGD 
 Also: saved-activation bytes of a decoder training step (``saved_tensors_hooks``) and the fraction of the
 measured copy bandwidth that the eval-mode MSDC kernel reaches.
 
+Section ``fusion`` (issue 8): decoder inference before / after eval-mode pointwise folding and the ``mscam`` op
+in one run, EMCADNet's heads (all four vs ``heads="last"``), and operator / compute-launch counts per decoder
+forward from ``torch.profiler`` (``op_counts``). On a machine shared with other jobs, two OpenMP threads wait for
+each other at every barrier while one of them is descheduled, so wall-clock times balloon; ``--threads 1 --clock
+cpu`` (CPU time of one thread) is then the stable measure:
+
+    python benchmarks/cpu_table.py --only fusion --threads 1 --clock cpu
+
 Timing: every provider of a row is measured in interleaved rounds (round-robin, so a load change on a shared
 machine hits all of them alike); the reported time is the best over all rounds and repetitions.
 Threads: ``torch.set_num_threads(2)``.
@@ -41,6 +49,9 @@ import emcad_kernels as ek  # noqa: E402
 from emcad_kernels import _ext  # noqa: E402
 
 THREADS = 2
+# time.perf_counter (wall clock, the default) or time.process_time (``--clock cpu``: CPU time of this process,
+# all threads summed; with ``--threads 1`` a load-robust stand-in for wall time on a machine shared with others)
+CLOCK = time.perf_counter
 RESOLUTIONS = {224: 6, 352: 8}  # image size -> batch (EMCAD-B2 training recipes)
 B2_CHANNELS = (512, 320, 128, 64)  # decoder widths deep -> shallow (strides 32, 16, 8, 4)
 EF = 2  # MSCB expansion
@@ -151,9 +162,9 @@ def measure(providers: dict[str, Callable[[], None]], rounds: int, reps: int) ->
         for name, fn in providers.items():
             best = float("inf")
             for _ in range(reps):
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 fn()
-                best = min(best, time.perf_counter() - t0)
+                best = min(best, CLOCK() - t0)
             samples[name].append(best * 1e3)
     return {k: min(v) for k, v in samples.items()}
 
@@ -285,6 +296,107 @@ def copy_bandwidth_gbs(numel=64 * 2**20 // 4, rounds=5, reps=5):
 
 
 # --------------------------------------------------------------------------------------------------
+# issue 8: eval-mode pointwise folding, heads at inference, op counts
+# --------------------------------------------------------------------------------------------------
+def folding_providers(res):
+    """Decoder inference: torch baselines, and the fused cpu backend before issue 8 ("unfolded":
+    ``FOLD_EVAL_POINTWISE = False`` and plain CAB / SAB) and after it ("folded": folded pointwise convs, the
+    ``mscam`` op), NCHW and channels_last, in one run. "folded" runs ``backend="auto"``: the cpu kernels for
+    MSDC / EUCB / LGAG and the reference backend for ``mscam``, which the cpu backend does not implement."""
+    from emcad.models import blocks
+
+    def with_fold(fold, fn):
+        def call():
+            old = blocks.FOLD_EVAL_POINTWISE
+            blocks.FOLD_EVAL_POINTWISE = fold
+            try:
+                fn()
+            finally:
+                blocks.FOLD_EVAL_POINTWISE = old
+        return call
+
+    providers = {}
+    for label, backend, cl, fold in (("torch nchw", "torch", False, True), ("torch cl", "torch", True, True),
+                                     ("cpu nchw unfolded", "cpu", False, False),
+                                     ("cpu cl unfolded", "cpu", True, False),
+                                     ("cpu nchw folded", "auto", False, True), ("cpu cl folded", "auto", True, True)):
+        dec = make_decoder(backend).eval()
+        if not fold:  # the fused path before issue 8: plain CAB / SAB too (no mscam op)
+            for m in (dec.cab4, dec.cab3, dec.cab2, dec.cab1, dec.sab):
+                m.set_backend("torch")
+        if cl:
+            dec = dec.to(memory_format=torch.channels_last)
+        x, skips = decoder_inputs(res, cl)
+
+        def fwd(dec=dec, x=x, skips=skips):
+            with torch.no_grad():
+                dec(x, skips)
+        providers[label] = with_fold(fold, fwd)
+    return providers
+
+
+def heads_providers(res, num_classes=9):
+    """EMCADNet's heads on B2 decoder outputs: all four heads + four full-size upsamplings vs p1 only."""
+    n = RESOLUTIONS[res]
+    ds = [torch.randn(n, c, res // s, res // s) for c, s in zip(B2_CHANNELS, (32, 16, 8, 4))]
+    heads = [nn.Conv2d(c, num_classes, 1) for c in B2_CHANNELS]
+
+    def all_heads():
+        with torch.no_grad():
+            [F.interpolate(h(d), size=(res, res), mode="bilinear", align_corners=False) for h, d in zip(heads, ds)]
+
+    def last_head():
+        with torch.no_grad():
+            F.interpolate(heads[-1](ds[-1]), size=(res, res), mode="bilinear", align_corners=False)
+    return {"all heads": all_heads, "p1 only": last_head}
+
+
+# aten ops that only make views, allocate or reinterpret: not kernel launches
+NON_COMPUTE_OPS = {"aten::" + n for n in (
+    "view", "reshape", "_reshape_alias", "_unsafe_view", "permute", "expand", "as_strided", "t", "transpose",
+    "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "chunk", "unbind", "detach", "alias",
+    "empty", "empty_like", "empty_strided", "new_empty", "resize_", "lift_fresh", "to", "_to_copy", "contiguous",
+    "clone", "flatten", "narrow", "result_type", "is_nonzero", "item", "_local_scalar_dense", "resolve_conj",
+    "resolve_neg", "as_strided_")}
+
+
+def op_counts(backend, res, channels_last, fold=True):
+    """Per decoder inference forward, from torch.profiler: (ops dispatched from Python, compute launches).
+    Compute launches = innermost aten ops that compute (views, allocations and casts excluded; a real copy shows
+    up as its ``aten::copy_``) + each innermost ``emcad_kernels`` op (its C++ kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+    from emcad.models import blocks
+    dec = make_decoder(backend).eval()
+    if not fold:  # as in folding_providers: the fused path before issue 8
+        for m in (dec.cab4, dec.cab3, dec.cab2, dec.cab1, dec.sab):
+            m.set_backend("torch")
+    x, skips = decoder_inputs(res, channels_last)
+    if channels_last:
+        dec = dec.to(memory_format=torch.channels_last)
+    old = blocks.FOLD_EVAL_POINTWISE
+    blocks.FOLD_EVAL_POINTWISE = fold
+    try:
+        with torch.no_grad():
+            dec(x, skips)  # warm the folded-weight caches
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                dec(x, skips)
+    finally:
+        blocks.FOLD_EVAL_POINTWISE = old
+    events = [e for e in prof.events() if "::" in e.name]
+    top = [e for e in events if e.cpu_parent is None and e.name not in NON_COMPUTE_OPS]
+
+    def computes(e):  # e or one of its descendants is a compute op
+        return e.name not in NON_COMPUTE_OPS or any(computes(c) for c in e.cpu_children)
+
+    # innermost compute ops: e.g. mkldnn_convolution (its children only allocate) counts, conv2d above it not
+    leaves = [e for e in events if e.name.startswith("aten::") and e.name not in NON_COMPUTE_OPS
+              and not any(computes(c) for c in e.cpu_children)]
+    kernels = [e for e in events if e.name.startswith("emcad_kernels::")
+               and not any(c.name.startswith("emcad_kernels::") for c in e.cpu_children)]
+    return len(top), len(leaves) + len(kernels)
+
+
+# --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
 def machine_info():
@@ -335,20 +447,28 @@ def fmt_row(label, times, target: Optional[float]):
 
 
 def main(argv=None):
+    global THREADS, CLOCK
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shapes")
-    ap.add_argument("--only", choices=["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth"], action="append")
+    ap.add_argument("--only", choices=["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "fusion"],
+                    action="append")
     ap.add_argument("--res", type=int, choices=sorted(RESOLUTIONS), action="append")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_table.md"))
+    ap.add_argument("--threads", type=int, default=THREADS, help=f"torch.set_num_threads [{THREADS}]")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: time.perf_counter; cpu: time.process_time (all threads summed) [wall]")
     args = ap.parse_args(argv)
+    THREADS = args.threads
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(THREADS)
     _ext.require_cpu_ext()
     rounds, reps = (3, 2) if args.quick else (5, 3)
-    sections = args.only or ["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth"]
+    sections = args.only or ["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "fusion"]
     resolutions = args.res or sorted(RESOLUTIONS)
     info = machine_info()
-    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch.set_num_threads({THREADS}); kernel build "
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch.set_num_threads({THREADS}), clock "
+             f"{args.clock}; kernel build "
              f"`{info['isa']}` (PyTorch CPU capability {info['torch_cpu_capability']}); torch {info['torch']}, "
              f"Python {info['python']}; commit {info['commit']}; {info['date']}; load average at start "
              f"{info['load'][0]:.1f}.", "",
@@ -433,6 +553,44 @@ def main(argv=None):
                                  f"**{100 * gbs / bw:.0f}%** {verdict} |")
                     summary.setdefault(("bandwidth", ""), []).append(gbs / bw)
                     print(lines[-1], flush=True)
+        lines.append("")
+    if "fusion" in sections:
+        lines += ["### Issue 8: decoder inference with eval-mode pointwise folding (fp32, ms, no_grad, eval)", "",
+                  "`unfolded` = the fused path before issue 8 (`blocks.FOLD_EVAL_POINTWISE = False`, plain CAB/SAB), "
+                  "`folded` = after it; same run, interleaved rounds.", ""]
+        header = None
+        for res in resolutions:
+            times = measure(folding_providers(res), rounds, max(1, reps - 1))
+            if header is None:
+                header = list(times)
+                lines += ["| input | " + " | ".join(header) + " | best torch | unfolded speed-up | folded speed-up |",
+                          "|" + "---|" * (len(header) + 4)]
+            base = min(times["torch nchw"], times["torch cl"])
+            bname = "torch nchw" if times["torch nchw"] <= times["torch cl"] else "torch cl"
+            unf = min(times["cpu nchw unfolded"], times["cpu cl unfolded"])
+            fol = min(times["cpu nchw folded"], times["cpu cl folded"])
+            verdict = " ✓" if base / fol >= 3.0 else " ✗ (target 3×)"
+            lines.append(f"| {res}px, batch {RESOLUTIONS[res]} | " + " | ".join(f"{times[k]:.2f}" for k in header) +
+                         f" | {bname} | {base / unf:.2f}× | **{base / fol:.2f}×**{verdict} |")
+            summary.setdefault(("fusion", "eval"), []).append(base / fol)
+            print(lines[-1], flush=True)
+        lines += ["", "Heads of EMCADNet (9 classes) on the B2 decoder outputs: all four heads + upsamplings vs "
+                  "`heads=\"last\"` (p1 only), ms:", "", "| input | all heads | p1 only |", "|---|---|---|"]
+        for res in resolutions:
+            t = measure(heads_providers(res), rounds, reps)
+            lines.append(f"| {res}px, batch {RESOLUTIONS[res]} | {t['all heads']:.2f} | {t['p1 only']:.2f} |")
+            print(lines[-1], flush=True)
+        res = resolutions[0]
+        lines += ["", f"Per decoder inference forward ({res}px, torch.profiler, see `op_counts`): ops dispatched "
+                  "from Python, and compute launches (leaf aten compute ops + C++ kernels of the fused ops):", "",
+                  "| decoder | ops from Python | compute launches |", "|---|---|---|"]
+        for label, backend, cl, fold in (("torch nchw", "torch", False, True), ("torch cl", "torch", True, True),
+                                         ("cpu cl unfolded", "cpu", True, False),
+                                         ("cpu cl folded", "auto", True, True),
+                                         ("cpu nchw folded", "auto", False, True)):
+            top, launches = op_counts(backend, res, cl, fold)
+            lines.append(f"| {label} | {top} | {launches} |")
+            print(lines[-1], flush=True)
         lines.append("")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -12,6 +12,7 @@ REFERENCE_KERNELS = Kernels(
     lgag_forward=reference.lgag_forward, lgag_backward=reference.lgag_backward,
     lndw_forward=reference.lndw_forward, lndw_backward=reference.lndw_backward,
     dwgn_forward=reference.dwgn_forward, dwgn_backward=reference.dwgn_backward,
+    mscam_forward=reference.mscam_forward, mscam_backward=reference.mscam_backward,
 )
 
 

@@ -24,10 +24,10 @@ from .library import OpSet
 
 ENV_VAR = "EMCAD_KERNELS_BACKEND"
 OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
-       "dilated_dwconv_groupnorm")
+       "dilated_dwconv_groupnorm", "mscam")
 # ops a backend may leave out: op name -> OpSet field. A backend whose OpSet has None there refuses the call with
 # "<op> not implemented in the <backend> backend" before its own ``check`` runs (so older backends need no edit).
-OPTIONAL_OPS = {"layernorm_dilated_dwconv": "lndw", "dilated_dwconv_groupnorm": "dwgn"}
+OPTIONAL_OPS = {"layernorm_dilated_dwconv": "lndw", "dilated_dwconv_groupnorm": "dwgn", "mscam": "mscam"}
 
 
 class BackendUnavailableError(RuntimeError):

@@ -162,6 +162,28 @@ def register_dwgn(fwd_op, bwd_op) -> None:
         return sum(_dilated_conv_bwd(*conv) for conv in _grouped_dw_convs(x, weights, dilations))
 
 
+
+# --------------------------------------------------------------------------------------------------
+# mscam (CAB · SAB)
+# --------------------------------------------------------------------------------------------------
+def _mscam_convs(x, fc1, fc2, sab_weight):
+    """(input, weight, output) of the plain modules' convolutions: fc1 and fc2 on the average and the max
+    pooled vectors (4 convs), then the SAB conv on the 2-channel map."""
+    n, c, h, w = x
+    r = fc1[0]
+    return [([n, c, 1, 1], fc1, [n, r, 1, 1])] * 2 + [([n, r, 1, 1], fc2, [n, fc2[0], 1, 1])] * 2 + \
+        [([n, 2, h, w], sab_weight, [n, 1, h, w])]
+
+
+def register_mscam(fwd_op, bwd_op) -> None:
+    @register_flop_formula(fwd_op._opoverload._overloadpacket)
+    def _fwd(x, fc1, fc2, sab_weight, activation, out_shape=None, **kwargs):
+        return sum(_conv_fwd(*conv) for conv in _mscam_convs(x, fc1, fc2, sab_weight))
+
+    @register_flop_formula(bwd_op._opoverload._overloadpacket)
+    def _bwd(grad, x, fc1, fc2, sab_weight, activation, out_shape=None, **kwargs):
+        return sum(_conv_bwd(*conv, 1, 1) for conv in _mscam_convs(x, fc1, fc2, sab_weight))
+
 # --------------------------------------------------------------------------------------------------
 # fvcore handles (MACs)
 # --------------------------------------------------------------------------------------------------

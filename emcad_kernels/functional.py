@@ -461,6 +461,43 @@ def _prepare_dwgn(x, weights, biases, gn_weight, gn_bias, dilations, eps):
     return call, (x, weights, bs, gn_w, gn_b, dilations, eps), None
 
 
+
+# --------------------------------------------------------------------------------------------------
+# mscam (EMCAD CAB · SAB, issue 8)
+# --------------------------------------------------------------------------------------------------
+def mscam(x: Tensor, cab_fc1: Tensor, cab_fc2: Tensor, sab_weight: Tensor, *, activation: str = "relu",
+          backend: Optional[str] = None) -> Tensor:
+    """EMCAD's channel then spatial attention applied to ``x`` (the attention part of MSCAM, EMCAD.md §2.5–2.7):
+    ``ca = σ(fc2(act(fc1(avgpool(x)))) + fc2(act(fc1(maxpool(x)))))`` (CAB, ``(N, C, 1, 1)``),
+    ``d1 = ca · x``, ``sa = σ(conv_k([mean_c(d1), max_c(d1)]))`` (SAB, ``(N, 1, H, W)``, padding ``k // 2``, no
+    bias) and returns ``d1 · sa`` in ``x``'s memory format. ``cab_fc1`` is ``[R, C, 1, 1]``, ``cab_fc2``
+    ``[C, R, 1, 1]`` (no biases), ``sab_weight`` ``[1, 2, k, k]`` with odd ``k``. Differentiable in ``x`` and
+    all three weights."""
+    call, args, _ = _prepare_mscam(x, cab_fc1, cab_fc2, sab_weight, activation)
+    return backends.select(call, backend).ops.mscam(*args)
+
+
+def _prepare_mscam(x, cab_fc1, cab_fc2, sab_weight, activation):
+    """Validates an mscam call; returns (OpCall, op arguments, None)."""
+    _check_input("x", x)
+    c = x.shape[1]
+    _check_activation(activation)
+    for name, t in (("cab_fc1", cab_fc1), ("cab_fc2", cab_fc2), ("sab_weight", sab_weight)):
+        _check_tensor(name, t, 4)
+        _check_like(name, t, x)
+    r = cab_fc1.shape[0]
+    if tuple(cab_fc1.shape) != (r, c, 1, 1) or r < 1:
+        raise ValueError(f"cab_fc1 must have shape [R, {c}, 1, 1] (a 1×1 conv from the {c} input channels), got "
+                         f"{tuple(cab_fc1.shape)}")
+    if tuple(cab_fc2.shape) != (c, r, 1, 1):
+        raise ValueError(f"cab_fc2 must have shape [{c}, {r}, 1, 1] (back to the {c} input channels), got "
+                         f"{tuple(cab_fc2.shape)}")
+    k = sab_weight.shape[-1]
+    if sab_weight.shape[:2] != (1, 2) or sab_weight.shape[2] != k or k % 2 == 0:
+        raise ValueError(f"sab_weight must have shape [1, 2, k, k] with odd k, got {tuple(sab_weight.shape)}")
+    call = OpCall("mscam", x.device.type, x.dtype, activation, (int(k),), 1)
+    return call, (x, cab_fc1, cab_fc2, sab_weight, activation), None
+
 def explain(op: str, *args, backend: Optional[str] = None, **kwargs) -> str:
     """Which backend would run ``op(*args, **kwargs)`` and why the others would not. Nothing is computed.
 
@@ -485,4 +522,5 @@ _PREPARE = {
     "grouped_attention_gate": (grouped_attention_gate, _prepare_lgag),
     "layernorm_dilated_dwconv": (layernorm_dilated_dwconv, _prepare_lndw),
     "dilated_dwconv_groupnorm": (dilated_dwconv_groupnorm, _prepare_dwgn),
+    "mscam": (mscam, _prepare_mscam),
 }

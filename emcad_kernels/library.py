@@ -25,6 +25,8 @@ backend" through ``Backend.reasons``, so ``auto`` falls back to another backend)
     (EGE-UNet GAB; GHPA ``norm2`` + ``ldw.0`` with one group). No running statistics, so no train/eval flag.
 ``dwgn_fwd(x, weights[G], biases[G], gn_weight, gn_bias, dilations[G], eps) -> y``
     ``dilated_dwconv_groupnorm``: the dilated depthwise convs then ``GroupNorm(G, C)`` (MALUNet DGA, GAU).
+``mscam_fwd(x, fc1[R,C,1,1], fc2[C,R,1,1], sab_weight[1,2,k,k], activation) -> y``
+    ``mscam``: EMCAD's CAB then SAB applied as ``y = x · ca · sa`` (issue 8). No statistics, no train/eval flag.
 
 The backward functions receive the upstream gradient, the inputs and the saved statistics, and return the
 gradients of every differentiable input (see ``reference.py`` for the exact signatures). Outputs always have
@@ -55,6 +57,7 @@ class OpSet:
     # optional ops: None when the backend does not implement them (see OPTIONAL_OPS in backends.py)
     lndw: Optional[Callable] = None
     dwgn: Optional[Callable] = None
+    mscam: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class Kernels:
     lndw_backward: Optional[Callable] = None
     dwgn_forward: Optional[Callable] = None
     dwgn_backward: Optional[Callable] = None
+    mscam_forward: Optional[Callable] = None
+    mscam_backward: Optional[Callable] = None
 
 
 def _empty_like_out(x: Tensor, shape) -> Tensor:
@@ -95,6 +100,8 @@ def define_op_set(backend: str, kernels: Kernels, device_types: Optional[Sequenc
               if kernels.lndw_forward is not None and kernels.lndw_backward is not None else None),
         dwgn=(_define_dwgn(backend, kernels, device_types)
               if kernels.dwgn_forward is not None and kernels.dwgn_backward is not None else None),
+        mscam=(_define_mscam(backend, kernels, device_types)
+               if kernels.mscam_forward is not None and kernels.mscam_backward is not None else None),
     )
 
 
@@ -349,3 +356,41 @@ def _define_dwgn(backend: str, k: Kernels, device_types):
     dwgn_fwd.register_autograd(backward, setup_context=setup_context)
     flops.register_dwgn(dwgn_fwd, dwgn_bwd)
     return dwgn_fwd
+
+
+# --------------------------------------------------------------------------------------------------
+# mscam (EMCAD CAB · SAB)
+# --------------------------------------------------------------------------------------------------
+def _define_mscam(backend: str, k: Kernels, device_types):
+    @torch.library.custom_op(f"{NAMESPACE}::mscam_fwd_{backend}", mutates_args=(), device_types=device_types)
+    def mscam_fwd(x: Tensor, fc1: Tensor, fc2: Tensor, sab_weight: Tensor, activation: str) -> Tensor:
+        return k.mscam_forward(x, fc1, fc2, sab_weight, activation)
+
+    @mscam_fwd.register_fake
+    def _(x, fc1, fc2, sab_weight, activation):
+        return _empty_like_out(x, x.shape)
+
+    @torch.library.custom_op(f"{NAMESPACE}::mscam_bwd_{backend}", mutates_args=(), device_types=device_types)
+    def mscam_bwd(grad: Tensor, x: Tensor, fc1: Tensor, fc2: Tensor, sab_weight: Tensor,
+                  activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tuple(k.mscam_backward(grad, x, fc1, fc2, sab_weight, activation))
+
+    @mscam_bwd.register_fake
+    def _(grad, x, fc1, fc2, sab_weight, activation):
+        return (_empty_like_out(x, x.shape), torch.empty_like(fc1), torch.empty_like(fc2),
+                torch.empty_like(sab_weight))
+
+    def setup_context(ctx, inputs, output):
+        x, fc1, fc2, sab_weight, activation = inputs
+        ctx.save_for_backward(x, fc1, fc2, sab_weight)  # the backward recomputes the attention maps
+        ctx.activation = activation
+
+    def backward(ctx, grad):
+        x, fc1, fc2, sab_weight = ctx.saved_tensors
+        grads = mscam_bwd(grad.contiguous(memory_format=output_memory_format(x)), x, fc1, fc2, sab_weight,
+                          ctx.activation)
+        return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[:4])) + (None,)
+
+    mscam_fwd.register_autograd(backward, setup_context=setup_context)
+    flops.register_mscam(mscam_fwd, mscam_bwd)
+    return mscam_fwd

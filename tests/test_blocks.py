@@ -368,3 +368,208 @@ def test_channel_shuffle():
     c = 4  # ef = 2: even channels first, then odd
     x = torch.arange(2 * c, dtype=torch.float32).view(1, 2 * c, 1, 1)
     assert channel_shuffle(x, c).flatten().long().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+# --------------------------------------------------------------------------------------------------
+# eval-mode pointwise folding (issue #8): BN folded into the 1×1 weights, shuffle into pconv2's columns
+# --------------------------------------------------------------------------------------------------
+from emcad.models import blocks as _blocks  # noqa: E402
+
+
+def test_shuffle_permutation_folds_into_weight_columns():
+    """``W' @ d == W @ channel_shuffle(d)`` with ``W'[:, perm[o]] = W[:, o]`` (same math, summation order
+    aside), and the permutation is exactly channel_shuffle's."""
+    torch.manual_seed(0)
+    for c, g in ((8, 4), (12, 3), (16, 8), (6, 6)):
+        d = torch.randn(2, c, 3, 3, dtype=torch.float64)
+        perm = _blocks.shuffle_permutation(c, g)
+        assert torch.equal(channel_shuffle(d, g), d[:, perm])
+        conv = nn.Conv2d(c, 5, 1, bias=False).double()
+        w, _ = _blocks._FoldedPointwise.compute(conv, None, torch.float64, shuffle_groups=g)
+        torch.testing.assert_close(_blocks.pointwise_conv(d, w, None), conv(channel_shuffle(d, g)),
+                                   atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_msdc_without_shuffle_and_permuted_weights_is_the_same_math(backend):
+    """pconv2(multi_scale_dwconv(shuffle_groups=g)) == pconv2'(multi_scale_dwconv(no shuffle)): the shuffle only
+    permutes channels, so the msdc outputs are the same values, and the permuted columns undo the permutation."""
+    msdc = randomize(MSDC(16, [1, 3, 5], 1)).eval().double()
+    conv = randomize(nn.Conv2d(16, 8, 1, bias=False)).double()
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        shuffled = msdc.combined(x, True, 8, backend=backend)
+        plain = msdc.combined(x, True, None, backend=backend)
+        assert torch.equal(shuffled, plain[:, _blocks.shuffle_permutation(16, 8)])  # bitwise: a permutation
+        w, _ = _blocks._FoldedPointwise.compute(conv, None, torch.float64, shuffle_groups=8)
+        torch.testing.assert_close(_blocks.pointwise_conv(plain, w, None), conv(shuffled), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("size", [6, 16], ids=["small", "hw256"])  # both pointwise_conv branches per layout
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", ["mscb_add", "mscb_concat", "mscb_conv1x1_ef3", "mscb_stride2", "mscblayer_n2",
+                                  "eucb"])
+def test_folded_inference_matches_torch(case, channels_last, size):
+    """no_grad eval (the cached folded path) against the torch composition."""
+    make, _, _ = CASES[case]
+    ref = randomize(make()).eval()
+    fused = copy.deepcopy(ref)
+    set_backend(ref, "torch")
+    x = torch.randn(B, C, size // 2 if case == "eucb" else size, size // 2 if case == "eucb" else size) * 2.0
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):  # second call: from the cache
+            a, b = ref(x), fused(x)
+            torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+            if channels_last:
+                assert b.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=1e-5)
+
+
+def _fold_counter(monkeypatch):
+    counts = [0]
+    original = _blocks._FoldedPointwise.compute
+
+    def counting(*args, **kwargs):
+        counts[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_blocks._FoldedPointwise, "compute", staticmethod(counting))
+    return counts
+
+
+def test_fold_cache_hits_and_invalidation(monkeypatch):
+    """The folded weights are computed once, then follow in-place weight and buffer changes, load_state_dict,
+    dtype changes, BN statistics updated by a training step, and an eps change."""
+    counts = _fold_counter(monkeypatch)
+    make, inputs, _ = CASES["mscb_add"]
+    fused = randomize(make()).eval()
+    ref = copy.deepcopy(fused)
+    set_backend(ref, "torch")
+    x = inputs()[0]
+
+    def check(dtype=torch.float32):
+        with torch.no_grad():
+            tol = TOL[dtype] if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(fused(x.to(dtype)), ref(x.to(dtype)), **tol)
+
+    check()
+    assert counts[0] == 2  # pconv1, pconv2
+    check()
+    check()
+    assert counts[0] == 2  # cache hits
+    for mutate in (lambda m: m.pconv1[0].weight.mul_(1.5),           # conv weight in place (optimizer step)
+                   lambda m: m.pconv2[1].weight.add_(0.25),          # BN affine
+                   lambda m: m.pconv1[1].running_var.mul_(2.0),      # BN buffer
+                   lambda m: m.pconv2[1].running_mean.add_(0.1)):
+        with torch.no_grad():
+            mutate(fused)
+            mutate(ref)
+        before = counts[0]
+        check()
+        assert counts[0] == before + 1
+    # load_state_dict (copy_ into the existing tensors)
+    other = randomize(make(), seed=7).eval()
+    fused.load_state_dict(other.state_dict())
+    ref.load_state_dict(other.state_dict())
+    check()
+    # .to(dtype) and back: new storage each time
+    fused.double()
+    ref.double()
+    check(torch.float64)
+    fused.float()
+    ref.float()
+    check()
+    # a training step changes the running statistics (inside batch_norm, without a version bump), then eval
+    fused.train()
+    ref.train()
+    with torch.no_grad():
+        fused(x)
+        ref(x)
+    fused.eval()
+    ref.eval()
+    check()
+    # eps is part of the key
+    fused.pconv1[1].eps = ref.pconv1[1].eps = 0.5
+    check()
+
+
+def test_fold_gradients_in_eval_mode():
+    """Eval mode with gradients on: the fold is recomputed differentiably (conv and BN affine get gradients),
+    nothing stale is cached across a weight update."""
+    compare_fused(CASES["mscb_add"][0], CASES["mscb_add"][1], dtype=torch.float64, train=False, steps=1)
+    make, inputs, _ = CASES["mscb_add"]
+    fused = randomize(make()).eval().double()
+    ref = copy.deepcopy(fused)
+    set_backend(ref, "torch")
+    x = inputs()[0].double()
+    for _ in range(2):
+        for m in (fused, ref):
+            m.zero_grad()
+            m(x).square().sum().backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.sub_(0.1 * p.grad)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), ref(x), **TOL[torch.float64])
+
+
+def test_fold_switch_and_torch_backend_untouched(monkeypatch):
+    counts = _fold_counter(monkeypatch)
+    make, inputs, _ = CASES["mscb_add"]
+    m = randomize(make()).eval()
+    x = inputs()[0]
+    with torch.no_grad():
+        set_backend(m, "torch")
+        m(x)
+        assert counts[0] == 0
+        set_backend(m, "auto")
+        monkeypatch.setattr(_blocks, "FOLD_EVAL_POINTWISE", False)
+        m(x)
+        assert counts[0] == 0
+        m.train()
+        monkeypatch.setattr(_blocks, "FOLD_EVAL_POINTWISE", True)
+        m(x)
+        assert counts[0] == 0  # training mode: batch statistics, nothing to fold
+
+
+def test_fold_cache_follows_module_training_and_clear(monkeypatch):
+    """Running statistics change inside batch_norm without a version bump: a training-mode module forward is
+    caught through num_batches_tracked; an update outside the module needs clear_fold_caches."""
+    make, inputs, _ = CASES["mscb_add"]
+    fused = randomize(make()).eval()
+    ref = copy.deepcopy(fused)
+    set_backend(ref, "torch")
+    x = inputs()[0]
+    with torch.no_grad():
+        fused(x)
+        for m in (fused, ref):
+            m.pconv1[1].train()
+            m.pconv1(x)  # only the pconv1 BN in training mode, called directly
+            m.pconv1[1].eval()
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=1e-5)
+        batch = torch.randn(4, fused.pconv2[1].num_features, 3, 3)
+        for m in (fused, ref):  # F.batch_norm outside the module: no version bump, no num_batches_tracked
+            bn = m.pconv2[1]
+            nn.functional.batch_norm(batch, bn.running_mean, bn.running_var, training=True, momentum=0.5)
+        assert not torch.allclose(fused(x), ref(x), atol=1e-3)  # stale, as documented
+        _blocks.clear_fold_caches(fused)
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=1e-5)
+
+
+def test_fold_frozen_parameters_input_gradient():
+    """Frozen parameters (cached folds, no grad_fn), input requiring grad: the input gradient is still right,
+    also when the cache was filled under inference_mode (a separate key: inference tensors cannot be saved)."""
+    make, inputs, _ = CASES["mscb_add"]
+    fused = randomize(make()).eval().double().requires_grad_(False)
+    ref = copy.deepcopy(fused)
+    set_backend(ref, "torch")
+    x = inputs()[0].double()
+    with torch.inference_mode():
+        fused(x)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xa).square().sum().backward()
+    fused(xb).square().sum().backward()
+    assert_close_scaled(xb.grad, xa.grad, torch.float64, "input grad")

@@ -641,3 +641,74 @@ def test_public_api():
     for name in ("create_model", "list_models", "EMCAD", "EMCADNet", "load_original_checkpoint", "save_pretrained",
                  "from_pretrained", "set_backend"):
         assert hasattr(emcad, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# heads at inference (issue #8) and the folded eval path over the whole decoder
+# --------------------------------------------------------------------------------------------------
+def test_emcadnet_last_head_only(b0_net):
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    ref = copy.deepcopy(b0_net)
+    set_backend(ref, "torch")
+    with torch.no_grad():
+        full = b0_net(x)
+        last = b0_net(x, heads="last")
+        assert len(last) == 1 and last[0].shape == full[-1].shape
+        torch.testing.assert_close(last[0], full[-1], atol=0, rtol=0)
+        torch.testing.assert_close(last[0], ref(x)[-1], atol=1e-5, rtol=1e-5)
+        calls = []
+        hooks = [getattr(b0_net, f"out_head{i}").register_forward_hook(lambda m, i, o, n=i: calls.append(n))
+                 for i in range(1, 5)]
+        try:
+            b0_net.inference_heads = "last"
+            out = b0_net(x)  # eval mode: the attribute applies
+            assert len(out) == 1 and calls == [1]
+            torch.testing.assert_close(out[0], full[-1], atol=0, rtol=0)
+            b0_net.train()
+            assert len(b0_net(x)) == 4  # training mode: all heads (deep supervision)
+        finally:
+            b0_net.eval()
+            b0_net.inference_heads = "all"
+            for h in hooks:
+                h.remove()
+    with pytest.raises(ValueError, match="heads must be one of"):
+        b0_net(x, heads="first")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_decoder_b0_folded_inference_matches_torch(channels_last):
+    """no_grad eval over the whole decoder (folded, cached pointwise weights) == torch; after load_state_dict
+    and an in-place weight change the cached folds follow."""
+    torch.manual_seed(0)
+    fused = randomize(EMCAD(B0)).eval()
+    ref = copy.deepcopy(fused)
+    set_backend(ref, "torch")
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, c, s, s, generator=g) for c, s in zip(B0, (2, 4, 8, 16))]
+    if channels_last:
+        inputs = [t.to(memory_format=torch.channels_last) for t in inputs]
+
+    def check():
+        # float32 through four stages: the rule of test_decoder_b0_fused_matches_torch (float64 oracle)
+        oracle = copy.deepcopy(ref).double()
+        with torch.no_grad():
+            outs = zip(ref(inputs[0], inputs[1:]), fused(inputs[0], inputs[1:]),
+                       oracle(inputs[0].double(), [t.double() for t in inputs[1:]]))
+            for a, b, o in outs:
+                scale = max(o.abs().max().item(), 1.0)
+                err_fused, err_torch = (b.double() - o).abs().max().item(), (a.double() - o).abs().max().item()
+                assert err_fused <= 2 * err_torch + 1e-5 * scale, (err_fused, err_torch, scale)
+
+    check()
+    check()
+    other = randomize(EMCAD(B0), seed=5).eval()
+    fused.load_state_dict(other.state_dict())
+    ref.load_state_dict(other.state_dict())
+    check()
+    with torch.no_grad():
+        for m in (fused, ref):
+            m.mscb1[0].pconv2[0].weight.mul_(-1.0)
+            m.mscb3[0].pconv1[1].running_mean.add_(0.3)
+            m.eucb1.pwc[0].bias.add_(1.0)
+    check()

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch.nn as nn
 from torch import Tensor
 
-from .blocks import CAB, EUCB, LGAG, SAB, BackendMixin, MSCBLayer, set_backend
+from .blocks import CAB, EUCB, LGAG, SAB, BackendMixin, MSCBLayer, apply_mscam_attention, set_backend
 
 __all__ = ["EMCAD"]
 
@@ -87,10 +87,8 @@ class EMCAD(BackendMixin, nn.Module):
                                  f"feature's {h}×{w}), got {tuple(t.shape[-2:])}")
 
     def _stage(self, d: Tensor, cab: CAB, mscb: MSCBLayer) -> Tensor:
-        """MSCAM (EMCAD.md §2.7): CAB, the shared SAB, then MSCB."""
-        d = cab(d) * d
-        d = self.sab(d) * d
-        return mscb(d)
+        """MSCAM (EMCAD.md §2.7): CAB, the shared SAB, then MSCB (fused backends: one ``mscam`` op for CAB·SAB)."""
+        return mscb(apply_mscam_attention(d, cab, self.sab))
 
     def forward(self, x: Tensor, skips: Sequence[Tensor]) -> list[Tensor]:
         self._check_inputs(x, skips)

@@ -15,6 +15,7 @@ from .decoder import EMCAD
 __all__ = ["EMCADNet", "OUTPUT_STRIDE"]
 
 OUTPUT_STRIDE = 32  # H and W must be multiples of this
+HEADS = ("all", "last")  # forward(heads=...)
 
 
 class EMCADNet(BackendMixin, nn.Module):
@@ -40,6 +41,12 @@ class EMCADNet(BackendMixin, nn.Module):
             The architecture is the same for both (the stem is always present, as in every original checkpoint);
             ``forward`` accepts either 1 or 3 channels whatever this says. Other values raise ``ValueError``.
         backend: ``"torch"``, ``"auto"`` or an ``emcad_kernels`` backend name for the decoder blocks.
+
+    Heads at inference: ``forward(x, heads="last")`` computes only the prediction head and returns ``[p1]``
+    (``out_head1`` on d1, upsampled once; the other three heads and their full-size upsamplings are skipped; the
+    whole decoder still runs, d1 needs every stage). ``heads="all"`` (default) returns ``[p4, p3, p2, p1]``. The
+    attribute ``inference_heads`` (``"all"`` or ``"last"``, not saved in the config) sets the default for calls
+    in eval mode, so evaluation code that takes ``out[-1]`` gets p1 either way.
     """
 
     def __init__(self, num_classes: int = 1, kernel_sizes: Sequence[int] = (1, 3, 5), expansion_factor: float = 2,
@@ -68,6 +75,7 @@ class EMCADNet(BackendMixin, nn.Module):
         self.config = dict(num_classes=num_classes, in_channels=in_channels, encoder=encoder,
                            kernel_sizes=[int(k) for k in kernel_sizes], expansion_factor=expansion_factor,
                            dw_parallel=bool(dw_parallel), add=bool(add), lgag_ks=int(lgag_ks), activation=activation)
+        self.inference_heads = "all"
         set_backend(self, backend)
 
     @property
@@ -89,13 +97,20 @@ class EMCADNet(BackendMixin, nn.Module):
             raise ValueError(f"EMCADNet input height and width must be multiples of {OUTPUT_STRIDE}, got {h}×{w} "
                              f"(nearest valid size: {up(h)}×{up(w)}; pad or resize the input)")
 
-    def forward(self, x: Tensor, mode: Optional[str] = None) -> list[Tensor]:
-        """``mode`` exists for compatibility with the original signature and is ignored."""
+    def forward(self, x: Tensor, mode: Optional[str] = None, heads: Optional[str] = None) -> list[Tensor]:
+        """``mode`` exists for compatibility with the original signature and is ignored. ``heads``: ``"all"``
+        → ``[p4, p3, p2, p1]``; ``"last"`` → ``[p1]`` only; None → ``inference_heads`` in eval mode, else all."""
+        if heads is None:
+            heads = getattr(self, "inference_heads", "all") if not self.training else "all"
+        if heads not in HEADS:
+            raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
         self.check_input(x)
         size = tuple(x.shape[-2:])
         if x.shape[1] == 1:
             x = self.conv(x)
         x1, x2, x3, x4 = self.backbone(x)
         d4, d3, d2, d1 = self.decoder(x4, [x3, x2, x1])
+        if heads == "last":
+            return [F.interpolate(self.out_head1(d1), size=size, mode="bilinear", align_corners=False)]
         heads = ((self.out_head4, d4), (self.out_head3, d3), (self.out_head2, d2), (self.out_head1, d1))
         return [F.interpolate(head(d), size=size, mode="bilinear", align_corners=False) for head, d in heads]
