@@ -42,6 +42,7 @@ from torch import Tensor
 
 import emcad_kernels
 from emcad_kernels import BatchNormParams
+from emcad_kernels.batchnorm_act import batch_norm_act
 
 __all__ = [
     "ACTIVATIONS", "BackendMixin", "CAB", "EUCB", "LGAG", "MSCB", "MSCBLayer", "MSDC", "SAB", "apply_mscam_attention",
@@ -471,10 +472,24 @@ class MSCB(BackendMixin, nn.Module):
             out = out.add_(res)
         return out
 
+    def _pconv1_train(self, x: Tensor) -> Tensor:
+        """Training-mode pconv1 whose BN + activation keeps only the conv output for backward (the activation
+        output is kept by the MSDC op anyway): one expanded-channel tensor less per MSCB in the saved activations.
+        Plain ``pconv1`` when it is not the stock conv → BatchNorm2d → activation (e.g. SyncBatchNorm)."""
+        conv, bn, act = self.pconv1
+        if type(bn) is not nn.BatchNorm2d or type(act) is not type(make_activation(self.activation)):
+            return self.pconv1(x)
+        fused = _FusedBN.prepare([bn])
+        return batch_norm_act(conv(x), bn.weight, bn.bias, bn.running_mean, bn.running_var, fused.momentum, bn.eps,
+                              self.activation)
+
     def forward(self, x: Tensor) -> Tensor:
         if self._fold_eval():
             return self._forward_folded(x)
-        p = self.pconv1(x)
+        if self._use_torch() or not self.pconv1[1].training:
+            p = self.pconv1(x)
+        else:
+            p = self._pconv1_train(x)
         groups = None if self.shuffle_groups == self.combined_channels else self.shuffle_groups
         if self._use_torch():
             outputs = self.msdc(p)
