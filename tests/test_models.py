@@ -676,6 +676,26 @@ def test_emcadnet_last_head_only(b0_net):
         b0_net(x, heads="first")
 
 
+def test_evaluation_computes_only_the_last_head(b0_net):
+    from emcad.training.evaluation import forward_head
+
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    hooks = [getattr(b0_net, f"out_head{i}").register_forward_hook(lambda m, i, o, n=i: calls.append(n))
+             for i in range(1, 5)]
+    try:
+        with torch.no_grad():
+            last = forward_head(b0_net, x, "last")
+            assert calls == [1]
+            torch.testing.assert_close(last, b0_net(x)[-1], atol=0, rtol=0)
+            calls.clear()
+            forward_head(b0_net, x, "sum")
+            assert sorted(calls) == [1, 2, 3, 4]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_decoder_b0_folded_inference_matches_torch(channels_last):
     """no_grad eval over the whole decoder (folded, cached pointwise weights) == torch; after load_state_dict

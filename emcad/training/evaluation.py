@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from typing import Callable, Optional, Sequence
 
@@ -31,9 +33,12 @@ MULTIPLE = 32
 
 
 def forward_head(model: torch.nn.Module, x: Tensor, head: str = "last") -> Tensor:
-    """The prediction logits: ``p1`` (the last output, EMCAD.md §8.2) or the sum of all heads (CASCADE)."""
+    """The prediction logits: ``p1`` (the last output, EMCAD.md §8.2) or the sum of all heads (CASCADE). Models
+    whose forward takes ``heads`` (EMCADNet) then compute and upsample p1 only."""
     from emcad.losses import flatten_outputs
 
+    if head == "last" and "heads" in inspect.signature(model.forward).parameters:
+        return model(x, heads="last")[-1]
     out = flatten_outputs(model(x))
     if head == "last":
         return out[-1]
