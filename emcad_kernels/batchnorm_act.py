@@ -19,16 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# activation name -> (in-place forward, backward given (grad of the output, activation input))
-_ACTS = {
-    "relu": (lambda y: y.relu_(), lambda g, z: torch.ops.aten.threshold_backward(g, z, 0)),
-    "relu6": (lambda y: y.clamp_(0.0, 6.0), lambda g, z: torch.ops.aten.hardtanh_backward(g, z, 0.0, 6.0)),
-    "leakyrelu": (lambda y: F.leaky_relu_(y, 0.2), lambda g, z: torch.ops.aten.leaky_relu_backward(g, z, 0.2, False)),
-    "gelu": (lambda y: y.copy_(F.gelu(y)), lambda g, z: torch.ops.aten.gelu_backward(g, z)),
-    "hswish": (lambda y: F.hardswish(y, inplace=True), lambda g, z: torch.ops.aten.hardswish_backward(g, z)),
-    "identity": (lambda y: y, lambda g, z: g),
+# activation name -> in-place forward (returns its argument; gelu computes out of place and copies back)
+INPLACE_ACTIVATIONS = {
+    "relu": torch.relu_,
+    "relu6": lambda y: y.clamp_(0.0, 6.0),
+    "leakyrelu": lambda y: F.leaky_relu_(y, 0.2),
+    "gelu": lambda y: y.copy_(F.gelu(y)),
+    "hswish": lambda y: F.hardswish(y, inplace=True),
+    "identity": lambda y: y,
 }
-ACTIVATIONS = tuple(_ACTS)
+# activation name -> backward given (grad of the output, activation input)
+_ACT_BACKWARD = {
+    "relu": lambda g, z: torch.ops.aten.threshold_backward(g, z, 0),
+    "relu6": lambda g, z: torch.ops.aten.hardtanh_backward(g, z, 0.0, 6.0),
+    "leakyrelu": lambda g, z: torch.ops.aten.leaky_relu_backward(g, z, 0.2, False),
+    "gelu": lambda g, z: torch.ops.aten.gelu_backward(g, z),
+    "hswish": lambda g, z: torch.ops.aten.hardswish_backward(g, z),
+    "identity": lambda g, z: g,
+}
+ACTIVATIONS = tuple(INPLACE_ACTIVATIONS)
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -36,7 +45,7 @@ class _BatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, activation):
         y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True,
                                                            momentum, eps)
-        _ACTS[activation][0](y)
+        INPLACE_ACTIVATIONS[activation](y)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.activation = eps, activation
         return y
@@ -50,7 +59,7 @@ class _BatchNormAct(torch.autograd.Function):
         # the activation input, recomputed like native_batch_norm computes it: in the statistics' dtype
         # (fp32 for half inputs), rounded to the input's dtype
         z = torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
-        gz = _ACTS[ctx.activation][1](grad.contiguous(memory_format=_memory_format(x)), z)
+        gz = _ACT_BACKWARD[ctx.activation](grad.contiguous(memory_format=_memory_format(x)), z)
         needs = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                  bias is not None and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(gz, x, weight, None, None, mean, invstd, True,
@@ -74,7 +83,7 @@ def batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor with a channel dimension (N, C, ...), got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    if activation not in _ACTS:
+    if activation not in INPLACE_ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if x.shape[1] > 0 and x.numel() // x.shape[1] <= 1:
         raise ValueError(f"x: training-mode BatchNorm needs more than 1 value per channel, got shape "

@@ -42,7 +42,7 @@ from torch import Tensor
 
 import emcad_kernels
 from emcad_kernels import BatchNormParams
-from emcad_kernels.batchnorm_act import batch_norm_act
+from emcad_kernels.batchnorm_act import INPLACE_ACTIVATIONS, batch_norm_act
 
 __all__ = [
     "ACTIVATIONS", "BackendMixin", "CAB", "EUCB", "LGAG", "MSCB", "MSCBLayer", "MSDC", "SAB", "apply_mscam_attention",
@@ -201,16 +201,6 @@ def _like(w: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
 # --------------------------------------------------------------------------------------------------
 # Module-level switch (benchmarks compare before/after in one run; False = the PR-7 fused path).
 FOLD_EVAL_POINTWISE = True
-
-# In-place activations for the fresh output of a pointwise conv (saves one allocation and one pass).
-_INPLACE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu_,
-    "relu6": lambda t: nn.functional.hardtanh_(t, 0.0, 6.0),
-    "leakyrelu": lambda t: nn.functional.leaky_relu_(t, 0.2),
-    "hswish": lambda t: nn.functional.hardswish(t, inplace=True),
-    "gelu": nn.functional.gelu,
-}
-
 
 def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -445,7 +435,7 @@ class MSCB(BackendMixin, nn.Module):
     def _fold_eval(self) -> bool:
         """Eval-mode folding applies: fused backend, both pointwise convs foldable (see :class:`_FoldedPointwise`)
         and a known activation."""
-        return (FOLD_EVAL_POINTWISE and not self._use_torch() and self.activation in _INPLACE_ACTIVATIONS
+        return (FOLD_EVAL_POINTWISE and not self._use_torch() and self.activation in INPLACE_ACTIVATIONS
                 and _foldable(self.pconv1[0], self.pconv1[1]) and _foldable(self.pconv2[0], self.pconv2[1]))
 
     def _forward_folded(self, x: Tensor) -> Tensor:
@@ -458,7 +448,7 @@ class MSCB(BackendMixin, nn.Module):
         (``addmm``/``baddbmm`` with the residual as input, then the bias) did not win (within ±5%, both signs), so
         the residual stays a separate in-place add."""
         w1, b1 = _fold_cache(self, "_fold_pconv1").get(self.pconv1[0], self.pconv1[1], x)
-        p = _INPLACE_ACTIVATIONS[self.activation](pointwise_conv(x, w1, b1))
+        p = INPLACE_ACTIVATIONS[self.activation](pointwise_conv(x, w1, b1))  # in place on a fresh output
         groups = None if self.shuffle_groups == self.combined_channels else self.shuffle_groups
         w2, b2 = _fold_cache(self, "_fold_pconv2").get(self.pconv2[0], self.pconv2[1], x, groups)
         d = self.msdc.combined(p, self.add, None, backend=self._kernel_backend())
