@@ -160,6 +160,9 @@ def assert_lowp_rule(case, dtype, layout):
     truth = low.run(REF, D64, layout, grad_dtype=dtype)
     ref = low.run(REF, dtype, layout)
     got = low.run(CPU, dtype, layout)
+    for key in ("out", "x"):  # same memory format as the reference (strides of size-1 dims are arbitrary)
+        a, b = got[key], ref[key]
+        assert [s for s, n in zip(a.stride(), a.shape) if n > 1] == [s for s, n in zip(b.stride(), b.shape) if n > 1]
     for key in truth:
         assert got[key].dtype == dtype, key
         err, err_ref = _maxerr(got[key], truth[key]), _maxerr(ref[key], truth[key])
@@ -172,8 +175,6 @@ def check(case, dtype, layout):
         assert_parity(case, dtype, layout, 1e-10)
     else:
         assert_lowp_rule(case, dtype, layout)
-        if dtype == torch.float32:  # memory format / strides and a loose direct parity
-            assert_parity(case, dtype, layout, 1e-3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,14 +222,15 @@ def test_every_isa_build(isa):
         _ext.set_cpu_isa(isa)
         for op, name in (("lndw", "gab1"), ("lndw", "tall_bands"), ("dwgn", "dga"), ("dwgn", "tall_bands")):
             for layout in LAYOUTS:
-                check(make(op, name), torch.float64, layout)
-                check(make(op, name), torch.float32, layout)
+                assert_parity(make(op, name), torch.float64, layout, 1e-10)
+                assert_parity(make(op, name), torch.float32, layout, 1e-4)  # well conditioned cases
     finally:
         _ext.set_cpu_isa("auto")
 
 
 def test_gradcheck():
-    # H = 9 splits into two row bands: the halo across the band boundary is differentiated too
+    # H = 9 splits into two row bands: the halo across the band boundary is differentiated too.
+    # fast_mode (random projections of the Jacobian) keeps the runtime low; the parity tests cover each entry.
     lc = lndw_case((1, 9, 5), (2, 3), (3, 3), (1, 2))
     dc = dwgn_case((2, 9, 4), 4, (3, 3), (2, 1))
     for case in (lc, dc):
@@ -242,7 +244,7 @@ def test_gradcheck():
             return case.call(CPU, x, params)
 
         inputs = [t.detach().clone().requires_grad_(True) for t in flat]
-        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 def _op_args(case, dtype=D64, layout="nchw"):
@@ -342,7 +344,8 @@ def test_whole_model_cpu_matches_torch(model, training):
         for p in plain.parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
     fused = copy.deepcopy(plain).set_backend(CPU).train(training)
-    x = torch.rand(2, 3, 64, 32, dtype=D64, generator=gen) * 255
+    # 32×32: the deepest stages run at 2×2 and 1×1, where most dilated taps fall into the padding
+    x = torch.rand(2, 3, 32, 32, dtype=D64, generator=gen) * 255
     xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     yp, yf = _flat(plain(xp)), _flat(fused(xf))
     for a, b in zip(yf, yp):
