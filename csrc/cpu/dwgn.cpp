@@ -1,6 +1,6 @@
 // dilated_dwconv_groupnorm on CPU: argument checks, pass orchestration and fixed-order reductions. The kernels
 // are in multidilation_impl.h (per-ISA builds). GroupNorm groups = conv groups (equal sizes). Nothing is saved
-// by forward: backward recomputes the conv and the statistics from x.
+// by forward: backward recomputes the conv (once, into a scratch tensor) and the statistics from x.
 #include <torch/library.h>
 
 #include "cpu/multidilation_binding.h"
@@ -26,9 +26,12 @@ MdSetup setup_dwgn(const at::Tensor& x, at::TensorList weights, at::TensorList b
   return s;
 }
 
-// Statistics pass, then a Chan merge of the items of each (n, group) in item order.
-DwgnStats dwgn_statistics(MdSetup& s) {
+// Statistics pass (which also fills the conv-output scratch), then a Chan merge of the items of each
+// (n, group) in item order.
+DwgnStats dwgn_statistics(MdSetup& s, at::Tensor& zbuf) {
   const int64_t N = s.a.N, G = s.a.G;
+  zbuf = at::empty({N, s.a.C, s.a.H, s.a.W}, at::TensorOptions().dtype(s.dt == kF64 ? at::kDouble : at::kFloat));
+  s.a.zbuf = zbuf.data_ptr();
   md_partials(s, 3, std::vector<int64_t>((size_t)G, 0));
   md_run(active_md_table().dwgn_stats[s.dt], s.a, s.nitems);
   std::vector<emcad::Welford> acc((size_t)(N * G));
@@ -52,7 +55,8 @@ DwgnStats dwgn_statistics(MdSetup& s) {
 at::Tensor dwgn_fwd(const at::Tensor& x, at::TensorList weights, at::TensorList biases, const at::Tensor& gn_weight,
                     const at::Tensor& gn_bias, at::IntArrayRef dilations, double eps) {
   MdSetup s = setup_dwgn(x, weights, biases, gn_weight, gn_bias, dilations, eps);
-  DwgnStats st = dwgn_statistics(s);
+  at::Tensor zbuf;
+  DwgnStats st = dwgn_statistics(s, zbuf);
   at::Tensor y = empty_out(x, x.sizes());
   s.a.y = view4(y);
   md_run(active_md_table().dwgn_apply[s.dt], s.a, s.nitems);
@@ -66,7 +70,8 @@ std::vector<at::Tensor> dwgn_bwd(const at::Tensor& grad, const at::Tensor& x, at
   MdSetup s = setup_dwgn(x, weights, biases, gn_weight, gn_bias, dilations, eps);
   md_check_grad(grad, x);
   const int64_t N = s.a.N, G = s.a.G, C = s.a.C, gc = s.c0[1];
-  DwgnStats st = dwgn_statistics(s);
+  at::Tensor zbuf;
+  DwgnStats st = dwgn_statistics(s, zbuf);
   s.a.g = view4(grad);
   // pass 1: per (n, channel) sum(g) and sum(g*zhat)
   md_partials(s, 0, std::vector<int64_t>((size_t)G, 2));

@@ -27,7 +27,10 @@ struct MdArgs {
   const int32_t* items = nullptr;  // [items][4]: n, group, first row, end row
   const int64_t* poff = nullptr;   // [items] offset of each item's partials in part
   double* part = nullptr;          // per-item partials (layout per kernel, see multidilation_impl.h)
-  // dwgn: per (n, group) statistics [N][G] and backward coefficients dz = rstd*gamma*g - ca - cb*zhat
+  // dwgn: conv-output scratch [N][C][H][W] of the accumulation type (float; double for fp64), written by the
+  // statistics pass and read by the other passes; per (n, group) statistics [N][G] and backward coefficients
+  // dz = rstd*gamma*g - ca - cb*zhat
+  void* zbuf = nullptr;
   const double* gmean = nullptr;
   const double* grstd = nullptr;
   const double* ca = nullptr;
@@ -41,8 +44,8 @@ struct MdTable {
   const char* name;
   MdFn lndw_fwd[3];     // y
   MdFn lndw_bwd[3];     // gx; partials [gc][k*k + 3]: weight taps, conv bias, LN weight, LN bias
-  MdFn dwgn_stats[3];   // partials [3]: count, mean, M2 of the item's conv outputs
-  MdFn dwgn_apply[3];   // y
+  MdFn dwgn_stats[3];   // conv outputs into zbuf; partials [3]: count, mean, M2 of the item's conv outputs
+  MdFn dwgn_apply[3];   // y from zbuf
   MdFn dwgn_bwd_sums[3];  // partials [gc][2]: sum(g), sum(g*zhat)
   MdFn dwgn_bwd_grad[3];  // gx; partials [gc][k*k + 1]: weight taps, conv bias
 };

@@ -116,13 +116,13 @@ inline void md_partials(MdSetup& s, int64_t fixed, const std::vector<int64_t>& p
 }
 
 // Sum of the items' partials of group gi (each [gc][width]) in item order -> [gc][width] double tensor.
-inline at::Tensor md_sum_group(const MdSetup& s, int gi, int64_t width, int64_t n_only = -1) {
+inline at::Tensor md_sum_group(const MdSetup& s, int gi, int64_t width) {
   const int64_t gc = s.c0[gi + 1] - s.c0[gi];
   auto out = at::zeros({gc, width}, at::kDouble);
   double* o = out.data_ptr<double>();
   const double* p = s.part.data_ptr<double>();
   for (int64_t it = 0; it < s.nitems; ++it) {
-    if (s.items[4 * it + 1] != gi || (n_only >= 0 && s.items[4 * it] != n_only)) continue;
+    if (s.items[4 * it + 1] != gi) continue;
     const double* q = p + s.poff[it];
     for (int64_t e = 0; e < gc * width; ++e) o[e] += q[e];
   }
@@ -137,6 +137,6 @@ inline void md_check_grad(const at::Tensor& grad, const at::Tensor& x) {
               " differs from x dtype ", x.scalar_type());
 }
 
-inline void md_run(MdFn fn, const MdArgs& a, int64_t items) { run_items(fn, a, items); }
+inline void md_run(MdFn fn, const MdArgs& a, int64_t items) { run_items(fn, a, items); }  // grain: one item
 
 }  // namespace emcad_cpu

@@ -12,10 +12,12 @@
 // * lndw: the LayerNorm runs on the item's rows (halo included) just before the conv, so the normalised map
 //   is never written to memory; halo rows are normalised twice (by two neighbouring items), which is cheaper
 //   than a separate pass. Backward recomputes it from x.
-// * dwgn: GroupNorm needs statistics over the whole (n, group) before anything can be written, so forward is
-//   a statistics pass and an apply pass that both recompute the conv from x (nothing intermediate is stored;
-//   bf16 keeps fp32 conv outputs that way). Backward: statistics pass, a pass for the two GN-backward sums,
-//   then one pass for grad x / weights (conv recomputed over the halo that the transposed conv needs).
+// * dwgn: GroupNorm needs statistics over the whole (n, group) before anything can be written. The statistics
+//   pass computes the conv once and keeps it in a planar scratch tensor of the accumulation type ([N][C][H][W]
+//   fp32, fp64 for fp64; allocated per call, so bf16 loses nothing), which the apply pass and both backward
+//   passes read instead of recomputing the conv: on a CPU a read of one float is cheaper than the 9 (3x3) or
+//   25 (GAU's 5x5) FMAs plus the halo loads of a recomputation, and the scratch of these small maps stays in
+//   L2. Backward: statistics pass, a pass for the two GN-backward sums, then one pass for grad x / weights.
 // * Sums (weight gradients, norm statistics) accumulate per row in the accumulation type, then per item in
 //   double, into the item's own partial slots; the bindings reduce them in item order (no atomics).
 
@@ -92,8 +94,29 @@ void store_tile(const View4& v, int64_t n, int64_t c0, int gc, int64_t h0, int r
 
 // out[w] = bias + sum_{i,j} wt[i*k + j] * src[i*d*Wp + j*d + w], w in [0, W): one output row of a dilated
 // k x k conv whose window for w = 0 starts at src. Three taps per sweep keep the loads/stores of `out` low.
+// K = 3, 5 (all the models use): every tap in one sweep, accumulated in registers.
+template <int K, typename A>
+inline void conv_row_k(const A* src, int64_t Wp, const A* wt, int d, int W, A bias, A* __restrict__ out) {
+  A wr[K * K];
+  const A* sr[K * K];
+  for (int i = 0; i < K; ++i)
+    for (int j = 0; j < K; ++j) {
+      wr[i * K + j] = wt[i * K + j];
+      sr[i * K + j] = src + (int64_t)i * d * Wp + j * d;
+    }
+#pragma omp simd
+  for (int w = 0; w < W; ++w) {
+    A acc = bias;
+#pragma GCC unroll 25
+    for (int t = 0; t < K * K; ++t) acc += wr[t] * sr[t][w];
+    out[w] = acc;
+  }
+}
+
 template <typename A>
 inline void conv_row(const A* src, int64_t Wp, const A* wt, int k, int d, int W, A bias, A* __restrict__ out) {
+  if (k == 3) return conv_row_k<3>(src, Wp, wt, d, W, bias, out);
+  if (k == 5) return conv_row_k<5>(src, Wp, wt, d, W, bias, out);
 #pragma omp simd
   for (int w = 0; w < W; ++w) out[w] = bias;
   for (int i = 0; i < k; ++i) {
@@ -237,8 +260,7 @@ void lndw_fwd(const MdArgs& a, int64_t i0, int64_t i1) {
 template <typename S>
 void lndw_bwd(const MdArgs& a, int64_t i0, int64_t i1) {
   using A = typename emcad::AccType<S>::type;
-  Scratch<A> xs, zs, gys, gzs, gxs, st;
-  A wt[kMaxKernel * kMaxKernel], wf[kMaxKernel * kMaxKernel];
+  Scratch<A> xs, zs, gys, gzs, gxs, st, wfs;
   const int W = a.W;
   for (int64_t it = i0; it < i1; ++it) {
     const Item m = item_of(a, it);
@@ -284,12 +306,15 @@ void lndw_bwd(const MdArgs& a, int64_t i0, int64_t i1) {
       }
     }
     // grad of the LN output (transposed conv = conv with the flipped kernel), then the LN backward per pixel
+    A* WF = ensure(wfs, (size_t)m.gc * kk);
+    for (int c = 0; c < m.gc; ++c) {
+      A unused[kMaxKernel * kMaxKernel];
+      group_weights<A>(a, m.gi, c, unused, WF + (int64_t)c * kk);
+    }
     const A inv = A(1) / A(m.gc);
     for (int r = 0; r < m.rows; ++r) {
-      for (int c = 0; c < m.gc; ++c) {
-        group_weights<A>(a, m.gi, c, wt, wf);
-        conv_row(GY + c * cs + (int64_t)r * Wp, Wp, wf, m.k, m.d, W, A(0), GZ + (int64_t)c * W);
-      }
+      for (int c = 0; c < m.gc; ++c)
+        conv_row(GY + c * cs + (int64_t)r * Wp, Wp, WF + (int64_t)c * kk, m.k, m.d, W, A(0), GZ + (int64_t)c * W);
 #pragma omp simd
       for (int w = 0; w < W; ++w) a1[w] = a2[w] = A(0);
       for (int c = 0; c < m.gc; ++c) {
@@ -325,46 +350,50 @@ void lndw_bwd(const MdArgs& a, int64_t i0, int64_t i1) {
 // ======================================================================================================
 // dilated_dwconv_groupnorm
 // ======================================================================================================
-// conv output (bias included) of the item's rows [h0, h0 + rows) into Z[c][r][W]; X is scratch
-template <typename S, typename A>
-void dwgn_conv_item(const MdArgs& a, const Item& m, Scratch<A>& xs, A* Z) {
-  const int W = a.W, R = m.rows + 2 * m.hal, Wp = W + 2 * m.hal;
-  const int64_t cs = (int64_t)R * Wp;
-  A* X = ensure(xs, (size_t)m.gc * cs);
-  A wt[kMaxKernel * kMaxKernel];
-  load_tile<S, A>(a.x, m.n, m.c0, m.gc, m.h0 - m.hal, R, m.hal, Wp, X);
-  for (int c = 0; c < m.gc; ++c) {
-    group_weights<A>(a, m.gi, c, wt, nullptr);
-    const A bias = (A)a.b[m.c0 + c];
-    for (int r = 0; r < m.rows; ++r)
-      conv_row(X + c * cs + (int64_t)r * Wp, Wp, wt, m.k, m.d, W, bias, Z + ((int64_t)c * m.rows + r) * W);
-  }
+// The item's rows of channel c in the conv-output scratch (planar [N][C][H][W], accumulation type).
+template <typename A>
+inline A* zrows(const MdArgs& a, int64_t n, int64_t c, int64_t h) {
+  return static_cast<A*>(a.zbuf) + ((n * a.C + c) * a.H + h) * a.W;
 }
 
-// Partials per item: count, mean, M2 of its conv outputs (two-pass within the item, Chan merge across items).
+// Conv outputs (bias included) of the item's rows into the scratch; partials per item: count, mean, M2 (two-pass
+// within the item, Chan merge across items by the binding).
 template <typename S>
 void dwgn_stats(const MdArgs& a, int64_t i0, int64_t i1) {
   using A = typename emcad::AccType<S>::type;
-  Scratch<A> xs, zs;
+  Scratch<A> xs;
+  A wt[kMaxKernel * kMaxKernel];
   const int W = a.W;
   for (int64_t it = i0; it < i1; ++it) {
     const Item m = item_of(a, it);
-    const int64_t nrow = (int64_t)m.gc * m.rows;
-    A* Z = ensure(zs, (size_t)nrow * W);
-    dwgn_conv_item<S, A>(a, m, xs, Z);
+    const int R = m.rows + 2 * m.hal, Wp = W + 2 * m.hal;
+    const int64_t cs = (int64_t)R * Wp, plane = (int64_t)m.rows * W;
+    A* X = ensure(xs, (size_t)m.gc * cs);
+    load_tile<S, A>(a.x, m.n, m.c0, m.gc, m.h0 - m.hal, R, m.hal, Wp, X);
     double sum = 0;
-    for (int64_t q = 0; q < nrow; ++q) sum += (double)row_sum(Z + q * W, W);
-    const double count = (double)nrow * W, mean = sum / count;
+    for (int c = 0; c < m.gc; ++c) {
+      group_weights<A>(a, m.gi, c, wt, nullptr);
+      const A bias = (A)a.b[m.c0 + c];
+      A* z = zrows<A>(a, m.n, m.c0 + c, m.h0);
+      for (int r = 0; r < m.rows; ++r) {
+        conv_row(X + c * cs + (int64_t)r * Wp, Wp, wt, m.k, m.d, W, bias, z + (int64_t)r * W);
+        sum += (double)row_sum(z + (int64_t)r * W, W);
+      }
+    }
+    const double count = (double)m.gc * plane, mean = sum / count;
     const A mA = (A)mean;
     double m2 = 0;
-    for (int64_t q = 0; q < nrow; ++q) {
-      const A* z = Z + q * W;
-      A t = A(0);
+    for (int c = 0; c < m.gc; ++c) {
+      const A* z = zrows<A>(a, m.n, m.c0 + c, m.h0);
+      for (int r = 0; r < m.rows; ++r) {
+        const A* zr = z + (int64_t)r * W;
+        A t = A(0);
 #pragma omp simd reduction(+ : t)
-      for (int w = 0; w < W; ++w) t += (z[w] - mA) * (z[w] - mA);
-      m2 += (double)t;
+        for (int w = 0; w < W; ++w) t += (zr[w] - mA) * (zr[w] - mA);
+        m2 += (double)t;
+      }
     }
-    // the item mean was rounded to A for the deviations: correct M2 by count*(mean - mA)^2 (Steiner)
+    // the deviations were taken from the item mean rounded to A: sum (z - mA)^2 = M2 + count (mean - mA)^2
     const double dm = mean - (double)mA;
     m2 -= count * dm * dm;
     double* P = a.part + a.poff[it];
@@ -377,21 +406,22 @@ void dwgn_stats(const MdArgs& a, int64_t i0, int64_t i1) {
 template <typename S>
 void dwgn_apply(const MdArgs& a, int64_t i0, int64_t i1) {
   using A = typename emcad::AccType<S>::type;
-  Scratch<A> xs, zs;
+  Scratch<A> ys;
   const int W = a.W;
   for (int64_t it = i0; it < i1; ++it) {
     const Item m = item_of(a, it);
-    A* Z = ensure(zs, (size_t)m.gc * m.rows * W);
-    dwgn_conv_item<S, A>(a, m, xs, Z);
+    const int64_t plane = (int64_t)m.rows * W;
+    A* Y = ensure(ys, (size_t)m.gc * plane);
     const int64_t ng = m.n * a.G + m.gi;
     const A mean = (A)a.gmean[ng];
     for (int c = 0; c < m.gc; ++c) {
       const A sc = (A)(a.grstd[ng] * a.nw[m.c0 + c]), sh = (A)a.nb[m.c0 + c];
-      A* z = Z + (int64_t)c * m.rows * W;
+      const A* z = zrows<A>(a, m.n, m.c0 + c, m.h0);
+      A* y = Y + c * plane;
 #pragma omp simd
-      for (int64_t q = 0; q < (int64_t)m.rows * W; ++q) z[q] = (z[q] - mean) * sc + sh;
+      for (int64_t q = 0; q < plane; ++q) y[q] = (z[q] - mean) * sc + sh;
     }
-    store_tile<S, A>(a.y, m.n, m.c0, m.gc, m.h0, m.rows, Z);
+    store_tile<S, A>(a.y, m.n, m.c0, m.gc, m.h0, m.rows, Y);
   }
 }
 
@@ -399,21 +429,20 @@ void dwgn_apply(const MdArgs& a, int64_t i0, int64_t i1) {
 template <typename S>
 void dwgn_bwd_sums(const MdArgs& a, int64_t i0, int64_t i1) {
   using A = typename emcad::AccType<S>::type;
-  Scratch<A> xs, zs, gs;
+  Scratch<A> gs;
   const int W = a.W;
   for (int64_t it = i0; it < i1; ++it) {
     const Item m = item_of(a, it);
-    A* Z = ensure(zs, (size_t)m.gc * m.rows * W);
-    A* GY = ensure(gs, (size_t)m.gc * m.rows * W);
-    dwgn_conv_item<S, A>(a, m, xs, Z);
+    const int64_t plane = (int64_t)m.rows * W;
+    A* GY = ensure(gs, (size_t)m.gc * plane);
     load_tile<S, A>(a.g, m.n, m.c0, m.gc, m.h0, m.rows, 0, W, GY);
     const int64_t ng = m.n * a.G + m.gi;
     const A mean = (A)a.gmean[ng], rstd = (A)a.grstd[ng];
     double* P = a.part + a.poff[it];
     for (int c = 0; c < m.gc; ++c)
       for (int r = 0; r < m.rows; ++r) {
-        const A* z = Z + ((int64_t)c * m.rows + r) * W;
-        const A* g = GY + ((int64_t)c * m.rows + r) * W;
+        const A* z = zrows<A>(a, m.n, m.c0 + c, m.h0 + r);
+        const A* g = GY + c * plane + (int64_t)r * W;
         A s0 = A(0), s1 = A(0);
 #pragma omp simd reduction(+ : s0, s1)
         for (int w = 0; w < W; ++w) {
@@ -430,42 +459,42 @@ void dwgn_bwd_sums(const MdArgs& a, int64_t i0, int64_t i1) {
 template <typename S>
 void dwgn_bwd_grad(const MdArgs& a, int64_t i0, int64_t i1) {
   using A = typename emcad::AccType<S>::type;
-  Scratch<A> xs, gys, gzs, gxs, zrow;
+  Scratch<A> xs, gys, gzs, gxs;
   A wt[kMaxKernel * kMaxKernel], wf[kMaxKernel * kMaxKernel];
   const int W = a.W;
   for (int64_t it = i0; it < i1; ++it) {
     const Item m = item_of(a, it);
     const int hal = m.hal, kk = m.k * m.k, pw = kk + 1;
-    // x over rows [h0 - 2hal, h1 + 2hal) -> z and dz over [h0 - hal, h1 + hal) -> grad x over [h0, h1)
-    const int RX = m.rows + 4 * hal, RZ = m.rows + 2 * hal, Wp = W + 2 * hal;
-    const int64_t xcs = (int64_t)RX * Wp, zcs = (int64_t)RZ * Wp;
-    A* X = ensure(xs, (size_t)m.gc * xcs);
-    A* GY = ensure(gys, (size_t)m.gc * RZ * W);
-    A* GZ = ensure(gzs, (size_t)m.gc * zcs);
+    // dz over rows [h0 - hal, h1 + hal) (from the conv-output scratch) -> grad x over [h0, h1); the weight
+    // gradient needs x over the same rows
+    const int R = m.rows + 2 * hal, Wp = W + 2 * hal;
+    const int64_t cs = (int64_t)R * Wp;
+    A* X = ensure(xs, (size_t)m.gc * cs);
+    A* GY = ensure(gys, (size_t)m.gc * R * W);
+    A* GZ = ensure(gzs, (size_t)m.gc * cs);
     A* GX = ensure(gxs, (size_t)m.gc * m.rows * W);
-    A* zr = ensure(zrow, (size_t)W);
-    load_tile<S, A>(a.x, m.n, m.c0, m.gc, m.h0 - 2 * hal, RX, hal, Wp, X);
-    load_tile<S, A>(a.g, m.n, m.c0, m.gc, m.h0 - hal, RZ, 0, W, GY);
-    std::memset(GZ, 0, sizeof(A) * m.gc * zcs);
+    load_tile<S, A>(a.x, m.n, m.c0, m.gc, m.h0 - hal, R, hal, Wp, X);
+    load_tile<S, A>(a.g, m.n, m.c0, m.gc, m.h0 - hal, R, 0, W, GY);
+    std::memset(GZ, 0, sizeof(A) * m.gc * cs);
     const int64_t ng = m.n * a.G + m.gi;
     const A mean = (A)a.gmean[ng], rstd = (A)a.grstd[ng], ca = (A)a.ca[ng], cb = (A)a.cb[ng];
-    const int rlo = std::max(0, hal - m.h0), rhi = std::min(RZ, a.H - m.h0 + hal);
+    const int rlo = std::max(0, hal - m.h0), rhi = std::min(R, a.H - m.h0 + hal);
     double* P = a.part + a.poff[it];
     for (int c = 0; c < m.gc; ++c) {
       group_weights<A>(a, m.gi, c, wt, wf);
-      const A bias = (A)a.b[m.c0 + c], rg = (A)(a.grstd[ng] * a.nw[m.c0 + c]);
+      const A rg = (A)(a.grstd[ng] * a.nw[m.c0 + c]);
       for (int r = rlo; r < rhi; ++r) {
-        conv_row(X + c * xcs + (int64_t)r * Wp, Wp, wt, m.k, m.d, W, bias, zr);
-        const A* g = GY + ((int64_t)c * RZ + r) * W;
-        A* gz = GZ + c * zcs + (int64_t)r * Wp + hal;
+        const A* z = zrows<A>(a, m.n, m.c0 + c, m.h0 - hal + r);
+        const A* g = GY + ((int64_t)c * R + r) * W;
+        A* gz = GZ + c * cs + (int64_t)r * Wp + hal;
 #pragma omp simd
-        for (int w = 0; w < W; ++w) gz[w] = rg * g[w] - ca - cb * ((zr[w] - mean) * rstd);
+        for (int w = 0; w < W; ++w) gz[w] = rg * g[w] - ca - cb * ((z[w] - mean) * rstd);
       }
       double* pc = P + (int64_t)c * pw;
       for (int r = 0; r < m.rows; ++r) {
-        const A* gz = GZ + c * zcs + (int64_t)(r + hal) * Wp + hal;
-        conv_row(GZ + c * zcs + (int64_t)r * Wp, Wp, wf, m.k, m.d, W, A(0), GX + ((int64_t)c * m.rows + r) * W);
-        wgrad_row(X + c * xcs + (int64_t)(r + hal) * Wp, Wp, gz, m.k, m.d, W, pc);
+        const A* gz = GZ + c * cs + (int64_t)(r + hal) * Wp + hal;
+        conv_row(GZ + c * cs + (int64_t)r * Wp, Wp, wf, m.k, m.d, W, A(0), GX + ((int64_t)c * m.rows + r) * W);
+        wgrad_row(X + c * cs + (int64_t)r * Wp, Wp, gz, m.k, m.d, W, pc);
         pc[kk] += (double)row_sum(gz, W);
       }
     }
