@@ -11,7 +11,8 @@ backward, step). torch runs in NCHW and channels_last (best of the two is the ba
 and channels_last too (best reported, layout named).
 Ops: each multi-dilation op alone at the model shapes, forward (no_grad) and forward + backward, against the
 plain composition the ``"torch"`` models run (channels-first LayerNorm from elementwise ops + grouped dilated
-depthwise convs; grouped convs + GroupNorm), best of NCHW / channels_last.
+depthwise convs; grouped convs + GroupNorm, or one depthwise conv + GroupNorm for GAU where all groups share
+the kernel size and dilation), best of NCHW / channels_last.
 
 Timing: providers of a row are measured in interleaved rounds (a load change on the shared machine hits all of
 them alike) and the **minimum** over rounds and repetitions is reported. Default: one intra-op thread and the CPU
@@ -115,8 +116,13 @@ def plain_lndw(x, lws, lbs, ws, bs, dilations, eps):
 
 
 def plain_dwgn(x, ws, bs, gw, gb, dilations, eps):
-    y = torch.cat([F.conv2d(xi, w, b, 1, d * (w.shape[-1] // 2), d, w.shape[0])
-                   for xi, w, b, d in zip(x.chunk(len(ws), 1), ws, bs, dilations)], 1)
+    if len(set(dilations)) == 1 and len({w.shape[-1] for w in ws}) == 1:
+        # GAU's DepthWiseConv2d: the "torch" model runs one depthwise conv over all channels, not four
+        w, d = torch.cat(ws), dilations[0]
+        y = F.conv2d(x, w, torch.cat(bs), 1, d * (w.shape[-1] // 2), d, w.shape[0])
+    else:
+        y = torch.cat([F.conv2d(xi, w, b, 1, d * (w.shape[-1] // 2), d, w.shape[0])
+                       for xi, w, b, d in zip(x.chunk(len(ws), 1), ws, bs, dilations)], 1)
     return F.group_norm(y, len(ws), gw, gb, eps)
 
 
@@ -127,6 +133,7 @@ OPS = [
     ("EGE GHPA enc4 norm2+ldw.0 (24 ch, 32²)", "lndw", 24, 3, (1,), 32),
     ("MALU DGA enc4 (4×6 ch, d 7/5/2/1, 32²)", "dwgn", 6, 3, (7, 5, 2, 1), 32),
     ("MALU GAU w2 enc4 (24 ch 5×5 + GN4, 32²)", "dwgn", 6, 5, (1, 1, 1, 1), 32),
+    ("MALU GAU w1 enc6 (48 ch 3×3 + GN4, 8²)", "dwgn", 12, 3, (1, 1, 1, 1), 8),
 ]
 
 
