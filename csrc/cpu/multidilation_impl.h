@@ -160,6 +160,42 @@ inline A row_sum(const A* p, int W) {
   return t;
 }
 
+// Short rows (fewer than kFlatBelow pixels, e.g. the 8x8 and 16x16 maps of the deep stages): the conv of all
+// `rows` output rows of a channel runs as one flat sweep over (rows - 1) * Wp + W positions of the padded tile;
+// the outputs at pad columns are junk and dropped. That pays the per-call / loop-setup cost once per channel
+// instead of once per row.
+constexpr int kFlatBelow = 32;
+
+// out[r*W + w] for r < rows: the conv of the tile whose output row 0 window starts at src (row stride Wp).
+// tmp: scratch of (rows - 1) * Wp + W elements, used for short rows.
+template <typename A>
+inline void conv_rows(const A* src, int64_t Wp, const A* wt, int k, int d, int W, int rows, A bias, A* out, A* tmp) {
+  if (W >= kFlatBelow || rows <= 1) {
+    for (int r = 0; r < rows; ++r) conv_row(src + (int64_t)r * Wp, Wp, wt, k, d, W, bias, out + (int64_t)r * W);
+    return;
+  }
+  conv_row(src, Wp, wt, k, d, (int)((rows - 1) * Wp + W), bias, tmp);
+  for (int r = 0; r < rows; ++r) std::memcpy(out + (int64_t)r * W, tmp + (int64_t)r * Wp, sizeof(A) * W);
+}
+
+// Weight-gradient taps (and the sum of g in acc[k*k]) of `rows` output rows; g has row stride Wp and *zero pad
+// columns*, so short rows can be swept flat (the pad positions contribute nothing).
+template <typename A>
+inline void wgrad_rows(const A* src, int64_t Wp, const A* g, int k, int d, int W, int rows, double* acc) {
+  const int kk = k * k;
+  if (W >= kFlatBelow || rows <= 1) {
+    for (int r = 0; r < rows; ++r) {
+      wgrad_row(src + (int64_t)r * Wp, Wp, g + (int64_t)r * Wp, k, d, W, acc);
+      acc[kk] += (double)row_sum(g + (int64_t)r * Wp, W);
+    }
+    return;
+  }
+  const int L = (int)((rows - 1) * Wp + W);
+  wgrad_row(src, Wp, g, k, d, L, acc);
+  acc[kk] += (double)row_sum(g, L);
+}
+
+
 // The group's weights of channel c in A, as is (wt) and flipped (wf, for the transposed conv).
 template <typename A>
 inline void group_weights(const MdArgs& a, int gi, int c, A* wt, A* wf) {
@@ -222,7 +258,7 @@ inline Item item_of(const MdArgs& a, int64_t it) {
 template <typename S>
 void lndw_fwd(const MdArgs& a, int64_t i0, int64_t i1) {
   using A = typename emcad::AccType<S>::type;
-  Scratch<A> xs, ys, st;
+  Scratch<A> xs, ys, st, ts;
   A wt[kMaxKernel * kMaxKernel];
   const int W = a.W;
   for (int64_t it = i0; it < i1; ++it) {
@@ -246,11 +282,10 @@ void lndw_fwd(const MdArgs& a, int64_t i0, int64_t i1) {
         for (int w = 0; w < W; ++w) xc[w] = (xc[w] - mu[w]) * rs[w] * lw + lb;
       }
     }
+    A* T = ensure(ts, (size_t)m.rows * Wp);
     for (int c = 0; c < m.gc; ++c) {
       group_weights<A>(a, m.gi, c, wt, nullptr);
-      const A bias = (A)a.b[m.c0 + c];
-      for (int r = 0; r < m.rows; ++r)
-        conv_row(X + c * cs + (int64_t)r * Wp, Wp, wt, m.k, m.d, W, bias, Y + ((int64_t)c * m.rows + r) * W);
+      conv_rows(X + c * cs, Wp, wt, m.k, m.d, W, m.rows, (A)a.b[m.c0 + c], Y + (int64_t)c * m.rows * W, T);
     }
     store_tile<S, A>(a.y, m.n, m.c0, m.gc, m.h0, m.rows, Y);
   }
@@ -297,14 +332,8 @@ void lndw_bwd(const MdArgs& a, int64_t i0, int64_t i1) {
       }
     }
     // conv weight / bias gradients of the item's output rows
-    for (int c = 0; c < m.gc; ++c) {
-      double* pc = P + (int64_t)c * pw;
-      for (int r = 0; r < m.rows; ++r) {
-        const A* gy = GY + c * cs + (int64_t)(r + m.hal) * Wp + m.hal;
-        wgrad_row(Z + c * cs + (int64_t)r * Wp, Wp, gy, m.k, m.d, W, pc);
-        pc[kk] += (double)row_sum(gy, W);
-      }
-    }
+    for (int c = 0; c < m.gc; ++c)
+      wgrad_rows(Z + c * cs, Wp, GY + c * cs + (int64_t)m.hal * Wp + m.hal, m.k, m.d, W, m.rows, P + (int64_t)c * pw);
     // grad of the LN output (transposed conv = conv with the flipped kernel), then the LN backward per pixel
     A* WF = ensure(wfs, (size_t)m.gc * kk);
     for (int c = 0; c < m.gc; ++c) {
@@ -361,35 +390,35 @@ inline A* zrows(const MdArgs& a, int64_t n, int64_t c, int64_t h) {
 template <typename S>
 void dwgn_stats(const MdArgs& a, int64_t i0, int64_t i1) {
   using A = typename emcad::AccType<S>::type;
-  Scratch<A> xs;
+  Scratch<A> xs, ts;
   A wt[kMaxKernel * kMaxKernel];
   const int W = a.W;
   for (int64_t it = i0; it < i1; ++it) {
     const Item m = item_of(a, it);
     const int R = m.rows + 2 * m.hal, Wp = W + 2 * m.hal;
     const int64_t cs = (int64_t)R * Wp, plane = (int64_t)m.rows * W;
+    // sums run per row in A (then double); short rows: per channel plane, for the same reason as conv_rows
+    const int64_t seg = W >= kFlatBelow ? W : plane;
     A* X = ensure(xs, (size_t)m.gc * cs);
     load_tile<S, A>(a.x, m.n, m.c0, m.gc, m.h0 - m.hal, R, m.hal, Wp, X);
+    A* T = ensure(ts, (size_t)m.rows * Wp);
     double sum = 0;
     for (int c = 0; c < m.gc; ++c) {
       group_weights<A>(a, m.gi, c, wt, nullptr);
-      const A bias = (A)a.b[m.c0 + c];
       A* z = zrows<A>(a, m.n, m.c0 + c, m.h0);
-      for (int r = 0; r < m.rows; ++r) {
-        conv_row(X + c * cs + (int64_t)r * Wp, Wp, wt, m.k, m.d, W, bias, z + (int64_t)r * W);
-        sum += (double)row_sum(z + (int64_t)r * W, W);
-      }
+      conv_rows(X + c * cs, Wp, wt, m.k, m.d, W, m.rows, (A)a.b[m.c0 + c], z, T);
+      for (int64_t q = 0; q < plane; q += seg) sum += (double)row_sum(z + q, (int)seg);
     }
     const double count = (double)m.gc * plane, mean = sum / count;
     const A mA = (A)mean;
     double m2 = 0;
     for (int c = 0; c < m.gc; ++c) {
       const A* z = zrows<A>(a, m.n, m.c0 + c, m.h0);
-      for (int r = 0; r < m.rows; ++r) {
-        const A* zr = z + (int64_t)r * W;
+      for (int64_t q = 0; q < plane; q += seg) {
+        const A* zr = z + q;
         A t = A(0);
 #pragma omp simd reduction(+ : t)
-        for (int w = 0; w < W; ++w) t += (zr[w] - mA) * (zr[w] - mA);
+        for (int w = 0; w < (int)seg; ++w) t += (zr[w] - mA) * (zr[w] - mA);
         m2 += (double)t;
       }
     }
@@ -459,7 +488,7 @@ void dwgn_bwd_sums(const MdArgs& a, int64_t i0, int64_t i1) {
 template <typename S>
 void dwgn_bwd_grad(const MdArgs& a, int64_t i0, int64_t i1) {
   using A = typename emcad::AccType<S>::type;
-  Scratch<A> xs, gys, gzs, gxs;
+  Scratch<A> xs, gys, gzs, gxs, ts;
   A wt[kMaxKernel * kMaxKernel], wf[kMaxKernel * kMaxKernel];
   const int W = a.W;
   for (int64_t it = i0; it < i1; ++it) {
@@ -473,6 +502,7 @@ void dwgn_bwd_grad(const MdArgs& a, int64_t i0, int64_t i1) {
     A* GY = ensure(gys, (size_t)m.gc * R * W);
     A* GZ = ensure(gzs, (size_t)m.gc * cs);
     A* GX = ensure(gxs, (size_t)m.gc * m.rows * W);
+    A* T = ensure(ts, (size_t)m.rows * Wp);
     load_tile<S, A>(a.x, m.n, m.c0, m.gc, m.h0 - hal, R, hal, Wp, X);
     load_tile<S, A>(a.g, m.n, m.c0, m.gc, m.h0 - hal, R, 0, W, GY);
     std::memset(GZ, 0, sizeof(A) * m.gc * cs);
@@ -490,13 +520,8 @@ void dwgn_bwd_grad(const MdArgs& a, int64_t i0, int64_t i1) {
 #pragma omp simd
         for (int w = 0; w < W; ++w) gz[w] = rg * g[w] - ca - cb * ((z[w] - mean) * rstd);
       }
-      double* pc = P + (int64_t)c * pw;
-      for (int r = 0; r < m.rows; ++r) {
-        const A* gz = GZ + c * cs + (int64_t)(r + hal) * Wp + hal;
-        conv_row(GZ + c * cs + (int64_t)r * Wp, Wp, wf, m.k, m.d, W, A(0), GX + ((int64_t)c * m.rows + r) * W);
-        wgrad_row(X + c * cs + (int64_t)r * Wp, Wp, gz, m.k, m.d, W, pc);
-        pc[kk] += (double)row_sum(gz, W);
-      }
+      conv_rows(GZ + c * cs, Wp, wf, m.k, m.d, W, m.rows, A(0), GX + (int64_t)c * m.rows * W, T);
+      wgrad_rows(X + c * cs, Wp, GZ + c * cs + (int64_t)hal * Wp + hal, m.k, m.d, W, m.rows, P + (int64_t)c * pw);
     }
     store_tile<S, A>(a.gx, m.n, m.c0, m.gc, m.h0, m.rows, GX);
   }
