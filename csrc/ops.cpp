@@ -43,6 +43,21 @@ TORCH_LIBRARY(emcad_kernels, m) {
       "Tensor wpsi, Tensor bpsi, Tensor bn_g_weight, Tensor bn_g_bias, Tensor bn_x_weight, Tensor bn_x_bias, "
       "Tensor bn_psi_weight, Tensor bn_psi_bias, Tensor[] save_stats, bool training, float eps, int groups, "
       "str activation, bool add_gate_input) -> Tensor[]");
+  // multi-dilation ops (EGE-UNet GAB / GHPA, MALUNet DGA / GAU); backward returns
+  // lndw: [grad x, grad ln_weights..., grad ln_biases..., grad weights..., grad biases...]
+  // dwgn: [grad x, grad gn_weight, grad gn_bias, grad weights..., grad biases...]
+  m.def(
+      "lndw_fwd_cpu_kernel(Tensor x, Tensor[] ln_weights, Tensor[] ln_biases, Tensor[] weights, Tensor[] biases, "
+      "int[] dilations, float eps) -> Tensor");
+  m.def(
+      "lndw_bwd_cpu_kernel(Tensor grad, Tensor x, Tensor[] ln_weights, Tensor[] ln_biases, Tensor[] weights, "
+      "Tensor[] biases, int[] dilations, float eps) -> Tensor[]");
+  m.def(
+      "dwgn_fwd_cpu_kernel(Tensor x, Tensor[] weights, Tensor[] biases, Tensor gn_weight, Tensor gn_bias, "
+      "int[] dilations, float eps) -> Tensor");
+  m.def(
+      "dwgn_bwd_cpu_kernel(Tensor grad, Tensor x, Tensor[] weights, Tensor[] biases, Tensor gn_weight, "
+      "Tensor gn_bias, int[] dilations, float eps) -> Tensor[]");
   // which kernel build (instruction set) runs; selectable for tests and benchmarks
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_set_isa(str name) -> bool", &cpu_set_isa);

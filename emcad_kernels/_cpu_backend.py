@@ -14,6 +14,8 @@ What the kernels support (``check`` refuses everything else with a reason; ``aut
 * ``upsample_dwconv``: odd kernel sizes <= 9; nearest with scale 1 to 4, bilinear with scale 2;
 * ``grouped_attention_gate``: odd kernel sizes <= 9; groups with at most 8 output and 16 input channels each
   (EMCAD: 1 and 2) run fused, other groupings (e.g. groups=1) run the reference composition in this backend.
+* ``layernorm_dilated_dwconv`` / ``dilated_dwconv_groupnorm``: any number of channel groups, odd kernel sizes
+  <= 9, any dilation (also beyond the image size).
 Any memory layout and strides are read natively; outputs have the input's memory format.
 """
 
@@ -37,7 +39,13 @@ MSDC_STRIDES = (1, 2)
 LGAG_MAX_OUT_PER_GROUP = 8
 LGAG_MAX_IN_PER_GROUP = 16
 # ops whose kernels are implemented and verified; others are refused with a reason
-IMPLEMENTED = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate")
+IMPLEMENTED = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
+               "dilated_dwconv_groupnorm")
+# kernel ops of the multi-dilation ops: an extension built before they existed lacks them
+MULTIDILATION_KERNEL_OPS = {
+    "layernorm_dilated_dwconv": ("lndw_fwd_cpu_kernel", "lndw_bwd_cpu_kernel"),
+    "dilated_dwconv_groupnorm": ("dwgn_fwd_cpu_kernel", "dwgn_bwd_cpu_kernel"),
+}
 
 
 def _k():
@@ -96,10 +104,40 @@ def lgag_backward(grad, g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g_weight, bn_g_bias
                                          training, eps, groups, activation, add_gate_input))
 
 
+def lndw_forward(x, ln_weights, ln_biases, weights, biases, dilations, eps):
+    return _k().lndw_fwd_cpu_kernel(x, list(ln_weights), list(ln_biases), list(weights), list(biases),
+                                    list(dilations), eps)
+
+
+def lndw_backward(grad, x, ln_weights, ln_biases, weights, biases, dilations, eps):
+    gx, *rest = _k().lndw_bwd_cpu_kernel(grad, x, list(ln_weights), list(ln_biases), list(weights), list(biases),
+                                         list(dilations), eps)
+    g = len(weights)
+    return gx, rest[:g], rest[g:2 * g], rest[2 * g:3 * g], rest[3 * g:]
+
+
+def dwgn_forward(x, weights, biases, gn_weight, gn_bias, dilations, eps):
+    return _k().dwgn_fwd_cpu_kernel(x, list(weights), list(biases), gn_weight, gn_bias, list(dilations), eps)
+
+
+def dwgn_backward(grad, x, weights, biases, gn_weight, gn_bias, dilations, eps):
+    gx, ggw, ggb, *rest = _k().dwgn_bwd_cpu_kernel(grad, x, list(weights), list(biases), gn_weight, gn_bias,
+                                                   list(dilations), eps)
+    g = len(weights)
+    return gx, rest[:g], rest[g:], ggw, ggb
+
+
+def _has_kernel_ops(op: str) -> bool:
+    ops = MULTIDILATION_KERNEL_OPS.get(op, ())
+    return all(hasattr(_k(), name) for name in ops)
+
+
 CPU_KERNELS = Kernels(
     msdc_forward=msdc_forward, msdc_backward=msdc_backward,
     updw_forward=updw_forward, updw_backward=updw_backward,
     lgag_forward=lgag_forward, lgag_backward=lgag_backward,
+    lndw_forward=lndw_forward, lndw_backward=lndw_backward,
+    dwgn_forward=dwgn_forward, dwgn_backward=dwgn_backward,
 )
 
 
@@ -115,6 +153,8 @@ def check(call: OpCall) -> list[str]:
     reasons = []
     if call.op not in IMPLEMENTED:
         reasons.append(f"{call.op} not implemented in the cpu backend yet")
+    elif call.op in MULTIDILATION_KERNEL_OPS and _ext.HAS_CPU_EXT and not _has_kernel_ops(call.op):
+        reasons.append(f"{call.op}: the built extension lacks its kernels (stale build?); {_ext.BUILD_HINT}")
     if call.device != "cpu":
         reasons.append(f"tensor is on {call.device}")
     if call.dtype not in SUPPORTED_DTYPES:

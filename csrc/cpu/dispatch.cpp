@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "cpu/kernels.h"
+#include "cpu/multidilation.h"
 
 namespace emcad_cpu {
 namespace {
@@ -44,6 +45,14 @@ const KernelTable& active_table() {
     g_active.store(t, std::memory_order_release);
   }
   return *t;
+}
+
+const MdTable& active_md_table() {
+  // follows the choice of active_table(), so cpu_set_isa() switches both kernel families
+  const char* name = active_table().name;
+  if (std::strcmp(name, "avx512") == 0) return isa_avx512::md_table();
+  if (std::strcmp(name, "avx2") == 0) return isa_avx2::md_table();
+  return isa_default::md_table();
 }
 
 bool set_active_isa(const char* name) {
