@@ -18,7 +18,8 @@ multiples of 32.
 **Backends.** ``backend="torch"`` is the plain composition of the ``nn`` submodules. Any other backend runs, on
 the same parameters, each DGA's four dilated depthwise convs (d = 7, 5, 2, 1) + its GroupNorm (whose 4 groups are
 the dilation groups) as one :func:`emcad_kernels.functional.dilated_dwconv_groupnorm` call, and each GAU
-``DepthWiseConv2d``'s depthwise conv + GroupNorm(4) as one call of the same op (4 groups, dilation 1). EAblock and
+``DepthWiseConv2d``'s depthwise conv + GroupNorm(4) as one call of the same op (4 groups, dilation 1), except
+with ``backend="auto"`` on CPU, where the plain depthwise conv + GroupNorm is faster for these uniform groups. EAblock and
 the bridges run plain PyTorch in every mode.
 
 **Differences from the original code** (deliberate; EGE-UNet_MALUNet.md §3.11):
@@ -75,7 +76,9 @@ class DepthWiseConv2d(BackendMixin, nn.Module):
                 and c.in_channels % self.norm_layer.num_groups == 0)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._use_torch() or not self._fusable():
+        if self._use_torch() or not self._fusable() or (x.device.type == "cpu" and self._kernel_backend() is None):
+            # auto on CPU: one depthwise conv (oneDNN) + GroupNorm beats the fused call for these uniform-dilation
+            # groups (0.5-0.95x in benchmarks/RESULTS_egeunet_malunet.md), so the fusion is not used there
             return self.conv2(self.norm_layer(self.conv1(x)))
         g = self.norm_layer.num_groups
         weight, bias = like(self.conv1.weight, x), like(self.conv1.bias, x)
