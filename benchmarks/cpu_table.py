@@ -288,6 +288,17 @@ def saved_activation_bytes(backend, res, channels_last=False):
     return total[0]
 
 
+def _isa_available(ext, name: str) -> bool:
+    before = ext.cpu_isa()
+    try:
+        ext.set_cpu_isa(name)
+        return True
+    except (ValueError, RuntimeError):
+        return False
+    finally:
+        ext.set_cpu_isa(before)
+
+
 def copy_bandwidth_gbs(numel=64 * 2**20 // 4, rounds=5, reps=5):
     """Copy bandwidth (bytes read + written per second) with torch's own copy on THREADS threads."""
     src = torch.randn(numel)
@@ -451,7 +462,7 @@ def main(argv=None):
     global THREADS, CLOCK
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shapes")
-    ap.add_argument("--only", choices=["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "fusion"],
+    ap.add_argument("--only", choices=["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "isa", "fusion"],
                     action="append")
     ap.add_argument("--res", type=int, choices=sorted(RESOLUTIONS), action="append")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -465,7 +476,7 @@ def main(argv=None):
     torch.set_num_threads(THREADS)
     _ext.require_cpu_ext()
     rounds, reps = (3, 2) if args.quick else (5, 3)
-    sections = args.only or ["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "fusion"]
+    sections = args.only or ["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "isa", "fusion"]
     resolutions = args.res or sorted(RESOLUTIONS)
     info = machine_info()
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch.set_num_threads({THREADS}), clock "
@@ -554,6 +565,39 @@ def main(argv=None):
                                  f"**{100 * gbs / bw:.0f}%** {verdict} |")
                     summary.setdefault(("bandwidth", ""), []).append(gbs / bw)
                     print(lines[-1], flush=True)
+        lines.append("")
+    if "isa" in sections:
+        # the same kernels compiled per instruction set (csrc/cpu/isa_*.cpp): if the inner loops vectorise as
+        # meant, AVX2 (8 lanes) and AVX-512 (16 lanes) beat the SSE2 baseline build by a wide margin
+        isas = [i for i in ("default", "avx2", "avx512") if _isa_available(_ext, i)]
+        ratios = " | ".join(f"{i} / default" for i in isas[1:])
+        lines += ["### Vectorisation check: the same MSDC kernels per instruction-set build (fp32, ms)", "",
+                  "| shape, layout, mode | " + " | ".join(isas) + " | " + ratios + " |",
+                  "|" + "---|" * (2 * len(isas))]
+        before = _ext.cpu_isa()
+        try:
+            for res in resolutions:
+                shape = msdc_shapes(res)[-2]
+                for mode in ("eval", "train"):
+                    mod = PlainMSDC(shape[1]).train(mode == "train")
+                    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+                    x.requires_grad_(mode == "train")
+
+                    def call(isa, mod=mod, x=x, mode=mode):
+                        _ext.set_cpu_isa(isa)
+                        if mode == "eval":
+                            with torch.no_grad():
+                                mod.fused(x)
+                        else:
+                            mod.fused(x).sum().backward()
+                    t = measure({i: (lambda i=i: call(i)) for i in isas}, rounds, reps)
+                    what = "forward (eval)" if mode == "eval" else "fwd+bwd (train)"
+                    lines.append(f"| {res}: {tuple(shape)}, cl, {what} | "
+                                 + " | ".join(f"{t[i]:.2f}" for i in isas) + " | "
+                                 + " | ".join(f"{t['default'] / t[i]:.2f}×" for i in isas[1:]) + " |")
+                    print(lines[-1], flush=True)
+        finally:
+            _ext.set_cpu_isa(before)
         lines.append("")
     if "fusion" in sections:
         lines += ["### Issue 8: decoder inference with eval-mode pointwise folding (fp32, ms, no_grad, eval)", "",
