@@ -59,6 +59,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": lambda: nn.GELU(),
     "hswish": lambda: nn.Hardswish(inplace=False),
 }
+_ACTIVATION_TYPES = {name: type(make()) for name, make in ACTIVATIONS.items()}
 
 
 def make_activation(name: str) -> nn.Module:
@@ -467,7 +468,7 @@ class MSCB(BackendMixin, nn.Module):
         output is kept by the MSDC op anyway): one expanded-channel tensor less per MSCB in the saved activations.
         Plain ``pconv1`` when it is not the stock conv → BatchNorm2d → activation (e.g. SyncBatchNorm)."""
         conv, bn, act = self.pconv1
-        if type(bn) is not nn.BatchNorm2d or type(act) is not type(make_activation(self.activation)):
+        if type(bn) is not nn.BatchNorm2d or type(act) is not _ACTIVATION_TYPES.get(self.activation):
             return self.pconv1(x)
         fused = _FusedBN.prepare([bn])
         return batch_norm_act(conv(x), bn.weight, bn.bias, bn.running_mean, bn.running_var, fused.momentum, bn.eps,
