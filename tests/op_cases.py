@@ -20,6 +20,12 @@ def layout_strides(t: torch.Tensor) -> list[int]:
     return [s for s, n in zip(t.stride(), t.shape) if n > 1]
 
 
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def rand(gen, *shape, scale=1.0, offset=0.0):
     return torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
 
@@ -145,3 +151,26 @@ def check_against_reference(case, backend, device, dtype, channels_last, trainin
     for name in ("grad x", "grad g"):
         if name in got:
             assert layout_strides(got[name]) == layout_strides(same[name]), f"{label} {name}"
+
+
+def assert_cuda_graph_replay_matches_eager(step, refresh):
+    """Captures ``step()`` (returning a tuple of tensors) in a CUDA graph after a warm-up on a side stream (so
+    compilation and autotuning happen outside the capture), overwrites the tensors in ``refresh`` with new random
+    values, replays the graph and requires bitwise the same results as an eager ``step()``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    with torch.no_grad():
+        for t in refresh:
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step()
+    for a, b in zip(static_out, expected):
+        assert torch.equal(a, b)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import emcad_kernels as ek
 from emcad_kernels import _ext, backends
 from emcad_kernels.backends import OpCall
-from op_cases import layout_strides
+from op_cases import assert_bitwise_equal, layout_strides
 
 if not _ext.HAS_CPU_EXT:
     pytest.skip(f"cpu backend not available: {_ext.CPU_EXT_ERROR}", allow_module_level=True)
@@ -455,12 +455,6 @@ def test_opcheck(op, training):
 # --------------------------------------------------------------------------------------------------
 # determinism
 # --------------------------------------------------------------------------------------------------
-def _bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_deterministic(dtype):
     cases = [msdc_case(torch.float64, "cl", True, shape=(3, 40, 17, 15), shuffle=20),
@@ -473,10 +467,10 @@ def test_bitwise_deterministic(dtype):
         for case in cases:
             c = case.cast(dtype)
             first = c.run(CPU)
-            _bitwise_equal(first, c.run(CPU))
+            assert_bitwise_equal(first, c.run(CPU))
             # the work partition depends on the shape only: other thread counts give the same bits
             torch.set_num_threads(1)
-            _bitwise_equal(first, c.run(CPU))
+            assert_bitwise_equal(first, c.run(CPU))
             torch.set_num_threads(threads)
     finally:
         torch.set_num_threads(threads)

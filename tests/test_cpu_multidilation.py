@@ -20,7 +20,7 @@ import torch
 
 from emcad_kernels import _ext, backends
 from emcad_kernels.backends import OpCall
-from op_cases import layout_strides
+from op_cases import assert_bitwise_equal, layout_strides
 from emcad_kernels.functional import dilated_dwconv_groupnorm, layernorm_dilated_dwconv
 
 if not _ext.HAS_CPU_EXT:
@@ -271,12 +271,6 @@ def test_opcheck(op, layout):
     torch.library.opcheck(custom_op, grad_args)
 
 
-def _bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_deterministic(dtype):
     cases = [(lndw_case((2, 45, 33), (9, 9, 9, 9), (3, 3, 3, 3), (1, 2, 5, 7)), "cl"),
@@ -287,10 +281,10 @@ def test_bitwise_deterministic(dtype):
     try:
         for case, layout in cases:
             first = case.run(CPU, dtype, layout)
-            _bitwise_equal(first, case.run(CPU, dtype, layout))
+            assert_bitwise_equal(first, case.run(CPU, dtype, layout))
             # the work partition depends on the shape only: another thread count gives the same bits
             torch.set_num_threads(1)
-            _bitwise_equal(first, case.run(CPU, dtype, layout))
+            assert_bitwise_equal(first, case.run(CPU, dtype, layout))
             torch.set_num_threads(threads)
     finally:
         torch.set_num_threads(threads)

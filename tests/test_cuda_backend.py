@@ -33,7 +33,8 @@ import pytest
 import torch
 
 from emcad_kernels import reference
-from op_cases import check_against_reference, lgag_case, msdc_case, run, updw_case
+from op_cases import (assert_cuda_graph_replay_matches_eager, check_against_reference, lgag_case, msdc_case, run,
+                      updw_case)
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -1433,24 +1434,7 @@ def test_gpu_cuda_graph_replay(cuda_backend):
         loss = (y * static_gy).float().sum() + u.float().square().mean() + o.float().square().mean()
         return torch.autograd.grad(loss, [x, *ws, xu, wu, lt["g"], lt["x"], lt["wg"]])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_grads = step()
-    with torch.no_grad():
-        x.copy_(torch.randn_like(x))
-        xu.copy_(torch.randn_like(xu))
-        lt["x"].copy_(torch.randn_like(lt["x"]))
-    graph.replay()
-    torch.cuda.synchronize()
-    expected = step()
-    for a, b in zip(static_grads, expected):
-        assert torch.equal(a, b)
+    assert_cuda_graph_replay_matches_eager(step, [x, xu, lt["x"]])
 
 
 @pytest.mark.gpu

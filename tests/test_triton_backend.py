@@ -28,7 +28,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 import emcad_kernels as ek  # noqa: E402
 import op_cases  # noqa: E402
-from op_cases import lgag_case, msdc_case, updw_case  # noqa: E402
+from op_cases import assert_cuda_graph_replay_matches_eager, lgag_case, msdc_case, updw_case  # noqa: E402
 from emcad_kernels import triton as ek_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -526,22 +526,7 @@ def test_gpu_cuda_graph_replay():
         y = ek.multi_scale_dwconv(x, ws, mods, training=True, shuffle_groups=128, backend="triton")
         return torch.autograd.grad(y, [x, *ws], static_gy)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up: compilation and autotuning happen outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_grads = step()
-    with torch.no_grad():
-        x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    expected = step()
-    for a, b in zip(static_grads, expected):
-        assert torch.equal(a, b)
+    assert_cuda_graph_replay_matches_eager(step, [x])
 
 
 @pytest.mark.gpu

@@ -30,7 +30,7 @@ from emcad_kernels.functional import dilated_dwconv_groupnorm, layernorm_dilated
 
 # the interpreter's out-of-bounds check (autouse), the tolerance rule and the sm_90 compile harness are shared
 # with the other triton tests
-from op_cases import assert_matches  # noqa: E402
+from op_cases import assert_cuda_graph_replay_matches_eager, assert_matches  # noqa: E402
 from test_triton_backend import _COMPILE_CHECK, _clean_env, _python, interpreter_bounds_check  # noqa: E402,F401
 
 CUDA = torch.cuda.is_available()
@@ -473,19 +473,4 @@ def test_gpu_cuda_graph_replay():
         y = dilated_dwconv_groupnorm(y, ws, bs, gw, gb, dilations=(7, 5, 2, 1), backend="triton")
         return torch.autograd.grad(y, leaves, static_gy)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up: compilation happens outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_grads = step()
-    with torch.no_grad():
-        x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    expected = step()
-    for a, b in zip(static_grads, expected):
-        assert torch.equal(a, b)
+    assert_cuda_graph_replay_matches_eager(step, [x])

@@ -135,6 +135,13 @@ def check_output(output: str) -> str:
     return output
 
 
+def check_counts(**counts) -> None:
+    """Each keyword argument must be a positive int (its name is in the error)."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def check_c_list(c_list: Sequence[int]) -> list[int]:
     c_list = [int(c) for c in c_list]
     if len(c_list) != 6 or any(c < 4 or c % 4 for c in c_list):
@@ -359,10 +366,7 @@ class EGEUNet(BackendMixin, nn.Module):
                  c_list: Sequence[int] = (8, 16, 24, 32, 48, 64), bridge: bool = True, gt_ds: bool = True,
                  output: str = "probs", backend: str = "auto"):
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(input_channels, int) or input_channels < 1:
-            raise ValueError(f"input_channels must be a positive int, got {input_channels!r}")
+        check_counts(num_classes=num_classes, input_channels=input_channels)
         c = check_c_list(c_list)
         self.num_classes, self.in_channels, self.c_list = num_classes, input_channels, c
         self.bridge, self.gt_ds, self.output = bool(bridge), bool(gt_ds), check_output(output)

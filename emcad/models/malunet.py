@@ -19,8 +19,8 @@ multiples of 32.
 the same parameters, each DGA's four dilated depthwise convs (d = 7, 5, 2, 1) + its GroupNorm (whose 4 groups are
 the dilation groups) as one :func:`emcad_kernels.functional.dilated_dwconv_groupnorm` call, and each GAU
 ``DepthWiseConv2d``'s depthwise conv + GroupNorm(4) as one call of the same op (4 groups, dilation 1), except
-with ``backend="auto"`` on CPU, where the plain depthwise conv + GroupNorm is faster for these uniform groups. EAblock and
-the bridges run plain PyTorch in every mode.
+with ``backend="auto"`` on CPU, where the plain depthwise conv + GroupNorm is faster for these uniform groups.
+EAblock and the bridges run plain PyTorch in every mode.
 
 **Differences from the original code** (deliberate; EGE-UNet_MALUNet.md §3.11):
 
@@ -46,8 +46,8 @@ from torch import Tensor
 from emcad_kernels.functional import dilated_dwconv_groupnorm
 
 from .blocks import BackendMixin, set_backend
-from .egeunet import (check_c_list, check_output, check_skin_input, init_skin_weights, like, minmax_scale_255,
-                      upsample)
+from .egeunet import (check_c_list, check_counts, check_output, check_skin_input, init_skin_weights, like,
+                      minmax_scale_255, upsample)
 
 __all__ = ["CABridge", "DGA", "DepthWiseConv2d", "EAblock", "GAU", "MALUNet", "SABridge", "SCAttBridge",
            "minmax_scale_255"]
@@ -263,10 +263,7 @@ class MALUNet(BackendMixin, nn.Module):
                  c_list: Sequence[int] = (8, 16, 24, 32, 48, 64), split_att: str = "fc", bridge: bool = True,
                  output: str = "probs", backend: str = "auto"):
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(input_channels, int) or input_channels < 1:
-            raise ValueError(f"input_channels must be a positive int, got {input_channels!r}")
+        check_counts(num_classes=num_classes, input_channels=input_channels)
         c = check_c_list(c_list)
         self.num_classes, self.in_channels, self.c_list = num_classes, input_channels, c
         self.bridge, self.split_att, self.output = bool(bridge), split_att, check_output(output)
