@@ -152,6 +152,9 @@ class PlainLGAG(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------------
+SECTIONS = ("msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "bnact", "isa", "fusion")
+
+
 def measure(providers: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict[str, float]:
     """Best time over interleaved rounds of ``reps`` calls each, in milliseconds. The minimum, not the median:
     on a shared machine other processes only ever add time, and every provider gets the same chances."""
@@ -462,7 +465,7 @@ def main(argv=None):
     global THREADS, CLOCK
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shapes")
-    ap.add_argument("--only", choices=["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "isa", "fusion"],
+    ap.add_argument("--only", choices=SECTIONS,
                     action="append")
     ap.add_argument("--res", type=int, choices=sorted(RESOLUTIONS), action="append")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -476,7 +479,7 @@ def main(argv=None):
     torch.set_num_threads(THREADS)
     _ext.require_cpu_ext()
     rounds, reps = (3, 2) if args.quick else (5, 3)
-    sections = args.only or ["msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "isa", "fusion"]
+    sections = args.only or list(SECTIONS)
     resolutions = args.res or sorted(RESOLUTIONS)
     info = machine_info()
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch.set_num_threads({THREADS}), clock "
@@ -565,6 +568,32 @@ def main(argv=None):
                                  f"**{100 * gbs / bw:.0f}%** {verdict} |")
                     summary.setdefault(("bandwidth", ""), []).append(gbs / bw)
                     print(lines[-1], flush=True)
+        lines.append("")
+    if "bnact" in sections:
+        # MSCB pconv1's training-mode BN + ReLU6: nn modules vs batch_norm_act (keeps only its input; recomputes)
+        from emcad_kernels.batchnorm_act import batch_norm_act
+        lines += ["### Training-mode BN + ReLU6 of MSCB's pconv1: modules vs `batch_norm_act` (fp32, ms, fwd+bwd)", "",
+                  "| shape | layout | modules | batch_norm_act | modules / batch_norm_act |", "|---|---|---|---|---|"]
+        for res in resolutions:
+            shape = msdc_shapes(res)[-1]
+            for layout in ("nchw", "cl"):
+                bn = nn.BatchNorm2d(shape[1])
+                x = torch.randn(shape)
+                if layout == "cl":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_()
+                g = torch.randn_like(x)
+
+                def modules(x=x, bn=bn, g=g):
+                    F.relu6(bn(x)).backward(g)
+
+                def fused(x=x, bn=bn, g=g):
+                    batch_norm_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, bn.eps,
+                                   "relu6").backward(g)
+                t = measure({"modules": modules, "fused": fused}, rounds, reps)
+                lines.append(f"| {res}: {tuple(shape)} | {layout} | {t['modules']:.2f} | {t['fused']:.2f} | "
+                             f"{t['modules'] / t['fused']:.2f}× |")
+                print(lines[-1], flush=True)
         lines.append("")
     if "isa" in sections:
         # the same kernels compiled per instruction set (csrc/cpu/isa_*.cpp): if the inner loops vectorise as
