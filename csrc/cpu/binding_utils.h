@@ -4,7 +4,11 @@
 #include <ATen/Parallel.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/activations.h"
 #include "common/bn.h"
@@ -74,33 +78,89 @@ inline void run_items(Fn fn, const Args& args, int64_t items) {
   at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { fn(args, b, e); });
 }
 
+// ---- host-side parameter handling ----------------------------------------------------------------------
+// The per-call set-up (BN folding, weight conversion, statistics outputs) works on small host vectors with
+// plain loops: done with aten ops it cost 10 to 30 dispatcher calls per fused call (measured with the profiler),
+// a large share of the time of a fused op on a small feature map.
+using Vec = std::vector<double>;
+
+// float64 copy, in logical (row-major) order, of a small tensor of any floating dtype and any strides (e.g. a
+// channels_last conv weight)
+inline Vec host_f64(const at::Tensor& t) {
+  Vec v(t.numel());
+  if (v.empty()) return v;
+  if (t.dim() > 4) return host_f64(t.contiguous().view({-1}));
+  int64_t size[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
+  for (int64_t d = 0, o = 4 - t.dim(); d < t.dim(); ++d) {
+    size[o + d] = t.size(d);
+    stride[o + d] = t.stride(d);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "host_f64", [&] {
+    const scalar_t* p = t.data_ptr<scalar_t>();
+    size_t i = 0;
+    for (int64_t a = 0; a < size[0]; ++a)
+      for (int64_t b = 0; b < size[1]; ++b)
+        for (int64_t c = 0; c < size[2]; ++c)
+          for (int64_t d = 0; d < size[3]; ++d)
+            v[i++] = static_cast<double>(p[a * stride[0] + b * stride[1] + c * stride[2] + d * stride[3]]);
+  });
+  return v;
+}
+
+// a fresh tensor (custom-op outputs must not alias) of `shape` and `dtype` holding v[0, numel)
+inline at::Tensor from_host(const double* v, at::IntArrayRef shape, at::ScalarType dtype) {
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "from_host", [&] {
+    scalar_t* p = out.data_ptr<scalar_t>();
+    const int64_t n = out.numel();
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(v[i]);
+  });
+  return out;
+}
+
+inline at::Tensor from_host(const Vec& v, at::IntArrayRef shape, at::ScalarType dtype) {
+  return from_host(v.data(), shape, dtype);
+}
+
+// BN per channel as y = z * scale + shift, with rstd = 1 / sqrt(var + eps)
+struct HostBn {
+  Vec mean, rstd, scale, shift;
+};
+
+inline HostBn host_bn(const Vec& gamma, const Vec& beta, Vec mean, const Vec& var, double eps) {
+  HostBn f;
+  const size_t n = var.size();
+  f.mean = std::move(mean);
+  f.rstd.resize(n);
+  f.scale.resize(n);
+  f.shift.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    f.rstd[i] = 1.0 / std::sqrt(var[i] + eps);
+    f.scale[i] = gamma[i] * f.rstd[i];
+    f.shift[i] = beta[i] - f.mean[i] * f.scale[i];
+  }
+  return f;
+}
+
 // Chan merge of per-item (mean, M2) partials laid out [items][rows] with equal counts, in item order.
-// Returns (mean, biased var) per row, as double tensors.
-inline std::pair<at::Tensor, at::Tensor> merge_stats(const at::Tensor& p0, const at::Tensor& p1, int64_t items,
-                                                     int64_t rows, double count_per_item) {
-  auto mean = at::empty({rows}, at::kDouble), var = at::empty({rows}, at::kDouble);
-  const double* m = p0.data_ptr<double>();
-  const double* q = p1.data_ptr<double>();
-  double* om = mean.data_ptr<double>();
-  double* ov = var.data_ptr<double>();
+// Returns (mean, biased var) per row.
+inline std::pair<Vec, Vec> merge_stats(const Vec& p0, const Vec& p1, int64_t items, int64_t rows,
+                                       double count_per_item) {
+  Vec mean(rows), var(rows);
   for (int64_t r = 0; r < rows; ++r) {
     emcad::Welford acc;
-    for (int64_t i = 0; i < items; ++i) acc.merge(count_per_item, m[i * rows + r], q[i * rows + r]);
-    om[r] = acc.n > 0 ? acc.mean : std::numeric_limits<double>::quiet_NaN();
-    ov[r] = acc.n > 0 ? acc.var_biased() : std::numeric_limits<double>::quiet_NaN();
+    for (int64_t i = 0; i < items; ++i) acc.merge(count_per_item, p0[i * rows + r], p1[i * rows + r]);
+    mean[r] = acc.n > 0 ? acc.mean : std::numeric_limits<double>::quiet_NaN();
+    var[r] = acc.n > 0 ? acc.var_biased() : std::numeric_limits<double>::quiet_NaN();
   }
   return {mean, var};
 }
 
-// sum over the leading dimension of a [items][rest...] double tensor, in item order
-inline at::Tensor sum_items(const at::Tensor& p, int64_t items, at::IntArrayRef shape) {
-  int64_t rest = 1;
-  for (auto s : shape) rest *= s;
-  auto out = at::zeros(shape, at::kDouble);
-  double* o = out.data_ptr<double>();
-  const double* src = p.data_ptr<double>();
+// sum over the leading dimension of an [items][rest] buffer, in item order
+inline Vec sum_items(const double* p, int64_t items, int64_t rest) {
+  Vec out(rest, 0.0);
   for (int64_t i = 0; i < items; ++i)
-    for (int64_t r = 0; r < rest; ++r) o[r] += src[i * rest + r];
+    for (int64_t r = 0; r < rest; ++r) out[r] += p[i * rest + r];
   return out;
 }
 

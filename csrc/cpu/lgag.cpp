@@ -17,9 +17,11 @@ namespace {
 constexpr int kMaxOutPerGroup = 8;
 constexpr int kBand = 8;
 
+double scalar(const at::Tensor& t) { return host_f64(t).at(0); }
+
 struct LgagSetup {
   LgagArgs a;
-  at::Tensor wg64, wx64, bg64, bx64, wpsi64;
+  Vec wg64, wx64, bg64, bx64, wpsi64;
   int dt = 0;
   int64_t N = 0, row_items = 0, block_items = 0, nbands = 0, nblk = 0;
 };
@@ -62,17 +64,17 @@ LgagSetup setup_lgag(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   const int cb = block_lanes(s.dt);
   a.block_lanes = (cb / a.og) * a.og;
   a.band = kBand;
-  s.wg64 = f64(wg);
-  s.wx64 = f64(wx);
-  s.bg64 = f64(bg);
-  s.bx64 = f64(bx);
-  s.wpsi64 = f64(wpsi);
-  a.wg = s.wg64.data_ptr<double>();
-  a.wx = s.wx64.data_ptr<double>();
-  a.bg = s.bg64.data_ptr<double>();
-  a.bx = s.bx64.data_ptr<double>();
-  a.wpsi = s.wpsi64.data_ptr<double>();
-  a.bpsi = bpsi.to(at::kDouble).item<double>();
+  s.wg64 = host_f64(wg);
+  s.wx64 = host_f64(wx);
+  s.bg64 = host_f64(bg);
+  s.bx64 = host_f64(bx);
+  s.wpsi64 = host_f64(wpsi);
+  a.wg = s.wg64.data();
+  a.wx = s.wx64.data();
+  a.bg = s.bg64.data();
+  a.bx = s.bx64.data();
+  a.wpsi = s.wpsi64.data();
+  a.bpsi = scalar(bpsi);
   a.g = view4(g);
   a.x = view4(x);
   s.N = x.size(0);
@@ -85,31 +87,20 @@ LgagSetup setup_lgag(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
 }
 
 // BN fold of one grouped conv: a = z*s + t on z = conv + bias
-struct Fold {
-  at::Tensor s, t, mean, rstd;
-};
-
-Fold fold(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, double eps) {
-  Fold f;
-  f.mean = f64(mean);
-  f.rstd = (f64(var) + eps).rsqrt().contiguous();
-  f.s = (f64(gamma) * f.rstd).contiguous();
-  f.t = (f64(beta) - f.mean * f.s).contiguous();
-  return f;
+HostBn fold(const at::Tensor& gamma, const at::Tensor& beta, Vec mean, const Vec& var, double eps) {
+  return host_bn(host_f64(gamma), host_f64(beta), std::move(mean), var, eps);
 }
 
-void set_fold(LgagArgs& a, const Fold& fg, const Fold& fx) {
-  a.sg = fg.s.data_ptr<double>();
-  a.tg = fg.t.data_ptr<double>();
-  a.mg = fg.mean.data_ptr<double>();
-  a.rg = fg.rstd.data_ptr<double>();
-  a.sx = fx.s.data_ptr<double>();
-  a.tx = fx.t.data_ptr<double>();
-  a.mx = fx.mean.data_ptr<double>();
-  a.rx = fx.rstd.data_ptr<double>();
+void set_fold(LgagArgs& a, const HostBn& fg, const HostBn& fx) {
+  a.sg = fg.scale.data();
+  a.tg = fg.shift.data();
+  a.mg = fg.mean.data();
+  a.rg = fg.rstd.data();
+  a.sx = fx.scale.data();
+  a.tx = fx.shift.data();
+  a.mx = fx.mean.data();
+  a.rx = fx.rstd.data();
 }
-
-double scalar(const at::Tensor& t) { return t.to(at::kDouble).reshape({-1})[0].item<double>(); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lgag_fwd(
     const at::Tensor& g, const at::Tensor& x, const at::Tensor& wg, const at::Tensor& bg, const at::Tensor& wx,
@@ -125,31 +116,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t Fi = a.Fi;
   at::Tensor out = empty_out(x, {s.N, a.Fl, a.H, a.W});
   a.out = view4(out);
-  at::Tensor mg, vg, mx, vx, mp, vp;
+  Vec mg, vg, mx, vx;
   if (training) {
-    auto sg0 = at::empty({s.N, Fi}, at::kDouble), sg1 = at::empty({s.N, Fi}, at::kDouble);
-    auto sx0 = at::empty({s.N, Fi}, at::kDouble), sx1 = at::empty({s.N, Fi}, at::kDouble);
-    a.sg0 = sg0.data_ptr<double>();
-    a.sg1 = sg1.data_ptr<double>();
-    a.sx0 = sx0.data_ptr<double>();
-    a.sx1 = sx1.data_ptr<double>();
+    Vec sg0(s.N * Fi), sg1(s.N * Fi), sx0(s.N * Fi), sx1(s.N * Fi);
+    a.sg0 = sg0.data();
+    a.sg1 = sg1.data();
+    a.sx0 = sx0.data();
+    a.sx1 = sx1.data();
     run_items(kt.lgag_stats[s.dt], a, s.block_items);
     std::tie(mg, vg) = merge_stats(sg0, sg1, s.N, Fi, (double)a.H * a.W);
     std::tie(mx, vx) = merge_stats(sx0, sx1, s.N, Fi, (double)a.H * a.W);
   } else {
-    mg = f64(mean_g); vg = f64(var_g); mx = f64(mean_x); vx = f64(var_x);
+    mg = host_f64(mean_g); vg = host_f64(var_g); mx = host_f64(mean_x); vx = host_f64(var_x);
   }
-  Fold fg = fold(bn_g_weight, bn_g_bias, mg, vg, eps), fx = fold(bn_x_weight, bn_x_bias, mx, vx, eps);
+  const HostBn fg = fold(bn_g_weight, bn_g_bias, mg, vg, eps), fx = fold(bn_x_weight, bn_x_bias, mx, vx, eps);
   set_fold(a, fg, fx);
   double mean_p, var_p;
-  at::Tensor pbuf;
+  Vec pbuf;
   if (training) {
-    pbuf = at::empty({s.N, a.H, a.W}, at::kDouble);
-    a.pbuf = pbuf.data_ptr<double>();
-    auto sp = at::empty({3, std::max<int64_t>(s.row_items, 1)}, at::kDouble);
-    a.sp0 = sp[0].data_ptr<double>();
-    a.sp1 = sp[1].data_ptr<double>();
-    a.sp2 = sp[2].data_ptr<double>();
+    pbuf.resize(s.N * a.H * a.W);
+    a.pbuf = pbuf.data();
+    Vec sp(3 * std::max<int64_t>(s.row_items, 1));
+    a.sp0 = sp.data();
+    a.sp1 = a.sp0 + std::max<int64_t>(s.row_items, 1);
+    a.sp2 = a.sp1 + std::max<int64_t>(s.row_items, 1);
     run_items(kt.lgag_psi[s.dt], a, s.row_items);
     emcad::Welford acc;
     for (int64_t i = 0; i < s.row_items; ++i) acc.merge(a.sp0[i], a.sp1[i], a.sp2[i]);
@@ -163,12 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   a.sp = fp.scale;
   a.tp = fp.shift;
   run_items(kt.lgag_apply[s.dt], a, s.row_items);
-  auto st = [&](const at::Tensor& t) { return t.to(sd, false, true).contiguous(); };
-  if (training) {
-    auto mpt = at::full({1}, mean_p, at::kDouble), vpt = at::full({1}, var_p, at::kDouble);
-    return {out, st(mg), st(vg), st(mx), st(vx), st(mpt), st(vpt)};
-  }
-  return {out, st(mean_g), st(var_g), st(mean_x), st(var_x), st(mean_psi), st(var_psi)};
+  // eval: copies of the running statistics (custom-op outputs must not alias inputs)
+  return {out, from_host(mg, {Fi}, sd), from_host(vg, {Fi}, sd), from_host(mx, {Fi}, sd), from_host(vx, {Fi}, sd),
+          from_host(&mean_p, {1}, sd), from_host(&var_p, {1}, sd)};
 }
 
 std::vector<at::Tensor> lgag_bwd(const at::Tensor& grad, const at::Tensor& g, const at::Tensor& x,
@@ -188,8 +175,8 @@ std::vector<at::Tensor> lgag_bwd(const at::Tensor& grad, const at::Tensor& g, co
   const KernelTable& kt = active_table();
   const int64_t Fi = a.Fi;
   const double M = (double)s.N * a.H * a.W;
-  Fold fg = fold(bn_g_weight, bn_g_bias, save_stats[0], save_stats[1], eps);
-  Fold fx = fold(bn_x_weight, bn_x_bias, save_stats[2], save_stats[3], eps);
+  const HostBn fg = fold(bn_g_weight, bn_g_bias, host_f64(save_stats[0]), host_f64(save_stats[1]), eps);
+  const HostBn fx = fold(bn_x_weight, bn_x_bias, host_f64(save_stats[2]), host_f64(save_stats[3]), eps);
   set_fold(a, fg, fx);
   const double mean_p = scalar(save_stats[4]), var_p = scalar(save_stats[5]);
   const double gamma_p = scalar(bn_psi_weight);
@@ -199,13 +186,14 @@ std::vector<at::Tensor> lgag_bwd(const at::Tensor& grad, const at::Tensor& g, co
   a.mp = mean_p;
   a.rp = 1.0 / std::sqrt(var_p + eps);
   a.grad = view4(grad);
-  auto pbuf = at::empty({s.N, a.H, a.W}, at::kDouble), dbuf = at::empty({s.N, a.H, a.W}, at::kDouble);
-  a.pbuf = pbuf.data_ptr<double>();
-  a.dbuf = dbuf.data_ptr<double>();
+  Vec pbuf(s.N * a.H * a.W), dbuf(s.N * a.H * a.W);
+  a.pbuf = pbuf.data();
+  a.dbuf = dbuf.data();
   // pass A: dL/d(psi logit after BN) per pixel, psi-BN sums
-  auto sp = at::zeros({2, std::max<int64_t>(s.row_items, 1)}, at::kDouble);
-  a.sp0 = sp[0].data_ptr<double>();
-  a.sp1 = sp[1].data_ptr<double>();
+  const int64_t nsp = std::max<int64_t>(s.row_items, 1);
+  Vec sp(2 * nsp, 0.0);
+  a.sp0 = sp.data();
+  a.sp1 = sp.data() + nsp;
   run_items(kt.lgag_bwd_psi[s.dt], a, s.row_items);
   double s1p = 0, s2p = 0;
   for (int64_t i = 0; i < s.row_items; ++i) {
@@ -216,64 +204,57 @@ std::vector<at::Tensor> lgag_bwd(const at::Tensor& grad, const at::Tensor& g, co
   a.cp1 = cp.c1;
   a.cp2 = cp.c2;
   a.cp3 = cp.c3;
-  auto sums = at::zeros({4, s.N, Fi}, at::kDouble);
-  auto dpsum = at::zeros({s.N}, at::kDouble);
-  a.su = sums[0].data_ptr<double>();
-  a.sug = sums[1].data_ptr<double>();
-  a.sux = sums[2].data_ptr<double>();
-  a.sph = sums[3].data_ptr<double>();
-  a.dpsum = dpsum.data_ptr<double>();
-  at::Tensor c2g, c3g, c2x, c3x;
+  const int64_t NF = s.N * Fi;
+  Vec sums(4 * NF, 0.0), dpsum(s.N, 0.0);
+  a.su = sums.data();
+  a.sug = sums.data() + NF;
+  a.sux = sums.data() + 2 * NF;
+  a.sph = sums.data() + 3 * NF;
+  a.dpsum = dpsum.data();
+  // per-channel sums over the batch, in batch order: su, sug, sux, sph (each [Fi]) and dpsum ([1])
   auto reduce_sums = [&]() {
-    return std::vector<at::Tensor>{sum_items(sums[0], s.N, {Fi}), sum_items(sums[1], s.N, {Fi}),
-                                   sum_items(sums[2], s.N, {Fi}), sum_items(sums[3], s.N, {Fi}),
-                                   sum_items(dpsum, s.N, {1})};
+    return std::vector<Vec>{sum_items(a.su, s.N, Fi), sum_items(a.sug, s.N, Fi), sum_items(a.sux, s.N, Fi),
+                            sum_items(a.sph, s.N, Fi), sum_items(a.dpsum, s.N, 1)};
   };
-  std::vector<at::Tensor> red;
+  std::vector<Vec> red;
+  Vec c2g(Fi), c3g(Fi), c2x(Fi), c3x(Fi);
   LgagArgs ga = a;
   if (training) {
     run_items(kt.lgag_bwd_reduce[s.dt], a, s.block_items);
     red = reduce_sums();
-    c2g = (-fg.s * red[1] / M).contiguous();
-    c3g = (-fg.s * red[0] / M).contiguous();
-    c2x = (-fx.s * red[2] / M).contiguous();
-    c3x = (-fx.s * red[0] / M).contiguous();
-    ga.c2g = c2g.data_ptr<double>();
-    ga.c3g = c3g.data_ptr<double>();
-    ga.c2x = c2x.data_ptr<double>();
-    ga.c3x = c3x.data_ptr<double>();
+    for (int64_t i = 0; i < Fi; ++i) {
+      c2g[i] = -fg.scale[i] * red[1][i] / M;
+      c3g[i] = -fg.scale[i] * red[0][i] / M;
+      c2x[i] = -fx.scale[i] * red[2][i] / M;
+      c3x[i] = -fx.scale[i] * red[0][i] / M;
+    }
+    ga.c2g = c2g.data();
+    ga.c3g = c3g.data();
+    ga.c2x = c2x.data();
+    ga.c3x = c3x.data();
     ga.su = ga.sug = ga.sux = ga.sph = ga.dpsum = nullptr;
   }
   at::Tensor gg = empty_out(g, {s.N, a.Fg, a.H, a.W}), gx = empty_out(x, {s.N, a.Fl, a.H, a.W});
   ga.gg = view4(gg);
   ga.gx = view4(gx);
-  auto wgpart = at::zeros({s.N, Fi, a.jg, a.k * a.k}, at::kDouble);
-  auto wxpart = at::zeros({s.N, Fi, a.jx, a.k * a.k}, at::kDouble);
-  auto bpart = at::zeros({2, s.N, Fi}, at::kDouble);
-  ga.wgpart = wgpart.data_ptr<double>();
-  ga.wxpart = wxpart.data_ptr<double>();
-  ga.bgpart = bpart[0].data_ptr<double>();
-  ga.bxpart = bpart[1].data_ptr<double>();
+  const int64_t kk = (int64_t)a.k * a.k;
+  Vec wgpart(s.N * Fi * a.jg * kk, 0.0), wxpart(s.N * Fi * a.jx * kk, 0.0), bpart(2 * NF, 0.0);
+  ga.wgpart = wgpart.data();
+  ga.wxpart = wxpart.data();
+  ga.bgpart = bpart.data();
+  ga.bxpart = bpart.data() + NF;
   run_items(kt.lgag_bwd_grad[s.dt], ga, s.block_items);
   if (!training) red = reduce_sums();
-  auto gwg = sum_items(wgpart, s.N, {Fi, a.jg, a.k, a.k});
-  auto gwx = sum_items(wxpart, s.N, {Fi, a.jx, a.k, a.k});
-  auto gbg = sum_items(bpart[0], s.N, {Fi});
-  auto gbx = sum_items(bpart[1], s.N, {Fi});
-  auto as = [](const at::Tensor& v, const at::Tensor& like) {  // fresh tensors: outputs must not alias
-    return v.reshape(like.sizes()).to(like.scalar_type(), false, true).contiguous();
-  };
-  auto gwpsi = red[3];
-  auto gbpsi = red[4];
-  auto ggp = at::full({1}, s2p, at::kDouble), gbp = at::full({1}, s1p, at::kDouble);
+  auto as = [](const Vec& v, const at::Tensor& like) { return from_host(v, like.sizes(), like.scalar_type()); };
+  const Vec ggp{s2p}, gbp{s1p};
   return {gg,
           gx,
-          as(gwg, wg),
-          as(gbg, bg),
-          as(gwx, wx),
-          as(gbx, bx),
-          as(gwpsi, wpsi),
-          as(gbpsi, bpsi),
+          as(sum_items(wgpart.data(), s.N, Fi * a.jg * kk), wg),
+          as(sum_items(bpart.data(), s.N, Fi), bg),
+          as(sum_items(wxpart.data(), s.N, Fi * a.jx * kk), wx),
+          as(sum_items(bpart.data() + NF, s.N, Fi), bx),
+          as(red[3], wpsi),
+          as(red[4], bpsi),
           as(red[1], bn_g_weight),
           as(red[0], bn_g_bias),
           as(red[2], bn_x_weight),

@@ -9,7 +9,7 @@ namespace {
 
 struct MsdcSetup {
   MsdcArgs a;
-  at::Tensor w_all;
+  Vec w_all;
   int dt = 0;
   int64_t N = 0, items = 0;
 };
@@ -37,7 +37,6 @@ MsdcSetup setup_msdc(const at::Tensor& x, at::TensorList weights, bool concat, i
               "emcad_kernels cpu: shuffle_groups ", shuffle_groups, " must divide ", cout);
   a.shuffle_groups = shuffle_groups;
   a.act = act_id(activation);
-  std::vector<at::Tensor> flat;
   int64_t off = 0, toff = 0;
   for (int64_t b = 0; b < nb; ++b) {
     const auto& w = weights[b];
@@ -49,11 +48,11 @@ MsdcSetup setup_msdc(const at::Tensor& x, at::TensorList weights, bool concat, i
     a.toff[b] = toff;
     off += w.numel();
     toff += w.size(2) * w.size(2);
-    flat.push_back(w.reshape({-1}).to(at::kDouble));
+    const Vec wb = host_f64(w);
+    s.w_all.insert(s.w_all.end(), wb.begin(), wb.end());
   }
   a.taps_total = toff;
-  s.w_all = at::cat(flat).contiguous();
-  a.w = s.w_all.data_ptr<double>();
+  a.w = s.w_all.data();
   a.x = view4(x);
   s.N = x.size(0);
   const int64_t nblocks = (a.C + block_lanes(s.dt) - 1) / block_lanes(s.dt);
@@ -72,36 +71,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msdc_fwd(const at::Tensor& x, at:
   const KernelTable& kt = active_table();
   const int64_t nb = a.nb, C = a.C;
   const auto sd = stats_dtype(x.scalar_type());
-  at::Tensor m64, v64;
+  Vec m64, v64;
   if (training) {
-    auto p0 = at::empty({s.N, nb, C}, at::kDouble), p1 = at::empty({s.N, nb, C}, at::kDouble);
-    a.p0 = p0.data_ptr<double>();
-    a.p1 = p1.data_ptr<double>();
+    Vec p0(s.N * nb * C), p1(s.N * nb * C);
+    a.p0 = p0.data();
+    a.p1 = p1.data();
     run_items(kt.msdc_stats[s.dt], a, s.items);
     std::tie(m64, v64) = merge_stats(p0, p1, s.N, nb * C, (double)a.Ho * a.Wo);
-    m64 = m64.view({nb, C});
-    v64 = v64.view({nb, C});
   } else {
-    m64 = f64(mean).view({nb, C});
-    v64 = f64(var).view({nb, C});
+    m64 = host_f64(mean);
+    v64 = host_f64(var);
   }
-  auto rstd = (v64 + eps).rsqrt();
-  auto scale = (f64(bn_weight).view({nb, C}) * rstd).contiguous();
-  auto shift = (f64(bn_bias).view({nb, C}) - m64 * scale).contiguous();
-  a.scale = scale.data_ptr<double>();
-  a.shift = shift.data_ptr<double>();
+  const HostBn bn = host_bn(host_f64(bn_weight), host_f64(bn_bias), m64, v64, eps);
+  a.scale = bn.scale.data();
+  a.shift = bn.shift.data();
   const int64_t cout = concat ? nb * C : C;
   at::Tensor y = empty_out(x, {s.N, cout, a.Ho, a.Wo});
   a.y = view4(y);
   run_items(kt.msdc_apply[s.dt], a, s.items);
-  at::Tensor save_mean, save_var;
-  if (training) {
-    save_mean = m64.to(sd).contiguous();
-    save_var = v64.to(sd).contiguous();
-  } else {  // copies: custom-op outputs must not alias inputs
-    save_mean = mean.to(sd, false, true).contiguous();
-    save_var = var.to(sd, false, true).contiguous();
-  }
+  // eval: copies of the running statistics (custom-op outputs must not alias inputs)
+  at::Tensor save_mean = from_host(m64, {nb, C}, sd), save_var = from_host(v64, {nb, C}, sd);
   return {y, save_mean, save_var};
 }
 
@@ -120,52 +109,51 @@ std::vector<at::Tensor> msdc_bwd(const at::Tensor& grad, const at::Tensor& x, at
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "emcad_kernels cpu: grad dtype ", grad.scalar_type(),
               " differs from x dtype ", x.scalar_type());
   const KernelTable& kt = active_table();
-  auto m64 = f64(save_mean).view({nb, C});
-  auto rstd = (f64(save_var).view({nb, C}) + eps).rsqrt().contiguous();
-  auto gamma = f64(bn_weight).view({nb, C});
-  auto scale = (gamma * rstd).contiguous();
-  auto shift = (f64(bn_bias).view({nb, C}) - m64 * scale).contiguous();
-  a.scale = scale.data_ptr<double>();
-  a.shift = shift.data_ptr<double>();
-  a.mean = m64.data_ptr<double>();
-  a.rstd = rstd.data_ptr<double>();
+  const HostBn bn = host_bn(host_f64(bn_weight), host_f64(bn_bias), host_f64(save_mean), host_f64(save_var), eps);
+  a.scale = bn.scale.data();
+  a.shift = bn.shift.data();
+  a.mean = bn.mean.data();
+  a.rstd = bn.rstd.data();
   a.g = view4(grad);
-  auto p0 = at::zeros({s.N, nb, C}, at::kDouble), p1 = at::zeros({s.N, nb, C}, at::kDouble);
-  a.p0 = p0.data_ptr<double>();
-  a.p1 = p1.data_ptr<double>();
-  at::Tensor s1, s2, c2, c3;
+  Vec p0(s.N * nb * C, 0.0), p1(s.N * nb * C, 0.0);
+  a.p0 = p0.data();
+  a.p1 = p1.data();
+  Vec s1, s2, c2(nb * C), c3(nb * C);
   const double count = (double)s.N * a.Ho * a.Wo;
   if (training) {
     run_items(kt.msdc_bwd_reduce[s.dt], a, s.items);
-    s1 = sum_items(p0, s.N, {nb, C});
-    s2 = sum_items(p1, s.N, {nb, C});
-    c2 = (-scale * s2 / count).contiguous();
-    c3 = (-scale * s1 / count).contiguous();
-    a.c2 = c2.data_ptr<double>();
-    a.c3 = c3.data_ptr<double>();
+    s1 = sum_items(p0.data(), s.N, nb * C);
+    s2 = sum_items(p1.data(), s.N, nb * C);
+    for (int64_t i = 0; i < nb * C; ++i) {
+      c2[i] = -bn.scale[i] * s2[i] / count;
+      c3[i] = -bn.scale[i] * s1[i] / count;
+    }
+    a.c2 = c2.data();
+    a.c3 = c3.data();
     a.bn_partials = 0;
   } else {
     a.bn_partials = 1;
   }
   at::Tensor gx = empty_out(x, {s.N, C, a.H, a.W});
   a.gx = view4(gx);
-  auto wpart = at::zeros({s.N, C, a.taps_total}, at::kDouble);
-  a.wpart = wpart.data_ptr<double>();
+  Vec wpart(s.N * C * a.taps_total, 0.0);
+  a.wpart = wpart.data();
   run_items(kt.msdc_bwd_grad[s.dt], a, s.items);
   if (!training) {
-    s1 = sum_items(p0, s.N, {nb, C});
-    s2 = sum_items(p1, s.N, {nb, C});
+    s1 = sum_items(p0.data(), s.N, nb * C);
+    s2 = sum_items(p1.data(), s.N, nb * C);
   }
-  auto wsum = sum_items(wpart, s.N, {C, a.taps_total});
+  const Vec wsum = sum_items(wpart.data(), s.N, C * a.taps_total);
   std::vector<at::Tensor> out;
   out.push_back(gx);
-  out.push_back(s2.to(bn_weight.scalar_type()));
-  out.push_back(s1.to(bn_bias.scalar_type()));
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t k = a.ks[b];
-    // copy=true: the branch gradients are slices of one buffer and custom-op outputs must not alias
-    out.push_back(
-        wsum.narrow(1, a.toff[b], k * k).reshape({C, 1, k, k}).to(weights[b].scalar_type(), false, true).contiguous());
+  out.push_back(from_host(s2, bn_weight.sizes(), bn_weight.scalar_type()));
+  out.push_back(from_host(s1, bn_bias.sizes(), bn_bias.scalar_type()));
+  for (int64_t b = 0; b < nb; ++b) {  // wsum is [C][taps of every branch]: gather this branch's taps
+    const int64_t kk = (int64_t)a.ks[b] * a.ks[b];
+    Vec wb(C * kk);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < kk; ++t) wb[c * kk + t] = wsum[c * a.taps_total + a.toff[b] + t];
+    out.push_back(from_host(wb, weights[b].sizes(), weights[b].scalar_type()));
   }
   return out;
 }

@@ -8,7 +8,7 @@ namespace {
 
 struct UpdwSetup {
   UpdwArgs a;
-  at::Tensor w64;
+  Vec w64;
   int dt = 0;
   int64_t N = 0, items = 0;
 };
@@ -38,8 +38,8 @@ UpdwSetup setup_updw(const at::Tensor& x, const at::Tensor& weight, c10::string_
   a.Ho = a.H * a.S;
   a.Wo = a.W * a.S;
   a.act = act_id(activation);
-  s.w64 = f64(weight).view({a.C, a.k * a.k}).contiguous();
-  a.w = s.w64.data_ptr<double>();
+  s.w64 = host_f64(weight);  // [C][k*k]
+  a.w = s.w64.data();
   a.x = view4(x);
   s.N = x.size(0);
   const int64_t nblocks = (a.C + block_lanes(s.dt) - 1) / block_lanes(s.dt);
@@ -58,33 +58,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> updw_fwd(const at::Tensor& x, con
   const KernelTable& kt = active_table();
   const int64_t C = a.C;
   const auto sd = stats_dtype(x.scalar_type());
-  at::Tensor m64, v64;
+  Vec m64, v64;
   if (training) {
-    auto p0 = at::empty({s.N, C}, at::kDouble), p1 = at::empty({s.N, C}, at::kDouble);
-    a.p0 = p0.data_ptr<double>();
-    a.p1 = p1.data_ptr<double>();
+    Vec p0(s.N * C), p1(s.N * C);
+    a.p0 = p0.data();
+    a.p1 = p1.data();
     run_items(kt.updw_stats[s.dt], a, s.items);
     std::tie(m64, v64) = merge_stats(p0, p1, s.N, C, (double)a.Ho * a.Wo);
   } else {
-    m64 = f64(mean);
-    v64 = f64(var);
+    m64 = host_f64(mean);
+    v64 = host_f64(var);
   }
-  auto rstd = (v64 + eps).rsqrt();
-  auto sc = (f64(bn_weight) * rstd).contiguous();
-  auto sh = (f64(bn_bias) - m64 * sc).contiguous();
-  a.scale = sc.data_ptr<double>();
-  a.shift = sh.data_ptr<double>();
+  const HostBn bn = host_bn(host_f64(bn_weight), host_f64(bn_bias), m64, v64, eps);
+  a.scale = bn.scale.data();
+  a.shift = bn.shift.data();
   at::Tensor y = empty_out(x, {s.N, C, a.Ho, a.Wo});
   a.y = view4(y);
   run_items(kt.updw_apply[s.dt], a, s.items);
-  at::Tensor save_mean, save_var;
-  if (training) {
-    save_mean = m64.to(sd).contiguous();
-    save_var = v64.to(sd).contiguous();
-  } else {
-    save_mean = mean.to(sd, false, true).contiguous();
-    save_var = var.to(sd, false, true).contiguous();
-  }
+  // eval: copies of the running statistics (custom-op outputs must not alias inputs)
+  at::Tensor save_mean = from_host(m64, {C}, sd), save_var = from_host(v64, {C}, sd);
   return {y, save_mean, save_var};
 }
 
@@ -102,42 +94,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> updw_bwd(
               " differs from x dtype ", x.scalar_type());
   const KernelTable& kt = active_table();
   const int64_t C = a.C;
-  auto m64 = f64(save_mean);
-  auto rstd = (f64(save_var) + eps).rsqrt().contiguous();
-  auto sc = (f64(bn_weight) * rstd).contiguous();
-  auto sh = (f64(bn_bias) - m64 * sc).contiguous();
-  a.scale = sc.data_ptr<double>();
-  a.shift = sh.data_ptr<double>();
-  a.mean = m64.data_ptr<double>();
-  a.rstd = rstd.data_ptr<double>();
+  const HostBn bn = host_bn(host_f64(bn_weight), host_f64(bn_bias), host_f64(save_mean), host_f64(save_var), eps);
+  a.scale = bn.scale.data();
+  a.shift = bn.shift.data();
+  a.mean = bn.mean.data();
+  a.rstd = bn.rstd.data();
   a.g = view4(grad);
-  auto p0 = at::zeros({s.N, C}, at::kDouble), p1 = at::zeros({s.N, C}, at::kDouble);
-  a.p0 = p0.data_ptr<double>();
-  a.p1 = p1.data_ptr<double>();
-  at::Tensor s1, s2, c2, c3;
+  Vec p0(s.N * C, 0.0), p1(s.N * C, 0.0);
+  a.p0 = p0.data();
+  a.p1 = p1.data();
+  Vec s1, s2, c2(C), c3(C);
   const double count = (double)s.N * a.Ho * a.Wo;
   if (training) {
     run_items(kt.updw_bwd_reduce[s.dt], a, s.items);
-    s1 = sum_items(p0, s.N, {C});
-    s2 = sum_items(p1, s.N, {C});
-    c2 = (-sc * s2 / count).contiguous();
-    c3 = (-sc * s1 / count).contiguous();
-    a.c2 = c2.data_ptr<double>();
-    a.c3 = c3.data_ptr<double>();
+    s1 = sum_items(p0.data(), s.N, C);
+    s2 = sum_items(p1.data(), s.N, C);
+    for (int64_t i = 0; i < C; ++i) {
+      c2[i] = -bn.scale[i] * s2[i] / count;
+      c3[i] = -bn.scale[i] * s1[i] / count;
+    }
+    a.c2 = c2.data();
+    a.c3 = c3.data();
   } else {
     a.bn_partials = 1;
   }
   at::Tensor gx = empty_out(x, {s.N, C, a.H, a.W});
   a.gx = view4(gx);
-  auto wpart = at::zeros({s.N, C, (int64_t)a.k * a.k}, at::kDouble);
-  a.wpart = wpart.data_ptr<double>();
+  Vec wpart(s.N * C * a.k * a.k, 0.0);
+  a.wpart = wpart.data();
   run_items(kt.updw_bwd_grad[s.dt], a, s.items);
   if (!training) {
-    s1 = sum_items(p0, s.N, {C});
-    s2 = sum_items(p1, s.N, {C});
+    s1 = sum_items(p0.data(), s.N, C);
+    s2 = sum_items(p1.data(), s.N, C);
   }
-  auto gw = sum_items(wpart, s.N, {C, (int64_t)a.k * a.k}).view({C, 1, a.k, a.k}).to(weight.scalar_type());
-  return {gx, gw, s2.to(bn_weight.scalar_type()), s1.to(bn_bias.scalar_type())};
+  auto gw = from_host(sum_items(wpart.data(), s.N, C * a.k * a.k), weight.sizes(), weight.scalar_type());
+  return {gx, gw, from_host(s2, bn_weight.sizes(), bn_weight.scalar_type()),
+          from_host(s1, bn_bias.sizes(), bn_bias.scalar_type())};
 }
 
 }  // namespace
