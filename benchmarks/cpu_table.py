@@ -375,26 +375,38 @@ NON_COMPUTE_OPS = {"aten::" + n for n in (
     "resolve_neg", "as_strided_")}
 
 
-def op_counts(backend, res, channels_last, fold=True):
-    """Per decoder inference forward, from torch.profiler: (ops dispatched from Python, compute launches).
-    Compute launches = innermost aten ops that compute (views, allocations and casts excluded; a real copy shows
-    up as its ``aten::copy_``) + each innermost ``emcad_kernels`` op (its C++ kernel)."""
+def op_counts(backend, res, channels_last, fold=True, train=False):
+    """Per decoder inference forward (``train=False``) or per training step (``train=True``: forward, backward
+    of the mean of the four outputs, SGD step, as in :func:`decoder_providers`), from torch.profiler: (ops
+    dispatched from Python, compute launches). Compute launches = innermost aten ops that compute (views,
+    allocations and casts excluded; a real copy shows up as its ``aten::copy_``) + each innermost
+    ``emcad_kernels`` op (its C++ kernel)."""
     from torch.profiler import ProfilerActivity, profile
     from emcad.models import blocks
-    dec = make_decoder(backend).eval()
+    dec = make_decoder(backend).train(train)
     if not fold:  # as in folding_providers: the fused path before issue 8
         for m in (dec.cab4, dec.cab3, dec.cab2, dec.cab1, dec.sab):
             m.set_backend("torch")
     x, skips = decoder_inputs(res, channels_last)
     if channels_last:
         dec = dec.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(dec.parameters(), lr=1e-3, momentum=0.9)
+
+    def run():
+        if not train:
+            with torch.no_grad():
+                dec(x, skips)
+            return
+        opt.zero_grad(set_to_none=True)
+        sum(o.float().mean() for o in dec(x, skips)).backward()
+        opt.step()
+
     old = blocks.FOLD_EVAL_POINTWISE
     blocks.FOLD_EVAL_POINTWISE = fold
     try:
-        with torch.no_grad():
-            dec(x, skips)  # warm the folded-weight caches
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                dec(x, skips)
+        run()  # warm the folded-weight caches and the optimizer state
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
     finally:
         blocks.FOLD_EVAL_POINTWISE = old
     events = [e for e in prof.events() if "::" in e.name]
@@ -655,15 +667,17 @@ def main(argv=None):
             lines.append(f"| {res}px, batch {RESOLUTIONS[res]} | {t['all heads']:.2f} | {t['p1 only']:.2f} |")
             print(lines[-1], flush=True)
         res = resolutions[0]
-        lines += ["", f"Per decoder inference forward ({res}px, torch.profiler, see `op_counts`): ops dispatched "
-                  "from Python, and compute launches (leaf aten compute ops + C++ kernels of the fused ops):", "",
-                  "| decoder | ops from Python | compute launches |", "|---|---|---|"]
+        lines += ["", f"Per decoder inference forward and per decoder training step ({res}px, torch.profiler, see "
+                  "`op_counts`): ops dispatched from Python, and compute launches (leaf aten compute ops + C++ "
+                  "kernels of the fused ops); the training step is forward, backward and an SGD step:", "",
+                  "| decoder | forward: ops from Python | forward: compute launches | training step: ops from Python "
+                  "| training step: compute launches |", "|---|---|---|---|---|"]
         for label, backend, cl, fold in (("torch nchw", "torch", False, True), ("torch cl", "torch", True, True),
                                          ("cpu cl unfolded", "cpu", True, False),
                                          ("cpu cl folded", "auto", True, True),
                                          ("cpu nchw folded", "auto", False, True)):
-            top, launches = op_counts(backend, res, cl, fold)
-            lines.append(f"| {label} | {top} | {launches} |")
+            fwd, step = op_counts(backend, res, cl, fold), op_counts(backend, res, cl, fold, train=True)
+            lines.append(f"| {label} | {fwd[0]} | {fwd[1]} | {step[0]} | {step[1]} |")
             print(lines[-1], flush=True)
         lines.append("")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -116,15 +116,21 @@ def _check_batch_stats_count(count: int, name: str) -> None:
                          f"(batch × height × width = {count})")
 
 
-def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
-                          var: Tensor, count: int, momentum: float) -> None:
-    """nn.BatchNorm2d's update: exponential average of the mean and of the *unbiased* variance."""
-    if running_mean is None:
+def _update_running_stats(stats: Sequence[tuple], count: int, momentum: float) -> None:
+    """nn.BatchNorm2d's update, for the BNs of one fused call: exponential average of the mean and of the
+    *unbiased* variance. ``stats`` holds ``(running_mean, running_var, batch_mean, batch_var)`` per BN; BNs without
+    running statistics are skipped. ``_foreach`` ops do all BNs in three launches instead of five per BN."""
+    stats = [s for s in stats if s[0] is not None]
+    if not stats:
         return
     with torch.no_grad():
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        unbiased = var * (count / (count - 1))
-        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        unbiased = torch._foreach_mul([v for _, _, _, v in stats], count / (count - 1))
+        running, batch = [], []
+        for (rm, rv, mean, _), var in zip(stats, unbiased):
+            running += [rm, rv]
+            batch += [mean.to(rm.dtype), var.to(rv.dtype)]
+        torch._foreach_mul_(running, 1.0 - momentum)
+        torch._foreach_add_(running, batch, alpha=momentum)
 
 
 def _out_size(size: int, k: int, stride: int) -> int:
@@ -187,8 +193,8 @@ def _prepare_msdc(x, weights, bn, activation, combine, shuffle_groups, stride, t
             activation, combine == "concat", int(shuffle_groups or 0), stride)
 
     def update(batch_mean, batch_var, momentum):
-        for i, b in enumerate(bns):
-            _update_running_stats(b[4], b[5], batch_mean[i], batch_var[i], count, momentum)
+        _update_running_stats([(b[4], b[5], batch_mean[i], batch_var[i]) for i, b in enumerate(bns)], count,
+                              momentum)
 
     return call, args, update
 
@@ -227,7 +233,7 @@ def _prepare_updw(x, weight, bn, scale, mode, activation, training, eps):
     args = (x, weight, bw, bb, mean, var, use_batch_stats, float(eps), mode, activation, scale)
 
     def update(batch_mean, batch_var, momentum):
-        _update_running_stats(rm, rv, batch_mean, batch_var, count, momentum)
+        _update_running_stats([(rm, rv, batch_mean, batch_var)], count, momentum)
 
     return call, args, update
 
@@ -313,8 +319,8 @@ def _prepare_lgag(g, x, wg, bg, bn_g, wx, bx, bn_x, wpsi, bpsi, bn_psi, groups, 
             use_batch_stats, float(eps), groups, activation, bool(add_gate_input))
 
     def update(stats, momentum):
-        for i, norm in enumerate((norm_g, norm_x, norm_psi)):
-            _update_running_stats(norm[4], norm[5], stats[2 * i], stats[2 * i + 1], count, momentum)
+        _update_running_stats([(norm[4], norm[5], stats[2 * i], stats[2 * i + 1])
+                               for i, norm in enumerate((norm_g, norm_x, norm_psi))], count, momentum)
 
     return call, args, update
 
