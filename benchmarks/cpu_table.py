@@ -366,6 +366,50 @@ def heads_providers(res, num_classes=9):
     return {"all heads": all_heads, "p1 only": last_head}
 
 
+def prologue_providers(shape):
+    """MSCAM's ``ca·sa`` into pconv1's input (issue 8) vs leaving it separate, channels_last, eval, for the part of
+    an MSCB that differs: attention maps given. "separate": write ``y = x·ca·sa``, pconv1 as one GEMM with BN
+    folded (+ ReLU6), residual ``out += y``. "prologue": ``ca`` folded into per-image pconv1 weights
+    ``W·diag(ca)`` (a batched GEMM), ``sa`` applied to the GEMM output (it commutes with the 1×1 conv) with the
+    folded bias and ReLU6, residual ``out += x·ca·sa`` without ``y``. Both use single-pass torch ops where a fused
+    kernel would (``y`` as one multiply by the precombined map is a lower bound of the mscam op's last pass)."""
+    n, c, h, w = shape
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    ca = torch.rand(n, c, 1, 1)
+    sa = torch.rand(n, 1, h, w).contiguous(memory_format=torch.channels_last)
+    casa = (ca * sa).contiguous(memory_format=torch.channels_last)  # precombined: y in one pass
+    wt, bias = torch.randn(2 * c, c) / c ** 0.5, torch.randn(2 * c)
+    out = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)  # stands for pconv2's output
+
+    def rows(t):
+        return t.permute(0, 2, 3, 1).reshape(n, h * w, t.shape[1])
+
+    def separate():
+        y = x * casa
+        torch.addmm(bias, rows(y).reshape(n * h * w, c), wt.t()).clamp_(0, 6)
+        out.add_(y)
+
+    def prologue():
+        wb = wt.unsqueeze(0) * ca.view(n, 1, c)  # per-image W·diag(ca)
+        p = torch.bmm(rows(x), wb.transpose(1, 2))
+        torch.addcmul(bias, p, rows(sa)).clamp_(0, 6)
+        out.addcmul_(x, casa)
+
+    with torch.no_grad():  # same result up to rounding (checked once)
+        y = x * casa
+        ref = torch.addmm(bias, rows(y).reshape(n * h * w, c), wt.t()).clamp_(0, 6).view(n, h * w, 2 * c)
+        wb = wt.unsqueeze(0) * ca.view(n, 1, c)
+        alt = torch.addcmul(bias, torch.bmm(rows(x), wb.transpose(1, 2)), rows(sa)).clamp_(0, 6)
+        torch.testing.assert_close(alt, ref, rtol=1e-4, atol=1e-4)
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                fn()
+        return call
+    return {"separate": no_grad(separate), "prologue": no_grad(prologue)}
+
+
 # aten ops that only make views, allocate or reinterpret: not kernel launches
 NON_COMPUTE_OPS = {"aten::" + n for n in (
     "view", "reshape", "_reshape_alias", "_unsafe_view", "permute", "expand", "as_strided", "t", "transpose",
@@ -666,6 +710,15 @@ def main(argv=None):
             t = measure(heads_providers(res), rounds, reps)
             lines.append(f"| {res}px, batch {RESOLUTIONS[res]} | {t['all heads']:.2f} | {t['p1 only']:.2f} |")
             print(lines[-1], flush=True)
+        lines += ["", "MSCAM's `ca·sa` folded into pconv1's input vs left separate (`prologue_providers`; channels_last, "
+                  "eval, ms; the MSCB input shapes of the stages):", "",
+                  "| shape (N, C, H, W) | separate | prologue | separate / prologue |", "|---|---|---|---|"]
+        for res in resolutions:
+            for shape in [(RESOLUTIONS[res], c, res // s, res // s) for c, s in zip(B2_CHANNELS, (32, 16, 8, 4))]:
+                t = measure(prologue_providers(shape), rounds, reps)
+                lines.append(f"| {res}: {shape} | {t['separate']:.2f} | {t['prologue']:.2f} | "
+                             f"{t['separate'] / t['prologue']:.2f}× |")
+                print(lines[-1], flush=True)
         res = resolutions[0]
         lines += ["", f"Per decoder inference forward and per decoder training step ({res}px, torch.profiler, see "
                   "`op_counts`): ops dispatched from Python, and compute launches (leaf aten compute ops + C++ "
