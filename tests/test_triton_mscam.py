@@ -16,6 +16,8 @@ GPU-only tests (marker ``gpu``) run the EMCAD-B2 decoder shapes in all dtypes an
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ from emcad_kernels import triton as ek_triton  # noqa: E402
 
 from op_cases import (assert_bitwise_equal, assert_cuda_graph_replay_matches_eager, assert_matches,  # noqa: E402
                       layout_strides)
-from test_triton_backend import interpreter_bounds_check  # noqa: E402,F401  (autouse fixture)
+from test_triton_backend import _COMPILE_CHECK, _clean_env, _python, interpreter_bounds_check  # noqa: E402,F401
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -255,3 +257,35 @@ def test_gpu_cuda_graph_replay():
         return torch.autograd.grad(y, [x, *ws], static_gy)
 
     assert_cuda_graph_replay_matches_eager(step, [x])
+
+
+_COMPILE_LAUNCHES = r"""
+from emcad_kernels.triton import mscam
+
+def cl(*shape, dtype=torch.bfloat16):
+    return torch.zeros(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+for c, s, r in ((64, 56, 4), (512, 7, 32)):  # EMCAD-B2 stages 4 and 1 at 224 px, batch 6
+    x = cl(6, c, s, s)
+    a, b, w = (torch.zeros(shape, dtype=torch.bfloat16) for shape in ((r, c, 1, 1), (c, r, 1, 1), (1, 2, 7, 7)))
+    mscam.mscam_forward(x, a, b, w, "relu")
+    mscam.mscam_backward(x, x, a, b, w, "relu")
+for name, regs, stack in report:
+    print(f"{name} {regs} {stack}")
+"""
+
+
+@pytest.mark.skipif(os.environ.get("EMCAD_TRITON_COMPILE_CHECK") != "1",
+                    reason="set EMCAD_TRITON_COMPILE_CHECK=1 to compile the kernels for sm_90 without a GPU")
+def test_kernels_compile_for_sm90_without_spills():
+    """Compiles the mscam launches (bf16, channels_last, 7×7 SAB, 64 channels at 56 px and 512 at 7 px) with the
+    real Triton compiler for sm_90 and checks their register spills."""
+    harness = _COMPILE_CHECK.split("from emcad_kernels.triton import")[0].replace(
+        'torch.bfloat16: "bf16"}', 'torch.bfloat16: "bf16", torch.int32: "i32", torch.int64: "i64"}')
+    out = _python(harness + _COMPILE_LAUNCHES, _clean_env(), timeout=3600)
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    assert {r[0] for r in rows} >= {"_pool_partial_kernel", "_ca_kernel", "_chan_stats_kernel", "_out_kernel",
+                                    "_bwd_gq_kernel", "_bwd_gca_kernel", "_bwd_mlp_kernel", "_bwd_dx_kernel"}, out
+    print("kernel registers stack-bytes\n" + "\n".join(" ".join(r) for r in rows))
+    spilling = [r for r in rows if int(r[2]) > 32]
+    assert not spilling, f"kernels spilling more than 32 bytes of stack: {spilling}"

@@ -11,6 +11,8 @@ oracle in float64, with the oracle in the kernel's dtype as the PyTorch error sc
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from emcad_kernels import triton as ek_triton  # noqa: E402
 from emcad_kernels.triton import mutation_loss as ml  # noqa: E402
 
 from op_cases import assert_bitwise_equal, assert_matches  # noqa: E402
-from test_triton_backend import interpreter_bounds_check  # noqa: E402,F401  (autouse fixture)
+from test_triton_backend import _COMPILE_CHECK, _clean_env, _python, interpreter_bounds_check  # noqa: E402,F401
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -174,3 +176,33 @@ def test_gpu_odd_sizes_and_determinism():
     for _ in range(2):
         again, _, _ = run_kernels(*case, torch.bfloat16, True)
         assert_bitwise_equal(first, again)
+
+
+_COMPILE_LAUNCHES = r"""
+from emcad_kernels.triton import mutation_loss
+
+for n in (1, 2, 3, 4):  # EMCAD heads p4..p1 at 224 px (7, 14, 28, 56 px), Synapse's 9 classes, batch 6
+    heads = [torch.zeros(6, 9, 7 * 2 ** i, 7 * 2 ** i, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last) for i in range(n)]
+    tgt = torch.zeros(6, 224, 224, dtype=torch.int64)
+    mutation_loss.mutation_stats_forward(heads, tgt)
+    s = 2 ** n - 1
+    mutation_loss.mutation_stats_backward(torch.zeros(s), torch.zeros(s, 9), torch.zeros(s, 9), heads, tgt)
+for name, regs, stack in report:
+    print(f"{name} {regs} {stack}")
+"""
+
+
+@pytest.mark.skipif(os.environ.get("EMCAD_TRITON_COMPILE_CHECK") != "1",
+                    reason="set EMCAD_TRITON_COMPILE_CHECK=1 to compile the kernels for sm_90 without a GPU")
+def test_kernels_compile_for_sm90_without_spills():
+    """Compiles the forward and backward kernels for 1..4 heads (bf16, channels_last, K = 9) with the real Triton
+    compiler for sm_90 and checks their register spills."""
+    harness = _COMPILE_CHECK.split("from emcad_kernels.triton import")[0].replace(
+        'torch.bfloat16: "bf16"}', 'torch.bfloat16: "bf16", torch.int32: "i32", torch.int64: "i64"}')
+    out = _python(harness + _COMPILE_LAUNCHES, _clean_env(), timeout=3600)
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    assert {r[0] for r in rows} >= {"_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel"}, out
+    print("kernel registers stack-bytes\n" + "\n".join(" ".join(r) for r in rows))
+    spilling = [r for r in rows if int(r[2]) > 32]
+    assert not spilling, f"kernels spilling more than 32 bytes of stack: {spilling}"

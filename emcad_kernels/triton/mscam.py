@@ -5,7 +5,7 @@ Semantics (``reference.mscam_forward``): ``ca = σ(fc2(act(fc1(avgpool(x)))) + f
 (``(N, C, 1, 1)``), ``d1 = x · ca``, ``sa = σ(conv_k([mean_c(d1), max_c(d1)]))`` (``(N, 1, H, W)``, zero padding
 ``k // 2``, no bias), ``y = d1 · sa``. Everything is computed in fp32 (inputs and weights are converted on load),
 outputs are cast on store. Supported here: any C, any reduced width R, odd ``k <= MAX_KERNEL_SIZE`` (the k×k SAB
-window is unrolled at compile time in three kernels).
+window is a loop over rows with the k columns unrolled, in three kernels).
 
 Tiling: the big passes run one program per *pixel tile* (``BLOCK_P`` consecutive pixels of one image, flattened
 ``h·W + w``, so a tile never spans two images) that loops over all channels in blocks of ``BLOCK_C``; anything
@@ -84,7 +84,7 @@ def _sab_logit(smap, n, hh, ww, pm, H, W, HW, wsab, K: tl.constexpr, BLOCK_P: tl
     base = smap + n.to(tl.int64) * (2 * HW)
     q = tl.zeros([BLOCK_P], tl.float32)
     for j in tl.static_range(2):
-        for a in tl.static_range(K):
+        for a in range(K):  # a loop (not unrolled): 2·K² unrolled taps spill on sm_90
             hi = hh + (a - R)
             mh = pm & (hi >= 0) & (hi < H)
             for b in tl.static_range(K):
@@ -102,7 +102,7 @@ def _sab_input_grad(gq, n, hh, ww, pm, H, W, HW, wsab, K: tl.constexpr, BLOCK_P:
     base = gq + n.to(tl.int64) * HW
     gs0 = tl.zeros([BLOCK_P], tl.float32)
     gs1 = tl.zeros([BLOCK_P], tl.float32)
-    for a in tl.static_range(K):
+    for a in range(K):  # a loop (not unrolled): 2·K² unrolled taps spill on sm_90
         hi = hh - (a - R)
         mh = pm & (hi >= 0) & (hi < H)
         for b in tl.static_range(K):
@@ -269,7 +269,7 @@ def _bwd_gq_kernel(x, g, ca, smap, wsab, sa_o, gq_o, part, C, H, W, TPI, sxn, sx
     prow = part + t.to(tl.int64) * (2 * KK)
     base = smap + n.to(tl.int64) * (2 * HW)
     for j in tl.static_range(2):
-        for a in tl.static_range(K):
+        for a in range(K):  # a loop (not unrolled): 2·K² unrolled taps spill on sm_90
             hi = hh + (a - R)
             mh = pm & (hi >= 0) & (hi < H)
             for b in tl.static_range(K):

@@ -367,16 +367,17 @@ def _heads(logits, h, w):
 
 
 def tiles(npix: int, k: int) -> dict:
-    """Pinned tiling (a function of the shape only). GPU: blocks of 64 pixels (``BLOCK_K = next_pow2(K)``
+    """Pinned tiling (a function of the shape only). GPU: blocks of 32 pixels (``BLOCK_K = next_pow2(K)``
     classes), programs of up to ``SUB`` blocks so that there are at most ~2048 partial rows; row kernel blocks of
-    32 pixels. Not tuned on a GPU yet. Interpreter: 16-pixel blocks, SUB = 2 and 8-pixel row blocks, so the tiny
+    16 pixels (sm_90 compile check, four heads, K = 9: 64 pixels spill 440 bytes in the forward, 32-pixel row
+    blocks 1 KB in the backward). Not tuned on a GPU yet. Interpreter: 16-pixel blocks, SUB = 2 and 8-pixel row blocks, so the tiny
     test images see ragged blocks, programs whose last block lies past the end and several blocks per row."""
     block_k = next_pow2(max(k, 2))
     if INTERPRET:
         return dict(BLOCK_P=16, SUB=2, BX=8, BLOCK_K=block_k, num_warps=1, BLOCK_X=8)
-    block_p = 64 if block_k <= 16 else 32
+    block_p = 32 if block_k <= 16 else 16
     blocks = cdiv(npix, block_p)
-    return dict(BLOCK_P=block_p, SUB=max(1, cdiv(blocks, 2048)), BX=32 if block_k <= 16 else 16, BLOCK_K=block_k,
+    return dict(BLOCK_P=block_p, SUB=max(1, cdiv(blocks, 2048)), BX=16 if block_k <= 16 else 8, BLOCK_K=block_k,
                 num_warps=4, BLOCK_X=32)
 
 
