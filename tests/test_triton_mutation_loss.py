@@ -143,6 +143,38 @@ def test_subset_order():
     assert changed == [1 in s for s in ml.subsets(3)]
 
 
+def test_statistics_give_the_segmentation_loss_and_its_gradients():
+    """The interface's loss formula on the kernels' statistics equals ``emcad.losses.SegmentationLoss`` (mutation,
+    ce_dice) on the upsampled heads, and the kernels' backward fed with the formula's gradients equals autograd
+    through that loss and ``F.interpolate``."""
+    losses = pytest.importorskip("emcad.losses", reason="the emcad package is not importable")
+    logits, target, _ = make_case(sizes=((2, 3), (4, 4), (5, 7), (9, 10)), full=(9, 10), k=4, seed=4)
+    zs = [z.float().to(DEVICE).requires_grad_() for z in logits]
+    t = target.to(DEVICE)
+    h, w = target.shape[-2:]
+    loss_fn = losses.SegmentationLoss(num_classes=4, supervision="mutation", criterion="ce_dice")
+    want = loss_fn([F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False) for z in zs], t)
+    want_grads = torch.autograd.grad(want, zs)
+    ce, inter, psq, tcount = (v.detach().requires_grad_() for v in ml.mutation_stats_forward(zs, t))
+    dice = 1 - (2 * inter + 1e-5) / (psq + tcount.detach() + 1e-5)
+    got = (0.3 * ce / target.numel() + 0.7 * dice.mean(1)).sum()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g_ce, g_inter, g_psq = torch.autograd.grad(got, (ce, inter, psq))
+    got_grads = ml.mutation_stats_backward(g_ce, g_inter, g_psq, [z.detach() for z in zs], t)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_empty_batch():
+    logits, target, grads = make_case(sizes=((2, 3), (4, 4)), full=(8, 8))
+    zs = [z[:0].float() for z in logits]
+    ce, inter, psq, tcount = ml.mutation_stats_forward(zs, target[:0])
+    assert ce.shape == (3,) and inter.shape == psq.shape == (3, 3) and tcount.shape == (3,)
+    assert not any(v.abs().sum() for v in (ce, inter, psq, tcount))
+    gs = ml.mutation_stats_backward(*(g.float() for g in grads), zs, target[:0])
+    assert [g.shape for g in gs] == [z.shape for z in zs]
+
+
 def test_bitwise_deterministic():
     case = make_case(sizes=((3, 4), (5, 4), (9, 10)), full=(9, 10), seed=3)
     first, _, _ = run_kernels(*case, torch.float32, True)

@@ -375,8 +375,9 @@ def tiles(n: int, c: int, hw: int, r: int) -> dict:
     ``BLOCK_P`` pixels × ``BLOCK_C`` channels per block of the pixel-tile kernels, ``BLOCK_T`` partial rows and
     ``BLOCK_CM`` channels per block of the per-sample MLP kernels (``BLOCK_R·BLOCK_CM <= 4096`` values).
 
-    On GPU: 32×32 blocks on 4 warps (8 values per thread and array); tiles of 64 pixels on large maps; 16-pixel
-    tiles while fewer than ~2 programs per SM would exist (the 7×7 and 14×14 stages). Not tuned on a GPU yet.
+    On GPU: ``BLOCK_C`` = 32 channels, ``BLOCK_P`` = 64 pixels, halved (down to 16) while fewer than 264 programs
+    (2 per SM of an H100) would exist (the 7×7 and 14×14 stages); 4 warps. No register spills for sm_90 (compile
+    check in tests/test_triton_mscam.py); not tuned or timed on a GPU yet.
     Under the interpreter: 16 pixels × 4 channels, 2-row blocks, so tiny odd test shapes see several tiles with a
     ragged last tile, several channel blocks and several row blocks."""
     block_r = next_pow2(max(r, 1))
