@@ -15,7 +15,9 @@ from .library import OpSet, define_op_set
 
 MSDC_MAX_BRANCHES = 3
 MAX_KERNEL_SIZE = {"multi_scale_dwconv": 7, "upsample_dwconv": 5, "grouped_attention_gate": 7,
-                   "layernorm_dilated_dwconv": 7, "dilated_dwconv_groupnorm": 7}
+                   "layernorm_dilated_dwconv": 7, "dilated_dwconv_groupnorm": 7,
+                   # the SAB window's k columns are unrolled at compile time in three kernels; EMCAD uses k = 7
+                   "mscam": 11}
 MULTI_DILATION_OPS = ("layernorm_dilated_dwconv", "dilated_dwconv_groupnorm")
 MAX_DILATION_GROUPS = 4
 UPSAMPLE_MODES = ("nearest", "bilinear")

@@ -1,5 +1,5 @@
 """Triton backend of the fused ops: one module per op (``msdc``, ``updw``, ``lgag``, and the EGE-UNet / MALUNet
-multi-dilation ops ``lndw`` and ``dwgn``), shared helpers in
+multi-dilation ops ``lndw`` and ``dwgn``, and ``mscam``, EMCAD's CAB · SAB attention), shared helpers in
 ``_utils`` (interpreter detection, autotuning policy, activations) and ``_reduce`` (deterministic reductions of
 per-program partials: BatchNorm statistics, weight and parameter gradients).
 
@@ -14,7 +14,7 @@ imported); ``INTERPRET`` says whether they were decorated for it.
 from __future__ import annotations
 
 from ..library import Kernels
-from . import dwgn, lgag, lndw, msdc, updw
+from . import dwgn, lgag, lndw, msdc, mscam, updw
 from ._utils import ACTIVATION_CODES, INTERPRET, SUPPORTED_DTYPES
 
 
@@ -24,9 +24,10 @@ KERNELS = Kernels(
     lgag_forward=lgag.lgag_forward, lgag_backward=lgag.lgag_backward,
     lndw_forward=lndw.lndw_forward, lndw_backward=lndw.lndw_backward,
     dwgn_forward=dwgn.dwgn_forward, dwgn_backward=dwgn.dwgn_backward,
+    mscam_forward=mscam.mscam_forward, mscam_backward=mscam.mscam_backward,
 )
 
 IMPLEMENTED_OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
-                   "dilated_dwconv_groupnorm")
+                   "dilated_dwconv_groupnorm", "mscam")
 
 __all__ = ["ACTIVATION_CODES", "IMPLEMENTED_OPS", "INTERPRET", "KERNELS", "SUPPORTED_DTYPES"]
