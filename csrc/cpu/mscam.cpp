@@ -194,34 +194,44 @@ struct Cab {
 Cab cab_mlp(const Setup& s, const Pooled& p) {
   const int64_t N = s.N, C = s.C, R = s.R;
   Cab o{at::empty({N, R}, at::kDouble), at::empty({N, R}, at::kDouble), {}, at::empty({N, C}, at::kDouble)};
-  const double* w1 = s.w1.data_ptr<double>();
-  const double* w2 = s.w2.data_ptr<double>();
+  const at::Tensor w1t_t = s.w1.t().contiguous(), w2t_t = s.w2.t().contiguous();
+  const double* w1t = w1t_t.data_ptr<double>();
+  const double* w2t = w2t_t.data_ptr<double>();
   const double* avg = p.avg.data_ptr<double>();
   const double* mx = p.mx.data_ptr<double>();
   double* ha = o.h_avg.data_ptr<double>();
   double* hm = o.h_max.data_ptr<double>();
   double* ca = o.ca_d.data_ptr<double>();
-  std::vector<double> ra((size_t)R), rm((size_t)R);
+  // loops ordered so that the inner loop runs over a contiguous output vector (no reductions to reassociate:
+  // vectorised, and every sum in a fixed order)
+  std::vector<double> ra((size_t)R), rm((size_t)R), za((size_t)C), zm((size_t)C);
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t r = 0; r < R; ++r) {
-      double sa = 0, sm = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        sa += w1[r * C + c] * avg[n * C + c];
-        sm += w1[r * C + c] * mx[n * C + c];
-      }
-      ha[n * R + r] = sa;
-      hm[n * R + r] = sm;
-      ra[r] = act_f(s.act, sa);
-      rm[r] = act_f(s.act, sm);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      double za = 0, zm = 0;
+    double* hav = ha + n * R;
+    double* hmv = hm + n * R;
+    for (int64_t r = 0; r < R; ++r) hav[r] = hmv[r] = 0;
+    for (int64_t c = 0; c < C; ++c) {  // h = fc1 @ v, with w1t = fc1^T [C][R]
+      const double va = avg[n * C + c], vm = mx[n * C + c];
+      const double* wr = w1t + c * R;
       for (int64_t r = 0; r < R; ++r) {
-        za += w2[c * R + r] * ra[r];
-        zm += w2[c * R + r] * rm[r];
+        hav[r] += wr[r] * va;
+        hmv[r] += wr[r] * vm;
       }
-      ca[n * C + c] = 1.0 / (1.0 + std::exp(-(za + zm)));
     }
+    for (int64_t r = 0; r < R; ++r) {
+      ra[r] = act_f(s.act, hav[r]);
+      rm[r] = act_f(s.act, hmv[r]);
+    }
+    std::fill(za.begin(), za.end(), 0.0);
+    std::fill(zm.begin(), zm.end(), 0.0);
+    for (int64_t r = 0; r < R; ++r) {  // z = fc2 @ act(h), with w2t = fc2^T [R][C]
+      const double* wr = w2t + r * C;
+      const double a = ra[r], m = rm[r];
+      for (int64_t c = 0; c < C; ++c) {
+        za[c] += wr[c] * a;
+        zm[c] += wr[c] * m;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) ca[n * C + c] = 1.0 / (1.0 + std::exp(-(za[c] + zm[c])));
   }
   o.ca = o.ca_d.to(s.acc);
   o.ca_d = o.ca.to(at::kDouble);  // the rounded values the kernels use
@@ -302,7 +312,7 @@ std::vector<at::Tensor> mscam_bwd(const at::Tensor& grad, const at::Tensor& x, c
     double* ga = gavg.data_ptr<double>();
     double* gm = gmax.data_ptr<double>();
     const double hw = (double)(H * W);
-    std::vector<double> gz((size_t)C), gr((size_t)R), gha((size_t)R), ghm((size_t)R);
+    std::vector<double> gz((size_t)C), gr((size_t)R), gha((size_t)R), ghm((size_t)R), rsum((size_t)R);
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t c = 0; c < C; ++c) {
         double t = 0;
@@ -310,26 +320,40 @@ std::vector<at::Tensor> mscam_bwd(const at::Tensor& grad, const at::Tensor& x, c
         const double cv = ca[n * C + c];
         gz[c] = t * cv * (1.0 - cv);
       }
+      // inner loops over contiguous outputs (vectorised, fixed order), as in cab_mlp
+      std::fill(gr.begin(), gr.end(), 0.0);
+      for (int64_t c = 0; c < C; ++c) {  // g_r = fc2^T g_z
+        const double* wr = w2 + c * R;
+        const double gc = gz[c];
+        for (int64_t r = 0; r < R; ++r) gr[r] += wr[r] * gc;
+      }
       for (int64_t r = 0; r < R; ++r) {
-        double t = 0;
-        for (int64_t c = 0; c < C; ++c) t += w2[c * R + r] * gz[c];
-        gr[r] = t;
         const double a_avg = ha[n * R + r], a_max = hm[n * R + r];
-        gha[r] = act_b(s.act, a_avg, t);
-        ghm[r] = act_b(s.act, a_max, t);
-        const double rsum = act_f(s.act, a_avg) + act_f(s.act, a_max);
-        for (int64_t c = 0; c < C; ++c) g2[c * R + r] += gz[c] * rsum;
+        gha[r] = act_b(s.act, a_avg, gr[r]);
+        ghm[r] = act_b(s.act, a_max, gr[r]);
+        rsum[r] = act_f(s.act, a_avg) + act_f(s.act, a_max);
       }
-      for (int64_t c = 0; c < C; ++c) {
-        double ta = 0, tm = 0;
-        for (int64_t r = 0; r < R; ++r) {
-          ta += w1[r * C + c] * gha[r];
-          tm += w1[r * C + c] * ghm[r];
-          g1[r * C + c] += gha[r] * avg[n * C + c] + ghm[r] * mx[n * C + c];
+      for (int64_t c = 0; c < C; ++c) {  // grad fc2 += g_z (r_avg + r_max)^T
+        double* g2r = g2 + c * R;
+        const double gc = gz[c];
+        for (int64_t r = 0; r < R; ++r) g2r[r] += gc * rsum[r];
+      }
+      double* gav = ga + n * C;
+      double* gmv = gm + n * C;
+      for (int64_t c = 0; c < C; ++c) gav[c] = gmv[c] = 0;
+      const double* av = avg + n * C;
+      const double* mv = mx + n * C;
+      for (int64_t r = 0; r < R; ++r) {  // g_avg / g_max = fc1^T g_h; grad fc1 += g_h v^T
+        const double* wr = w1 + r * C;
+        double* g1r = g1 + r * C;
+        const double a = gha[r], m = ghm[r];
+        for (int64_t c = 0; c < C; ++c) {
+          gav[c] += wr[c] * a;
+          gmv[c] += wr[c] * m;
+          g1r[c] += a * av[c] + m * mv[c];
         }
-        ga[n * C + c] = ta / hw;
-        gm[n * C + c] = tm;
       }
+      for (int64_t c = 0; c < C; ++c) gav[c] /= hw;
     }
   }
   at::Tensor gavg_a = gavg.to(s.acc), gmax_a = gmax.to(s.acc);

@@ -36,57 +36,62 @@ inline A sigmoid_a(A q) {
   return A(1) / (A(1) + std::exp(-q));
 }
 
-// (value, index) of lanes that each scanned ascending indices with "v > m || isnan(v)" (last NaN per lane),
-// merged: a NaN with the largest index, else the maximum with the smallest index
-template <typename A, int L>
-inline void combine_pool_lanes(const A* lm, const int64_t* li, A& m, int64_t& id) {
-  m = -std::numeric_limits<A>::infinity();
-  id = kNoIdx;
-  bool nan = false;
-  for (int l = 0; l < L; ++l) {
-    if (li[l] == kNoIdx) continue;
-    if (is_nan(lm[l])) {
-      if (!nan || li[l] > id) {
-        nan = true;
-        m = lm[l];
-        id = li[l];
-      }
-    } else if (!nan && (lm[l] > m || (lm[l] == m && li[l] < id))) {
-      m = lm[l];
-      id = li[l];
-    }
-  }
-}
 
-// (value, index) of lanes that each scanned ascending channels with "v > m || (isnan(v) && !isnan(m))" (first
-// NaN per lane), merged: a NaN with the smallest index, else the maximum with the smallest index
-template <typename A, int L>
-inline void combine_chan_lanes(const A* lm, const int64_t* li, A& m, int64_t& id) {
-  m = -std::numeric_limits<A>::infinity();
-  id = kNoIdx;
-  bool nan = false;
-  for (int l = 0; l < L; ++l) {
-    if (li[l] == kNoIdx) continue;
-    if (is_nan(lm[l])) {
-      if (!nan || li[l] < id) {
-        nan = true;
-        m = lm[l];
-        id = li[l];
-      }
-    } else if (!nan && (lm[l] > m || (lm[l] == m && li[l] < id))) {
-      m = lm[l];
-      id = li[l];
-    }
-  }
-}
-
-// later candidate (mb, ib) after (m, id) in scan order, with the pool rule
+// NaN-propagating maximum (a NaN, once seen, stays)
 template <typename A>
-EMCAD_INLINE void merge_pool(A mb, int64_t ib, A& m, int64_t& id) {
-  if (ib == kNoIdx) return;
-  if (mb > m || is_nan(mb) || id == kNoIdx) {
-    m = mb;
-    id = ib;
+EMCAD_INLINE A max_nan(A m, A v) {
+  return ((v > m) | is_nan(v)) ? v : m;
+}
+
+// the maximum as one vector instruction (maxps: v > m ? v : m, NaN-blind). The fast paths use it and detect NaN
+// inputs by their sum (NaN iff the sum is NaN, or +inf and -inf met), then redo the rare such case exactly.
+template <typename A>
+EMCAD_INLINE A max_fast(A m, A v) {
+  return v > m ? v : m;
+}
+
+// fixed-order tree reductions of L lanes (vectorisable: each level is one vector operation)
+template <typename A, int L>
+EMCAD_INLINE A tree_sum(A* acc) {
+  for (int w = L / 2; w > 0; w >>= 1)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+template <typename A, int L>
+EMCAD_INLINE A tree_max(A* lm) {
+  for (int w = L / 2; w > 0; w >>= 1)
+    for (int l = 0; l < w; ++l) lm[l] = max_fast(lm[l], lm[l + w]);
+  return lm[0];
+}
+
+// sum (in A per lane, then a fixed tree) and NaN-propagating maximum of a contiguous span. Kept out of line:
+// inlined into the item loop, GCC 12 leaves the lane loop scalar.
+template <typename S, typename A>
+__attribute__((noinline)) void span_stats(const S* span, int64_t len, double& sum, A& max) {
+  constexpr int L = mlanes<A>();
+  A acc[L], lm[L];
+  for (int l = 0; l < L; ++l) {
+    acc[l] = 0;
+    lm[l] = -std::numeric_limits<A>::infinity();
+  }
+  int64_t i = 0;
+  for (; i + L <= len; i += L)
+    for (int l = 0; l < L; ++l) {
+      const A v = load_val(span + i + l);
+      acc[l] += v;
+      lm[l] = max_fast(lm[l], v);
+    }
+  for (int l = 0; i + l < len; ++l) {
+    const A v = load_val(span + i + l);
+    acc[l] += v;
+    lm[l] = max_fast(lm[l], v);
+  }
+  sum = (double)tree_sum<A, L>(acc);
+  max = tree_max<A, L>(lm);
+  if (is_nan(sum)) {  // NaN inputs possible: the NaN-propagating maximum
+    A m = -std::numeric_limits<A>::infinity();
+    for (int64_t j = 0; j < len; ++j) m = max_nan(m, load_val(span + j));
+    max = m;
   }
 }
 
@@ -95,10 +100,9 @@ EMCAD_INLINE void merge_pool(A mb, int64_t ib, A& m, int64_t& id) {
 // ------------------------------------------------------------------------------------------------------
 template <typename S, typename A, bool IDX>
 void pool_items(const MscamArgs& a, int64_t b, int64_t e) {
-  constexpr int L = mlanes<A>();
   const int64_t C = a.C, H = a.H, W = a.W;
   const S* x = static_cast<const S*>(a.x);
-  std::vector<A> rs(a.cl ? C : 0);
+  std::vector<A> rs(a.cl ? C : 0), cmax;
   for (int64_t it = b; it < e; ++it) {
     const int64_t n = it / a.nbands, y0 = (it % a.nbands) * a.band, y1 = std::min(H, y0 + a.band);
     double* ps = a.psum + it * C;
@@ -119,7 +123,7 @@ void pool_items(const MscamArgs& a, int64_t b, int64_t e) {
           for (int64_t c = 0; c < C; ++c) {
             const A v = load_val(px + c);
             r[c] += v;
-            const bool up = v > pm[c] || is_nan(v);
+            const bool up = (v > pm[c]) | is_nan(v);
             pm[c] = up ? v : pm[c];
             if (IDX) pi[c] = up ? p : pi[c];
           }
@@ -127,47 +131,48 @@ void pool_items(const MscamArgs& a, int64_t b, int64_t e) {
         for (int64_t c = 0; c < C; ++c) ps[c] += (double)r[c];
       }
     } else {
+      // NCHW: item (n, b) takes channel chunk b over the whole plane (long contiguous streams) and leaves the
+      // other channels' slots neutral (sum 0, no maximum), so the binding's band merge applies unchanged. With
+      // IDX a rescan finds the index the reference picks: the first maximum, or the last NaN.
+      const int64_t cb = (C + a.nbands - 1) / a.nbands, c0 = std::min(C, (it % a.nbands) * cb),
+                    c1 = std::min(C, c0 + cb), len = H * W;
+      constexpr int64_t kChunk = 256;
+      cmax.resize((size_t)((len + kChunk - 1) / kChunk));
       for (int64_t c = 0; c < C; ++c) {
-        const S* pc = x + (n * C + c) * H * W;
+        ps[c] = 0;
+        pm[c] = -std::numeric_limits<A>::infinity();
+        pi[c] = kNoIdx;
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        const S* span = x + (n * C + c) * H * W;
         double s = 0;
         A m = -std::numeric_limits<A>::infinity();
+        for (int64_t i = 0, q = 0; i < len; i += kChunk, ++q) {  // lanes in A over <= kChunk elements, then double
+          double cs;
+          A cm;
+          span_stats<S, A>(span + i, std::min<int64_t>(kChunk, len - i), cs, cm);
+          s += cs;
+          m = max_nan(m, cm);
+          cmax[q] = cm;
+        }
         int64_t id = kNoIdx;
-        for (int64_t y = y0; y < y1; ++y) {
-          const S* row = pc + y * W;
-          A acc[L], lm[L];
-          int64_t li[L];
-          for (int l = 0; l < L; ++l) {
-            acc[l] = 0;
-            lm[l] = -std::numeric_limits<A>::infinity();
-            li[l] = kNoIdx;
-          }
-          int64_t xw = 0;
-          for (; xw + L <= W; xw += L) {
-            for (int l = 0; l < L; ++l) {
-              const A v = load_val(row + xw + l);
-              acc[l] += v;
-              const bool up = v > lm[l] || is_nan(v);
-              lm[l] = up ? v : lm[l];
-              if (IDX) li[l] = up ? y * W + xw + l : li[l];
-            }
-          }
-          for (int l = 0; xw + l < W; ++l) {
-            const A v = load_val(row + xw + l);
-            acc[l] += v;
-            const bool up = v > lm[l] || is_nan(v);
-            lm[l] = up ? v : lm[l];
-            li[l] = up ? y * W + xw + l : li[l];
-          }
-          A rsum = 0;
-          for (int l = 0; l < L; ++l) rsum += acc[l];
-          s += (double)rsum;
-          A rm;
-          int64_t ri;
-          if (IDX) {
-            combine_pool_lanes<A, L>(lm, li, rm, ri);
-            merge_pool(rm, ri, m, id);
-          } else {
-            for (int l = 0; l < L; ++l) m = (lm[l] > m || is_nan(lm[l])) ? lm[l] : m;
+        if (IDX) {
+          if (is_nan(m)) {
+            for (int64_t j = len - 1; j >= 0; --j)
+              if (is_nan(load_val(span + j))) {
+                id = j;
+                break;
+              }
+          } else if (m > -std::numeric_limits<A>::infinity()) {
+            // the first chunk holding the maximum, then the first element equal to it there
+            int64_t q = 0;
+            while (!(cmax[q] == m)) ++q;
+            const int64_t end = std::min(len, (q + 1) * kChunk);
+            for (int64_t j = q * kChunk; j < end; ++j)
+              if (load_val(span + j) == m) {
+                id = j;
+                break;
+              }
           }
         }
         ps[c] = s;
@@ -178,12 +183,107 @@ void pool_items(const MscamArgs& a, int64_t b, int64_t e) {
   }
 }
 
+// 64-byte GCC vectors of the accumulation type (lane count L = mlanes<A>()) and their comparison masks
+template <typename A>
+struct VT;
+template <>
+struct VT<float> {
+  typedef float v __attribute__((vector_size(64)));
+  typedef int32_t i __attribute__((vector_size(64)));
+};
+template <>
+struct VT<double> {
+  typedef double v __attribute__((vector_size(64)));
+  typedef int64_t i __attribute__((vector_size(64)));
+};
+
+// (out-parameters: returning a 64-byte vector by value changes the ABI between the ISA builds)
+EMCAD_INLINE void vload(VT<float>::v& r, const float* p) { std::memcpy(&r, p, sizeof(r)); }
+EMCAD_INLINE void vload(VT<double>::v& r, const double* p) { std::memcpy(&r, p, sizeof(r)); }
+EMCAD_INLINE void vload(VT<float>::v& r, const bf16* p) {
+  typedef uint16_t h16 __attribute__((vector_size(32)));
+  h16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const VT<float>::i w = __builtin_convertvector(h, VT<float>::i) << 16;
+  std::memcpy(&r, &w, sizeof(r));
+}
+
+// channels_last pixel: sum_c and max_c of x * ca (lanes over channels, fixed-order trees), and with IDX the
+// channel torch.max(dim=1) picks: each lane keeps the first channel of its maximum, then the smallest such
+// channel among the lanes holding the maximum. NaN inputs (seen as a NaN sum) take an exact scalar scan: the
+// NaN-propagating maximum and the first NaN.
+template <typename S, typename A, bool IDX>
+inline void map_pixel_cl(const S* px, const A* ca, int64_t C, A& sum, A& max, int32_t& ix) {
+  constexpr int L = mlanes<A>();
+  typedef typename VT<A>::v V;
+  typedef typename VT<A>::i I;
+  V acc = V{} + A(0), lm = V{} - std::numeric_limits<A>::infinity();
+  I li, cur;
+  typedef typename std::remove_reference<decltype(li[0])>::type E;
+  for (int l = 0; l < L; ++l) {
+    li[l] = l;
+    cur[l] = l;
+  }
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {
+    V xv, cv;
+    vload(xv, px + c);
+    vload(cv, ca + c);
+    const V v = xv * cv;
+    acc += v;
+    const I up = v > lm;
+    if (IDX) li = up ? cur : li;
+    lm = up ? v : lm;
+    cur += L;
+  }
+  A ta[L], tm[L];
+  std::memcpy(ta, &acc, sizeof(ta));
+  std::memcpy(tm, &lm, sizeof(tm));
+  E ti[L];
+  std::memcpy(ti, &li, sizeof(ti));
+  for (int l = 0; c + l < C; ++l) {
+    const A v = load_val(px + c + l) * ca[c + l];
+    ta[l] += v;
+    if (v > tm[l]) {
+      tm[l] = v;
+      ti[l] = c + l;
+    }
+  }
+  A lt[L];
+  for (int l = 0; l < L; ++l) lt[l] = tm[l];
+  sum = tree_sum<A, L>(ta);
+  max = tree_max<A, L>(lt);
+  ix = 0;
+  if (is_nan(sum)) {
+    A m = -std::numeric_limits<A>::infinity();
+    bool found = false;
+    for (int64_t j = 0; j < C; ++j) {
+      const A v = load_val(px + j) * ca[j];
+      if (!found && is_nan(v)) {
+        found = true;
+        ix = (int32_t)j;
+      }
+      if (!found && v > m) ix = (int32_t)j;
+      m = max_nan(m, v);
+    }
+    max = m;
+  } else if (IDX) {
+    std::memcpy(&lm, tm, sizeof(tm));
+    std::memcpy(&li, ti, sizeof(ti));
+    const I big = I{} + (E)(C + L);
+    const I cand = (lm == (V{} + max)) ? li : big;
+    std::memcpy(ti, &cand, sizeof(ti));
+    for (int w = L / 2; w > 0; w >>= 1)
+      for (int l = 0; l < w; ++l) ti[l] = ti[l + w] < ti[l] ? ti[l + w] : ti[l];
+    ix = ti[0] < C ? (int32_t)ti[0] : 0;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------------
 // pass 2: the SAB input map [mean_c, max_c] of d1 = x * ca (zero-padded by k/2), and the channel arg-max
 // ------------------------------------------------------------------------------------------------------
 template <typename S, typename A, bool IDX>
 void map_items(const MscamArgs& a, int64_t b, int64_t e) {
-  constexpr int L = mlanes<A>();
   const int64_t C = a.C, H = a.H, W = a.W, p = a.k / 2, Hp = H + 2 * p, Wp = W + 2 * p;
   const S* x = static_cast<const S*>(a.x);
   std::vector<A> sum(W), mx(W);
@@ -197,47 +297,12 @@ void map_items(const MscamArgs& a, int64_t b, int64_t e) {
     for (int64_t y = y0; y < y1; ++y) {
       if (a.cl) {
         for (int64_t xw = 0; xw < W; ++xw) {
-          const S* px = x + ((n * H + y) * W + xw) * C;
-          A acc[L], lm[L];
-          int64_t li[L];
-          for (int l = 0; l < L; ++l) {
-            acc[l] = 0;
-            lm[l] = -std::numeric_limits<A>::infinity();
-            li[l] = kNoIdx;
-          }
-          int64_t c = 0;
-          for (; c + L <= C; c += L) {
-            for (int l = 0; l < L; ++l) {
-              const A v = load_val(px + c + l) * ca[c + l];
-              acc[l] += v;
-              if (IDX) {
-                const bool up = v > lm[l] || (is_nan(v) && !is_nan(lm[l]));
-                lm[l] = up ? v : lm[l];
-                li[l] = up ? c + l : li[l];
-              } else {
-                lm[l] = (v > lm[l] || is_nan(v)) ? v : lm[l];
-              }
-            }
-          }
-          for (int l = 0; c + l < C; ++l) {
-            const A v = load_val(px + c + l) * ca[c + l];
-            acc[l] += v;
-            const bool up = v > lm[l] || (is_nan(v) && !is_nan(lm[l]));
-            lm[l] = up ? v : lm[l];
-            li[l] = up ? c + l : li[l];
-          }
-          A s = 0;
-          for (int l = 0; l < L; ++l) s += acc[l];
-          A m = -std::numeric_limits<A>::infinity();
-          int64_t ix = kNoIdx;
-          if (IDX) {
-            combine_chan_lanes<A, L>(lm, li, m, ix);
-          } else {
-            for (int l = 0; l < L; ++l) m = (lm[l] > m || is_nan(lm[l])) ? lm[l] : m;
-          }
+          A s, m;
+          int32_t ix;
+          map_pixel_cl<S, A, IDX>(x + ((n * H + y) * W + xw) * C, ca, C, s, m, ix);
           m0[y * Wp + xw] = s / A(C);
           m1[y * Wp + xw] = m;
-          if (IDX) am[y * W + xw] = ix == kNoIdx ? 0 : (int32_t)ix;
+          if (IDX) am[y * W + xw] = ix;
         }
       } else {
         A* su = sum.data();
@@ -255,11 +320,11 @@ void map_items(const MscamArgs& a, int64_t b, int64_t e) {
             const A v = load_val(row + xw) * cc;
             su[xw] += v;
             if (IDX) {
-              const bool up = v > mm[xw] || (is_nan(v) && !is_nan(mm[xw]));
+              const bool up = (v > mm[xw]) | (is_nan(v) & !is_nan(mm[xw]));
               mm[xw] = up ? v : mm[xw];
               ii[xw] = up ? c : ii[xw];
             } else {
-              mm[xw] = (v > mm[xw] || is_nan(v)) ? v : mm[xw];
+              mm[xw] = max_nan(mm[xw], v);
             }
           }
         }
