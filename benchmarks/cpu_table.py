@@ -14,7 +14,8 @@ the fused decoder ("cpu" rows) is the default ``backend="auto"``: the cpu kernel
 measured copy bandwidth that the eval-mode MSDC kernel reaches.
 
 Section ``mscam`` (issue 8): the MSCAM attention (CAB then SAB) of the four decoder stages: plain CAB + SAB modules
-(NCHW, channels_last), the reference backend's ``mscam`` op and the cpu kernel, forward and forward + backward.
+(NCHW, channels_last), the reference backend's ``mscam`` op and the cpu kernel, forward and forward + backward; and
+the fused decoder with the ``mscam`` cpu kernel vs ``mscam`` on the reference backend (inference, training step).
 
 Section ``fusion`` (issue 8): decoder inference before / after eval-mode pointwise folding and the ``mscam`` op
 in one run, EMCADNet's heads (all four vs ``heads="last"``), and operator / compute-launch counts per decoder
@@ -274,6 +275,27 @@ def mscam_providers(shape, mode: str) -> dict[str, Callable[[], None]]:
     return {"eager nchw": run(plain, x_nchw), "eager cl": run(plain, x_cl),
             "reference (nchw)": run(op("reference"), x_nchw), "reference (cl)": run(op("reference"), x_cl),
             "cpu (nchw)": run(op("cpu"), x_nchw), "cpu (cl)": run(op("cpu"), x_cl)}
+
+
+def mscam_decoder_providers(res, mode):
+    """The fused decoder (``backend="auto"``, NCHW and channels_last) with the cpu backend's ``mscam`` kernel and
+    with ``mscam`` on the reference backend (the state before the kernel existed: ``mscam`` taken out of the cpu
+    backend's IMPLEMENTED list during the call), in one run."""
+    from emcad_kernels import _cpu_backend
+    impl = _cpu_backend.IMPLEMENTED
+    without = tuple(o for o in impl if o != "mscam")
+
+    def on_reference(fn):
+        def call():
+            _cpu_backend.IMPLEMENTED = without
+            try:
+                fn()
+            finally:
+                _cpu_backend.IMPLEMENTED = impl
+        return call
+    new, old = decoder_providers(res, mode), decoder_providers(res, mode)
+    return {"nchw, mscam reference": on_reference(old["cpu (nchw)"]), "nchw, mscam cpu": new["cpu (nchw)"],
+            "cl, mscam reference": on_reference(old["cpu (cl)"]), "cl, mscam cpu": new["cpu (cl)"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,6 +615,19 @@ def main(argv=None):
                     summary.setdefault(("mscam", mode), []).append(ratio)
                     print(row, flush=True)
             lines.append("")
+        lines += ["### Fused decoder with the `mscam` cpu kernel vs `mscam` on the reference backend (fp32, ms)", "",
+                  "| input, mode | nchw, mscam reference | nchw, mscam cpu | cl, mscam reference | cl, mscam cpu | "
+                  "best before / best after |", "|---|---|---|---|---|---|"]
+        for res in resolutions:
+            for mode in ("eval", "train"):
+                t = measure(mscam_decoder_providers(res, mode), rounds, max(1, reps - 1))
+                before = min(t["nchw, mscam reference"], t["cl, mscam reference"])
+                after = min(t["nchw, mscam cpu"], t["cl, mscam cpu"])
+                what = "inference" if mode == "eval" else "training step"
+                lines.append(f"| {res}px, batch {RESOLUTIONS[res]}, {what} | " + " | ".join(f"{v:.2f}" for v in t.values())
+                             + f" | **{before / after:.2f}×** |")
+                print(lines[-1], flush=True)
+        lines.append("")
     if "decoder" in sections:
         for mode in ("eval", "train"):
             title = {"eval": "inference (no_grad, eval mode)",
