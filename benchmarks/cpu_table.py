@@ -9,9 +9,13 @@ run) in eager NCHW, eager channels_last and ``torch.compile`` (inductor, default
 The fused provider is the public functional call with ``backend="cpu"`` (Python checks and dispatch included).
 Modes: forward in eval mode, and forward + backward in training mode (batch-statistics BN, running-stat
 updates). Whole decoder: inference, and a training step (forward, backward, SGD step), fused vs ``"torch"``;
-the fused decoder ("cpu" rows) is the default ``backend="auto"``: the cpu kernels for MSDC / EUCB / LGAG and the
-reference backend's ``mscam`` op (no cpu kernel for it yet). Also: saved-activation bytes of a decoder training step (``saved_tensors_hooks``) and the fraction of the
+the fused decoder ("cpu" rows) is the default ``backend="auto"``: the cpu kernels for MSDC / EUCB / LGAG and
+``mscam`` (csrc/cpu/mscam.cpp). Also: saved-activation bytes of a decoder training step (``saved_tensors_hooks``) and the fraction of the
 measured copy bandwidth that the eval-mode MSDC kernel reaches.
+
+Section ``mscam`` (issue 8): the MSCAM attention (CAB then SAB) of the four decoder stages: plain CAB + SAB modules
+(NCHW, channels_last), the reference backend's ``mscam`` op and the cpu kernel, forward and forward + backward; and
+the fused decoder with the ``mscam`` cpu kernel vs ``mscam`` on the reference backend (inference, training step).
 
 Section ``fusion`` (issue 8): decoder inference before / after eval-mode pointwise folding and the ``mscam`` op
 in one run, EMCADNet's heads (all four vs ``heads="last"``), and operator / compute-launch counts per decoder
@@ -152,7 +156,7 @@ class PlainLGAG(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------------
-SECTIONS = ("msdc", "eucb", "lgag", "decoder", "memory", "bandwidth", "bnact", "isa", "fusion")
+SECTIONS = ("msdc", "eucb", "lgag", "mscam", "decoder", "memory", "bandwidth", "bnact", "isa", "fusion")
 
 
 def measure(providers: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict[str, float]:
@@ -216,6 +220,82 @@ def op_providers(kind: str, shape, mode: str, with_compile: bool = True,
     providers["cpu (nchw)"] = run(fused_mod.fused, x_nchw)
     providers["cpu (cl)"] = run(fused_mod.fused, x_cl)
     return {k: v for k, v in providers.items() if k in want}
+
+
+def mscam_shapes(res):
+    """MSCAM attention inputs of the four decoder stages: (N, C, H, W), deep -> shallow."""
+    n = RESOLUTIONS[res]
+    return [(n, c, res // s, res // s) for c, s in zip(B2_CHANNELS, (32, 16, 8, 4))]
+
+
+MSCAM_PROVIDERS = ("eager nchw", "eager cl", "reference (nchw)", "reference (cl)", "cpu (nchw)", "cpu (cl)")
+
+
+def mscam_providers(shape, mode: str) -> dict[str, Callable[[], None]]:
+    """One row of the ``mscam`` section: the plain CAB + SAB modules (``d = cab(x) * x; sab(d) * d``, what
+    ``backend="torch"`` runs) in NCHW and channels_last, the reference backend's ``mscam`` op and the cpu
+    kernel (the public ``ek.mscam`` call). ``eval``: forward under no_grad; ``train``: forward + backward (the
+    gradients of x and of the three weights)."""
+    from emcad.models import CAB, SAB
+    torch.manual_seed(0)
+    c = shape[1]
+    cab, sab = CAB(c), SAB(7)
+    with torch.no_grad():  # non-trivial gates (the default init makes every gate ~0.5)
+        for p in (*cab.parameters(), *sab.parameters()):
+            p.copy_(torch.randn(p.shape) * (1.5 / p[0].numel() ** 0.5))
+    for m in (cab, sab):
+        m.set_backend("torch")
+    training = mode == "train"
+    x_nchw = torch.randn(shape)
+    x_cl = x_nchw.contiguous(memory_format=torch.channels_last)
+    grad = {False: torch.randn(shape), True: torch.randn(shape).contiguous(memory_format=torch.channels_last)}
+
+    def plain(x):
+        d = cab(x) * x
+        return sab(d) * d
+
+    def op(backend):
+        return lambda x: ek.mscam(x, cab.fc1.weight, cab.fc2.weight, sab.conv.weight, activation="relu",
+                                  backend=backend)
+
+    def run(fn, x):
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if training:
+            xr = x.detach().requires_grad_(True)
+
+            def step():
+                fn(xr).backward(grad[cl])
+            return step
+
+        def fwd():
+            with torch.no_grad():
+                fn(x)
+        return fwd
+
+    return {"eager nchw": run(plain, x_nchw), "eager cl": run(plain, x_cl),
+            "reference (nchw)": run(op("reference"), x_nchw), "reference (cl)": run(op("reference"), x_cl),
+            "cpu (nchw)": run(op("cpu"), x_nchw), "cpu (cl)": run(op("cpu"), x_cl)}
+
+
+def mscam_decoder_providers(res, mode):
+    """The fused decoder (``backend="auto"``, NCHW and channels_last) with the cpu backend's ``mscam`` kernel and
+    with ``mscam`` on the reference backend (the state before the kernel existed: ``mscam`` taken out of the cpu
+    backend's IMPLEMENTED list during the call), in one run."""
+    from emcad_kernels import _cpu_backend
+    impl = _cpu_backend.IMPLEMENTED
+    without = tuple(o for o in impl if o != "mscam")
+
+    def on_reference(fn):
+        def call():
+            _cpu_backend.IMPLEMENTED = without
+            try:
+                fn()
+            finally:
+                _cpu_backend.IMPLEMENTED = impl
+        return call
+    new, old = decoder_providers(res, mode), decoder_providers(res, mode)
+    return {"nchw, mscam reference": on_reference(old["cpu (nchw)"]), "nchw, mscam cpu": new["cpu (nchw)"],
+            "cl, mscam reference": on_reference(old["cpu (cl)"]), "cl, mscam cpu": new["cpu (cl)"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,7 +397,7 @@ def folding_providers(res):
     """Decoder inference: torch baselines, and the fused cpu backend before issue 8 ("unfolded":
     ``FOLD_EVAL_POINTWISE = False`` and plain CAB / SAB) and after it ("folded": folded pointwise convs, the
     ``mscam`` op), NCHW and channels_last, in one run. "folded" runs ``backend="auto"``: the cpu kernels for
-    MSDC / EUCB / LGAG and the reference backend for ``mscam``, which the cpu backend does not implement."""
+    MSDC / EUCB / LGAG and ``mscam``."""
     from emcad.models import blocks
 
     def with_fold(fold, fn):
@@ -572,6 +652,38 @@ def main(argv=None):
                     summary.setdefault((kind, mode), []).append(ratio)
                     print(row, flush=True)
             lines.append("")
+    if "mscam" in sections:
+        for mode in ("eval", "train"):
+            title = {"eval": "forward (no_grad)", "train": "forward + backward (grads of x and the 3 weights)"}[mode]
+            lines += [f"### MSCAM attention (CAB then SAB, `x · ca · sa`) {title} (fp32, ms; lower is better)", "",
+                      "Baselines: the plain CAB + SAB modules and the reference backend's `mscam` op.", ""]
+            header = None
+            for res in resolutions:
+                for shape in mscam_shapes(res):
+                    times = measure(mscam_providers(shape, mode), rounds, reps)
+                    if header is None:
+                        header = list(times)
+                        lines += ["| shape (N, C, H, W) | " + " | ".join(header) +
+                                  " | best baseline | best fused | speed-up |",
+                                  "|" + "---|" * (len(header) + 4)]
+                    row, ratio = fmt_row(f"{res}: {tuple(shape)}", times, None)
+                    lines.append(row)
+                    summary.setdefault(("mscam", mode), []).append(ratio)
+                    print(row, flush=True)
+            lines.append("")
+        lines += ["### Fused decoder with the `mscam` cpu kernel vs `mscam` on the reference backend (fp32, ms)", "",
+                  "| input, mode | nchw, mscam reference | nchw, mscam cpu | cl, mscam reference | cl, mscam cpu | "
+                  "best before / best after |", "|---|---|---|---|---|---|"]
+        for res in resolutions:
+            for mode in ("eval", "train"):
+                t = measure(mscam_decoder_providers(res, mode), rounds, max(1, reps - 1))
+                before = min(t["nchw, mscam reference"], t["cl, mscam reference"])
+                after = min(t["nchw, mscam cpu"], t["cl, mscam cpu"])
+                what = "inference" if mode == "eval" else "training step"
+                lines.append(f"| {res}px, batch {RESOLUTIONS[res]}, {what} | " + " | ".join(f"{v:.2f}" for v in t.values())
+                             + f" | **{before / after:.2f}×** |")
+                print(lines[-1], flush=True)
+        lines.append("")
     if "decoder" in sections:
         for mode in ("eval", "train"):
             title = {"eval": "inference (no_grad, eval mode)",

@@ -16,6 +16,8 @@ What the kernels support (``check`` refuses everything else with a reason; ``aut
   (EMCAD: 1 and 2) run fused, other groupings (e.g. groups=1) run the reference composition in this backend.
 * ``layernorm_dilated_dwconv`` / ``dilated_dwconv_groupnorm``: any number of channel groups, odd kernel sizes
   <= 9, any dilation (also beyond the image size).
+* ``mscam``: any channel count and reduction ratio, odd SAB kernel sizes <= 9 (csrc/cpu/mscam.cpp); channels_last
+  inputs run natively (vectors over channels), any other layout is read as NCHW (vectors over columns).
 Any memory layout and strides are read natively; outputs have the input's memory format.
 """
 
@@ -40,12 +42,16 @@ LGAG_MAX_OUT_PER_GROUP = 8
 LGAG_MAX_IN_PER_GROUP = 16
 # ops whose kernels are implemented and verified; others are refused with a reason
 IMPLEMENTED = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
-               "dilated_dwconv_groupnorm")
+               "dilated_dwconv_groupnorm", "mscam")
 # kernel ops of the multi-dilation ops: an extension built before they existed lacks them
 MULTIDILATION_KERNEL_OPS = {
     "layernorm_dilated_dwconv": ("lndw_fwd_cpu_kernel", "lndw_bwd_cpu_kernel"),
     "dilated_dwconv_groupnorm": ("dwgn_fwd_cpu_kernel", "dwgn_bwd_cpu_kernel"),
 }
+# kernel ops of mscam (issue 8): likewise missing from an older build
+MSCAM_KERNEL_OPS = {"mscam": ("mscam_fwd_cpu_kernel", "mscam_bwd_cpu_kernel")}
+# every op whose kernels an older extension may lack
+LATE_KERNEL_OPS = {**MULTIDILATION_KERNEL_OPS, **MSCAM_KERNEL_OPS}
 
 
 def _k():
@@ -127,8 +133,16 @@ def dwgn_backward(grad, x, weights, biases, gn_weight, gn_bias, dilations, eps):
     return gx, rest[:g], rest[g:], ggw, ggb
 
 
+def mscam_forward(x, fc1, fc2, sab_weight, activation):
+    return _k().mscam_fwd_cpu_kernel(x, fc1, fc2, sab_weight, activation)
+
+
+def mscam_backward(grad, x, fc1, fc2, sab_weight, activation):
+    return tuple(_k().mscam_bwd_cpu_kernel(grad, x, fc1, fc2, sab_weight, activation))
+
+
 def _has_kernel_ops(op: str) -> bool:
-    ops = MULTIDILATION_KERNEL_OPS.get(op, ())
+    ops = LATE_KERNEL_OPS.get(op, ())
     return all(hasattr(_k(), name) for name in ops)
 
 
@@ -138,6 +152,7 @@ CPU_KERNELS = Kernels(
     lgag_forward=lgag_forward, lgag_backward=lgag_backward,
     lndw_forward=lndw_forward, lndw_backward=lndw_backward,
     dwgn_forward=dwgn_forward, dwgn_backward=dwgn_backward,
+    mscam_forward=mscam_forward, mscam_backward=mscam_backward,
 )
 
 
@@ -153,7 +168,7 @@ def check(call: OpCall) -> list[str]:
     reasons = []
     if call.op not in IMPLEMENTED:
         reasons.append(f"{call.op} not implemented in the cpu backend yet")
-    elif call.op in MULTIDILATION_KERNEL_OPS and _ext.HAS_CPU_EXT and not _has_kernel_ops(call.op):
+    elif call.op in LATE_KERNEL_OPS and _ext.HAS_CPU_EXT and not _has_kernel_ops(call.op):
         reasons.append(f"{call.op}: the built extension lacks its kernels (stale build?); {_ext.BUILD_HINT}")
     if call.device != "cpu":
         reasons.append(f"tensor is on {call.device}")
