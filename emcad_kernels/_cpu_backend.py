@@ -16,6 +16,7 @@ What the kernels support (``check`` refuses everything else with a reason; ``aut
   (EMCAD: 1 and 2) run fused, other groupings (e.g. groups=1) run the reference composition in this backend.
 * ``layernorm_dilated_dwconv`` / ``dilated_dwconv_groupnorm``: any number of channel groups, odd kernel sizes
   <= 9, any dilation (also beyond the image size).
+* ``mutation_stats`` (fused MUTATION loss): 1 to 4 heads of any size, any K >= 2 (csrc/cpu/mutation_loss.cpp).
 Any memory layout and strides are read natively; outputs have the input's memory format.
 """
 
@@ -40,11 +41,12 @@ LGAG_MAX_OUT_PER_GROUP = 8
 LGAG_MAX_IN_PER_GROUP = 16
 # ops whose kernels are implemented and verified; others are refused with a reason
 IMPLEMENTED = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
-               "dilated_dwconv_groupnorm")
+               "dilated_dwconv_groupnorm", "mutation_stats")
 # kernel ops of the multi-dilation ops: an extension built before they existed lacks them
 MULTIDILATION_KERNEL_OPS = {
     "layernorm_dilated_dwconv": ("lndw_fwd_cpu_kernel", "lndw_bwd_cpu_kernel"),
     "dilated_dwconv_groupnorm": ("dwgn_fwd_cpu_kernel", "dwgn_bwd_cpu_kernel"),
+    "mutation_stats": ("mutation_stats_fwd_cpu_kernel", "mutation_stats_bwd_cpu_kernel"),
 }
 
 
@@ -127,6 +129,14 @@ def dwgn_backward(grad, x, weights, biases, gn_weight, gn_bias, dilations, eps):
     return gx, rest[:g], rest[g:], ggw, ggb
 
 
+def mutation_stats_forward(logits, target):
+    return tuple(_k().mutation_stats_fwd_cpu_kernel(list(logits), target))
+
+
+def mutation_stats_backward(grad_ce, grad_inter, grad_psq, logits, target):
+    return list(_k().mutation_stats_bwd_cpu_kernel(grad_ce, grad_inter, grad_psq, list(logits), target))
+
+
 def _has_kernel_ops(op: str) -> bool:
     ops = MULTIDILATION_KERNEL_OPS.get(op, ())
     return all(hasattr(_k(), name) for name in ops)
@@ -138,6 +148,7 @@ CPU_KERNELS = Kernels(
     lgag_forward=lgag_forward, lgag_backward=lgag_backward,
     lndw_forward=lndw_forward, lndw_backward=lndw_backward,
     dwgn_forward=dwgn_forward, dwgn_backward=dwgn_backward,
+    mutation_stats_forward=mutation_stats_forward, mutation_stats_backward=mutation_stats_backward,
 )
 
 
