@@ -333,6 +333,26 @@ def test_segmentation_loss_fused_choice():
     lb16 = SegmentationLoss(3)([z.bfloat16() for z in heads], target)
     assert lb16.dtype == torch.float32
     torch.testing.assert_close(lb16, plain_loss([z.bfloat16() for z in heads], target), atol=0.05, rtol=0.02)
+    # fp16 (no cpu kernel: the reference backend, in float32) with its gradients in fp16
+    h16 = [z.half().requires_grad_() for z in heads]
+    l16 = SegmentationLoss(3)(h16, target)
+    assert l16.dtype == torch.float32
+    g16 = torch.autograd.grad(l16, h16)
+    assert all(g.dtype == torch.float16 for g in g16)
+    _, g32 = grads_of(lambda hs: plain_loss(hs, target), [z.half().float() for z in heads])
+    for a, b in zip(g16, g32):
+        torch.testing.assert_close(a.float(), b, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_int32_targets(backend):
+    heads, target = make(n=2, k=4, size=(13, 11))
+    wide = torch.randint(0, 4, (2, 13, 22), generator=torch.Generator().manual_seed(5))
+    strided = wide[:, :, ::2]  # not contiguous
+    want = ek.mutation_stats(heads, strided.contiguous(), backend=backend)
+    for t in (strided, strided.int()):
+        for a, b in zip(ek.mutation_stats(heads, t, backend=backend), want):
+            assert torch.equal(a, b)
 
 
 def test_trainer_uses_the_fused_loss_by_default(tmp_path):
