@@ -385,3 +385,39 @@ def test_cli_loss_impl_flag(tmp_path, capsys):
     assert "loss path: plain" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--loss-impl", "nope"])
+
+
+def _available_isas():
+    if CPU_REASON is not None:
+        return []
+    out = [isa for isa in ("default", "avx2", "avx512") if torch.ops.emcad_kernels.cpu_set_isa(isa)]
+    torch.ops.emcad_kernels.cpu_set_isa("auto")
+    return out
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", _available_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_every_isa_build(isa, dtype):
+    """The default (SSE2), AVX2 and AVX-512 builds of the kernels: each against the float64 reference."""
+    heads, target = make(n=4, k=9, size=(28, 19), sizes=[(3, 2), (7, 5), (14, 10), (28, 19)], dtype=dtype)
+    up = torch.randn(15, 9, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def run(hs, backend):
+        hs = [z.detach().clone().requires_grad_() for z in hs]
+        ce, inter, psq, tcount = ek.mutation_stats(hs, target, backend=backend)
+        total = ce.sum() + (inter * up.to(inter)).sum() + (psq * up.flip(0).to(psq)).sum()
+        return torch.cat([ce, inter.flatten(), psq.flatten(), tcount]).detach(), torch.autograd.grad(total, hs)
+
+    want = run([z.double() for z in heads], "reference")
+    try:
+        from emcad_kernels import _ext
+        _ext.set_cpu_isa(isa)
+        got = run(heads, "cpu")
+    finally:
+        torch.ops.emcad_kernels.cpu_set_isa("auto")
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4}[dtype]  # bf16: inputs rounded alike
+    torch.testing.assert_close(got[0].double(), want[0], atol=tol * float(want[0].abs().max()), rtol=tol)
+    for a, b in zip(got[1], want[1]):
+        gtol = 1e-2 if dtype == torch.bfloat16 else tol  # bf16 gradients are rounded on output
+        torch.testing.assert_close(a.double(), b, atol=gtol * float(b.abs().max()), rtol=gtol)

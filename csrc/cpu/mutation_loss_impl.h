@@ -153,7 +153,12 @@ struct RowWork {
     }
     T ce = T(0);
     if (want_ce) {
-      for (int64_t x = 0; x < W; ++x) ce -= zs[tgt[x] * W + x] - mm[x];  // -(z_t - m); + log(sum) below
+      const T* z = zs.data();
+      const int64_t* t = tgt.data();
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t x = 0; x < W; ++x) acc += z[t[x] * W + x] - mm[x];
+      ce = -acc;  // -(z_t - m); + log(sum) below
     }
     T* sm = ssum.data();
     std::fill(sm, sm + W, T(0));
@@ -195,17 +200,24 @@ bool ml_forward_rows(const MlArgs& a, int64_t r0, int64_t r1, double* out) {
   double* psq = inter + NS * K;
   double* tcount = psq + NS * K;
   bool ok = true;
-  std::vector<T> rowinter(K);
+  std::vector<T> rowinter(4 * K);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / a.H, y = r % a.H;
     ok = w.load(b, y) && ok;
     for (int64_t x = 0; x < W; ++x) tcount[w.tgt[x]] += 1.0;
     for (int64_t s = 0; s < NS; ++s) {
       ce[s] += (double)w.softmax(a.masks[s], true);
+      // four interleaved partial arrays: neighbouring pixels mostly share a class, so one array would make
+      // a single serial chain of dependent adds
       std::fill(rowinter.begin(), rowinter.end(), T(0));
-      for (int64_t x = 0; x < W; ++x) rowinter[w.tgt[x]] += w.zs[w.tgt[x] * W + x];
+      T* ri = rowinter.data();
+      int64_t x = 0;
+      for (; x + 4 <= W; x += 4) {
+        for (int64_t j = 0; j < 4; ++j) ri[j * K + w.tgt[x + j]] += w.zs[w.tgt[x + j] * W + x + j];
+      }
+      for (; x < W; ++x) ri[w.tgt[x]] += w.zs[w.tgt[x] * W + x];
       for (int64_t c = 0; c < K; ++c) {
-        inter[s * K + c] += (double)rowinter[c];
+        inter[s * K + c] += (double)(((ri[c] + ri[K + c]) + ri[2 * K + c]) + ri[3 * K + c]);
         const T* pr = w.zs.data() + c * W;
         T acc = T(0);
 #pragma omp simd reduction(+ : acc)
@@ -273,12 +285,15 @@ bool ml_backward_rows(const MlArgs& a, int64_t r0, int64_t r1) {
       T* hb = static_cast<T*>(h.hbuf) + r * K * h.w;
       std::fill(hb, hb + K * h.w, T(0));
       const T* lx = static_cast<const T*>(h.lx);
-      for (int64_t c = 0; c < K; ++c) {
-        const T* gr = w.grow.data() + ((size_t)i * K + c) * W;
-        T* hr = hb + c * h.w;
-        for (int64_t x = 0; x < W; ++x) {
-          hr[h.x0[x]] += (T(1) - lx[x]) * gr[x];
-          hr[h.x1[x]] += lx[x] * gr[x];
+      // x outer, classes inner: K independent accumulation chains instead of one (same order per element)
+      const T* gi0 = w.grow.data() + (size_t)i * K * W;
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t a0 = h.x0[x], a1 = h.x1[x];
+        const T l1 = lx[x], l0 = T(1) - l1;
+        for (int64_t c = 0; c < K; ++c) {
+          const T gv = gi0[c * W + x];
+          hb[c * h.w + a0] += l0 * gv;
+          hb[c * h.w + a1] += l1 * gv;
         }
       }
     }
