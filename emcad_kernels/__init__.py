@@ -24,5 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS", "BatchNormParams", "BackendUnavailableError", "available_backends", "dilated_dwconv_groupnorm",
     "explain", "layernorm_dilated_dwconv",
-    "grouped_attention_gate", "mscam", "multi_scale_dwconv", "mutation_loss", "mutation_stats", "registered_backends", "upsample_dwconv", "use_backend",
+    "grouped_attention_gate", "mscam", "multi_scale_dwconv", "mutation_loss", "mutation_stats", "registered_backends",
+    "upsample_dwconv", "use_backend",
 ]
