@@ -372,11 +372,11 @@ def heads_providers(res, num_classes=9):
     return {"all heads": all_heads, "p1 only": last_head}
 
 
-def loss_providers(res, num_classes=9, with_compile=True) -> dict[str, Callable[[], None]]:
+def loss_providers(res, num_classes=9, with_compile=True, batch=None) -> dict[str, Callable[[], None]]:
     """MUTATION loss forward + backward from the four low-res heads (strides 32..4), plain vs fused."""
     from emcad.losses import SegmentationLoss
 
-    n = RESOLUTIONS[res]
+    n = batch or RESOLUTIONS[res]
     g = torch.Generator().manual_seed(0)
     heads = [(torch.randn(n, num_classes, res // s, res // s, generator=g) * 2).requires_grad_()
              for s in (32, 16, 8, 4)]
@@ -403,11 +403,13 @@ def loss_providers(res, num_classes=9, with_compile=True) -> dict[str, Callable[
 
 
 def loss_peak_rss_mb(res, provider: str) -> float:
-    """Peak resident-set growth (MB) of the first forward + backward of a ``loss_providers`` entry, in a fresh
-    process (RSS sampled every 2 ms during the call, minus the RSS before it; inputs already allocated). Eager
-    providers only (compilation would dominate a first call)."""
+    """Peak resident-set growth (MB) of the first full-size forward + backward of a ``loss_providers`` entry, in a
+    fresh process after one tiny call of the same provider (one-off initialisation: thread pools, autograd
+    engine), sampled every 2 ms, minus the RSS before the call (inputs already allocated). Eager providers only
+    (compilation would dominate a first call)."""
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch; torch.set_num_threads({THREADS}); "
             f"from benchmarks import cpu_table as ct; from emcad.training.bench import _PeakRSS; "
+            f"ct.loss_providers(64, with_compile=False, batch=1)[{provider!r}]()\n"  # one-off initialisation
             f"p = ct.loss_providers({res}, with_compile=False)[{provider!r}]\n"
             f"with _PeakRSS() as m: p()\n"
             f"print(m.growth / 2 ** 20)")
@@ -718,7 +720,7 @@ def main(argv=None):
     if "loss" in sections:
         lines += ["### Issue 8: MUTATION loss forward + backward from the four low-res heads (9 classes, fp32)", "",
                   "Times in ms (best of interleaved rounds); memory: peak resident-set growth (MB) of one forward + "
-                  "backward (first call in a fresh process; eager providers only).", ""]
+                  "backward (first full-size call in a fresh process, after a tiny warm-up call; eager providers only).", ""]
         for res in resolutions:
             providers = loss_providers(res, with_compile=not args.no_compile)
             t = measure(providers, rounds, reps)
