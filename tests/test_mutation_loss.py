@@ -421,3 +421,14 @@ def test_every_isa_build(isa, dtype):
     for a, b in zip(got[1], want[1]):
         gtol = 1e-2 if dtype == torch.bfloat16 else tol  # bf16 gradients are rounded on output
         torch.testing.assert_close(a.double(), b, atol=gtol * float(b.abs().max()), rtol=gtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heads_larger_than_the_target_and_single_pixel_heads(backend):
+    """Any head size: bilinear downsampling (F.interpolate semantics, no antialiasing) and 1x1 heads."""
+    heads, target = make(n=3, k=3, size=(5, 7), sizes=[(1, 1), (9, 16), (5, 7)])
+    want_loss, want = grads_of(lambda hs: plain_loss(hs, target), heads)
+    got_loss, got = grads_of(lambda hs: ek.mutation_loss(hs, target, backend=backend), heads)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-12, rtol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-9)
