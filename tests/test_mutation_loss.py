@@ -370,6 +370,12 @@ def test_trainer_uses_the_fused_loss_by_default(tmp_path):
     assert seen["auto"] == ("fused", {"heads": "lowres"})
     assert seen["plain"] == ("plain", {})
     assert json.load(open(tmp_path / "a" / "config.json"))["loss_impl"] == "auto"
+    from emcad.training.trainer import TrainError
+    with pytest.raises(TrainError, match="loss_impl 'fused' computes the multi-class MUTATION loss"):
+        train(TrainConfig(**tiny, steps=1, loss_impl="fused", supervision="deep_supervision",
+                          output=str(tmp_path / "c")))
+    with pytest.raises(TrainError, match="loss_impl must be one of"):
+        train(TrainConfig(**tiny, steps=1, loss_impl="fast", output=str(tmp_path / "d")))
 
 
 def test_cli_loss_impl_flag(tmp_path, capsys):

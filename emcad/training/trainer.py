@@ -557,6 +557,11 @@ class Trainer:
         if cfg.loss_impl == "fused" and not self.forward_kwargs:
             raise TrainError(f"loss_impl 'fused' needs a model with low-resolution heads (EMCADNet), got "
                              f"{type(model).__name__}")
+        if cfg.loss_impl == "fused" and (self.criterion.supervision, self.criterion.criterion) != ("mutation",
+                                                                                                  "ce_dice"):
+            raise TrainError(f"loss_impl 'fused' computes the multi-class MUTATION loss (supervision 'mutation', "
+                             f"criterion 'ce_dice'), got {self.criterion.supervision!r} / "
+                             f"{self.criterion.criterion!r} for {self.num_classes} class(es)")
 
         self.step = 0
         self.loss_path: Optional[str] = None  # "fused" or "plain", set by the first training step
