@@ -25,6 +25,12 @@ cpu`` (CPU time of one thread) is then the stable measure:
 
     python benchmarks/cpu_table.py --only fusion --threads 1 --clock cpu
 
+Section ``loss`` (issue 8): the MUTATION deep-supervision loss (9 classes, ce_dice, 15 subsets) forward +
+backward from EMCADNet's low-resolution head logits (strides 32, 16, 8, 4): the plain ``SegmentationLoss`` on
+the bilinearly upsampled heads (eager, and ``torch.compile`` of the same function) vs the fused
+``emcad_kernels.mutation_loss`` (``cpu`` backend, and the ``reference`` backend); time and the peak of the bytes
+resident-set growth of one forward + backward (first call, fresh process).
+
 Timing: every provider of a row is measured in interleaved rounds (round-robin, so a load change on a shared
 machine hits all of them alike); the reported time is the best over all rounds and repetitions.
 Threads: ``torch.set_num_threads(2)``.
@@ -156,7 +162,7 @@ class PlainLGAG(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------------
-SECTIONS = ("msdc", "eucb", "lgag", "mscam", "decoder", "memory", "bandwidth", "bnact", "isa", "fusion")
+SECTIONS = ("msdc", "eucb", "lgag", "mscam", "decoder", "memory", "bandwidth", "bnact", "isa", "fusion", "loss")
 
 
 def measure(providers: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict[str, float]:
@@ -488,6 +494,51 @@ def prologue_providers(shape):
                 fn()
         return call
     return {"separate": no_grad(separate), "prologue": no_grad(prologue)}
+
+
+def loss_providers(res, num_classes=9, with_compile=True, batch=None) -> dict[str, Callable[[], None]]:
+    """MUTATION loss forward + backward from the four low-res heads (strides 32..4), plain vs fused."""
+    from emcad.losses import SegmentationLoss
+
+    n = batch or RESOLUTIONS[res]
+    g = torch.Generator().manual_seed(0)
+    heads = [(torch.randn(n, num_classes, res // s, res // s, generator=g) * 2).requires_grad_()
+             for s in (32, 16, 8, 4)]
+    target = torch.randint(0, num_classes, (n, res, res), generator=g)
+    plain_loss = SegmentationLoss(num_classes, "mutation", "ce_dice", fused=False)
+
+    def plain_fn(hs, y):
+        ups = [F.interpolate(z, size=(res, res), mode="bilinear", align_corners=False) for z in hs]
+        return plain_loss(ups, y)
+
+    def run(fn):
+        def call():
+            for z in heads:
+                z.grad = None
+            fn(heads, target).backward()
+        return call
+
+    providers = {"plain eager": run(plain_fn)}
+    if with_compile:
+        providers["plain compile"] = run(_compile(plain_fn))
+    providers["fused reference"] = run(lambda hs, y: ek.mutation_loss(hs, y, backend="reference"))
+    providers["cpu fused"] = run(lambda hs, y: ek.mutation_loss(hs, y, backend="cpu"))
+    return providers
+
+
+def loss_peak_rss_mb(res, provider: str) -> float:
+    """Peak resident-set growth (MB) of the first full-size forward + backward of a ``loss_providers`` entry, in a
+    fresh process after one tiny call of the same provider (one-off initialisation: thread pools, autograd
+    engine), sampled every 2 ms, minus the RSS before the call (inputs already allocated). Eager providers only
+    (compilation would dominate a first call)."""
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import torch; torch.set_num_threads({THREADS}); "
+            f"from benchmarks import cpu_table as ct; from emcad.training.bench import _PeakRSS; "
+            f"ct.loss_providers(64, with_compile=False, batch=1)[{provider!r}]()\n"  # one-off initialisation
+            f"p = ct.loss_providers({res}, with_compile=False)[{provider!r}]\n"
+            f"with _PeakRSS() as m: p()\n"
+            f"print(m.growth / 2 ** 20)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 # aten ops that only make views, allocate or reinterpret: not kernel launches
@@ -843,6 +894,25 @@ def main(argv=None):
                                          ("cpu nchw folded", "auto", False, True)):
             fwd, step = op_counts(backend, res, cl, fold), op_counts(backend, res, cl, fold, train=True)
             lines.append(f"| {label} | {fwd[0]} | {fwd[1]} | {step[0]} | {step[1]} |")
+            print(lines[-1], flush=True)
+        lines.append("")
+    if "loss" in sections:
+        lines += ["### Issue 8: MUTATION loss forward + backward from the four low-res heads (9 classes, fp32)", "",
+                  "Times in ms (best of interleaved rounds); memory: peak resident-set growth (MB) of one forward + "
+                  "backward (first full-size call in a fresh process, after a tiny warm-up call; eager providers only).", ""]
+        for res in resolutions:
+            providers = loss_providers(res, with_compile=not args.no_compile)
+            t = measure(providers, rounds, reps)
+            mem = {k: loss_peak_rss_mb(res, k) for k in providers if "compile" not in k}
+            if res == resolutions[0]:
+                lines += ["| input | " + " | ".join(f"{k} ms" for k in t) + " | " +
+                          " | ".join(f"{k} MB" for k in mem) + " | best torch | speed-up |",
+                          "|---|" + "---|" * (len(t) + len(mem) + 2)]
+            bname = min((k for k in t if k.startswith("plain")), key=t.get)
+            bt = t[bname]
+            lines.append(f"| {res}px, batch {RESOLUTIONS[res]} | " + " | ".join(f"{v:.1f}" for v in t.values()) +
+                         " | " + " | ".join(f"{v:.0f}" for v in mem.values()) +
+                         f" | {bname} | **{bt / t['cpu fused']:.2f}×** |")
             print(lines[-1], flush=True)
         lines.append("")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

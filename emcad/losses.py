@@ -19,6 +19,12 @@ Supervision (how the four head outputs ``[p4, p3, p2, p1]`` are combined):
 * ``"deep_supervision"``: each head alone (4 terms);
 * ``"last_layer"``: only ``p1`` (the prediction).
 
+Head resolution: the head logits may have any spatial size; heads smaller than the target (e.g. EMCADNet's
+``heads="lowres"`` outputs) are bilinearly upsampled (``align_corners=False``) to the target size first. With
+``supervision="mutation"`` and ``criterion="ce_dice"`` the loss runs fused by default (``fused="auto"``):
+:func:`emcad_kernels.mutation_loss` reads the low-resolution heads directly and computes the 15 subset softmaxes
+per pixel without building the upsampled or summed logits (same value and gradients up to rounding).
+
 Distributed training: with ``distributed=True`` (the trainer sets it under DDP), the Dice sums are all-reduced
 across processes with a differentiable all-reduce, so the Dice term is that of the global batch and DDP gradients
 equal single-process gradients with the same global batch. The CE and structure terms are means over samples of
@@ -128,6 +134,13 @@ def combine_heads(outputs: Sequence[Tensor], supervision: str) -> list[Tensor]:
     raise ValueError(f"unknown supervision {supervision!r}; expected one of {SUPERVISIONS}")
 
 
+def _common_dtype(outputs: list[Tensor]) -> list[Tensor]:
+    """Heads of mixed float dtypes (e.g. some under autocast) as float32, like the plain path computes them."""
+    if all(isinstance(z, Tensor) for z in outputs) and len({z.dtype for z in outputs}) > 1:
+        return [z.float() for z in outputs]
+    return outputs
+
+
 class SegmentationLoss(torch.nn.Module):
     """The training loss of a model with four head outputs.
 
@@ -140,12 +153,18 @@ class SegmentationLoss(torch.nn.Module):
         structure_bce_reduction: see :func:`structure_loss`.
         ce_weight, dice_weight: the multi-class mix (0.3 / 0.7).
         distributed: reduce the Dice sums over the DDP process group (set by the trainer).
+        fused: the MUTATION + ce_dice loss through :func:`emcad_kernels.mutation_loss`: "auto" (default) whenever
+            it supports the call (1 to 4 float heads with equal batch and classes, integer (B, H, W) target, a
+            backend that runs it), True (required: a ValueError says why it cannot run), False (plain path).
+            ``last_path`` records the path of the latest call ("fused" or "plain").
     """
 
     def __init__(self, num_classes: int, supervision: str = "auto", criterion: str = "auto", *,
                  structure_bce_reduction: str = "none", ce_weight: float = 0.3, dice_weight: float = 0.7,
-                 distributed: bool = False):
+                 distributed: bool = False, fused: str | bool = "auto"):
         super().__init__()
+        if not (isinstance(fused, bool) or fused == "auto"):
+            raise ValueError(f"fused must be 'auto', True or False, got {fused!r}")
         if supervision == "auto":
             supervision = "mutation" if num_classes > 1 else "heads_and_sum"
         if supervision not in SUPERVISIONS:
@@ -163,6 +182,27 @@ class SegmentationLoss(torch.nn.Module):
         self.num_classes, self.supervision, self.criterion = num_classes, supervision, criterion
         self.structure_bce_reduction = structure_bce_reduction
         self.ce_weight, self.dice_weight, self.distributed = ce_weight, dice_weight, distributed
+        self.fused = fused
+        self.last_path: Optional[str] = None
+
+    def fused_unsupported_reason(self, outputs: Sequence[Tensor], target: Tensor) -> Optional[str]:
+        """Why the fused MUTATION loss cannot compute ``forward(outputs, target)`` (None: it can). ``outputs``
+        are the flattened heads (at most the last four are used)."""
+        if self.supervision != "mutation":
+            return f"supervision is {self.supervision!r}, the fused loss computes 'mutation'"
+        if self.criterion != "ce_dice":
+            return f"criterion is {self.criterion!r}, the fused loss computes 'ce_dice'"
+        try:
+            from emcad_kernels import backends as ek_backends
+            from emcad_kernels.functional import _prepare_mutation_stats
+        except ImportError as e:  # pragma: no cover - emcad_kernels is a dependency
+            return f"emcad_kernels unavailable: {e}"
+        try:
+            call, _, _ = _prepare_mutation_stats(_common_dtype(list(outputs)[-4:]), target, check_values=False)
+            ek_backends.select(call)
+        except (TypeError, ValueError, ek_backends.BackendUnavailableError) as e:
+            return str(e)
+        return None
 
     def per_head(self) -> Callable[[Tensor, Tensor], Tensor]:
         if self.criterion == "ce_dice":
@@ -170,8 +210,30 @@ class SegmentationLoss(torch.nn.Module):
                                              distributed=self.distributed)
         return lambda z, y: structure_loss(z, y.float(), bce_reduction=self.structure_bce_reduction)
 
+    def _use_fused(self, outputs: list[Tensor], target: Tensor) -> bool:
+        if self.fused is False:
+            return False
+        reason = self.fused_unsupported_reason(outputs, target)
+        if reason is None:
+            return True
+        if self.fused is True:
+            raise ValueError(f"SegmentationLoss(fused=True): the fused MUTATION loss cannot run this call: {reason}")
+        return False
+
     def forward(self, outputs: Sequence[Tensor] | Tensor, target: Tensor) -> Tensor:
+        """``outputs``: the model's heads (any spatial size; smaller ones are upsampled to the target's)."""
         outputs = flatten_outputs(outputs)
+        if self._use_fused(outputs, target):
+            from emcad_kernels import mutation_loss
+
+            self.last_path = "fused"
+            # one subset per non-empty subset of the (last four) heads; a single head is its own only subset
+            return mutation_loss(_common_dtype(outputs[-4:]), target, ce_weight=self.ce_weight,
+                                 dice_weight=self.dice_weight, distributed=self.distributed)
+        self.last_path = "plain"
+        size = tuple(target.shape[-2:])
+        outputs = [z if tuple(z.shape[-2:]) == size else
+                   F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in outputs]
         fn = self.per_head()
         supervision = self.supervision if len(outputs) > 1 else "last_layer"
         if supervision == "mutation" and len(outputs) > 4:  # 2^n - 1 subsets: keep the paper's four heads
@@ -180,4 +242,5 @@ class SegmentationLoss(torch.nn.Module):
         return sum(fn(z if z.dtype in (torch.float32, torch.float64) else z.float(), target) for z in terms)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, supervision={self.supervision!r}, criterion={self.criterion!r}"
+        return (f"num_classes={self.num_classes}, supervision={self.supervision!r}, criterion={self.criterion!r}, "
+                f"fused={self.fused!r}")

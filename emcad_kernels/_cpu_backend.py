@@ -18,6 +18,7 @@ What the kernels support (``check`` refuses everything else with a reason; ``aut
   <= 9, any dilation (also beyond the image size).
 * ``mscam``: any channel count and reduction ratio, odd SAB kernel sizes <= 9 (csrc/cpu/mscam.cpp); channels_last
   inputs run natively (vectors over channels), any other layout is read as NCHW (vectors over columns).
+* ``mutation_stats`` (fused MUTATION loss): 1 to 4 heads of any size, any K >= 2 (csrc/cpu/mutation_loss.cpp).
 Any memory layout and strides are read natively; outputs have the input's memory format.
 """
 
@@ -42,16 +43,17 @@ LGAG_MAX_OUT_PER_GROUP = 8
 LGAG_MAX_IN_PER_GROUP = 16
 # ops whose kernels are implemented and verified; others are refused with a reason
 IMPLEMENTED = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
-               "dilated_dwconv_groupnorm", "mscam")
+               "dilated_dwconv_groupnorm", "mscam", "mutation_stats")
 # kernel ops of the multi-dilation ops: an extension built before they existed lacks them
 MULTIDILATION_KERNEL_OPS = {
     "layernorm_dilated_dwconv": ("lndw_fwd_cpu_kernel", "lndw_bwd_cpu_kernel"),
     "dilated_dwconv_groupnorm": ("dwgn_fwd_cpu_kernel", "dwgn_bwd_cpu_kernel"),
 }
-# kernel ops of mscam (issue 8): likewise missing from an older build
-MSCAM_KERNEL_OPS = {"mscam": ("mscam_fwd_cpu_kernel", "mscam_bwd_cpu_kernel")}
+# kernel ops of the issue-8 ops: likewise missing from an older build
+ISSUE8_KERNEL_OPS = {"mscam": ("mscam_fwd_cpu_kernel", "mscam_bwd_cpu_kernel"),
+                     "mutation_stats": ("mutation_stats_fwd_cpu_kernel", "mutation_stats_bwd_cpu_kernel")}
 # every op whose kernels an older extension may lack
-LATE_KERNEL_OPS = {**MULTIDILATION_KERNEL_OPS, **MSCAM_KERNEL_OPS}
+LATE_KERNEL_OPS = {**MULTIDILATION_KERNEL_OPS, **ISSUE8_KERNEL_OPS}
 
 
 def _k():
@@ -141,6 +143,14 @@ def mscam_backward(grad, x, fc1, fc2, sab_weight, activation):
     return tuple(_k().mscam_bwd_cpu_kernel(grad, x, fc1, fc2, sab_weight, activation))
 
 
+def mutation_stats_forward(logits, target):
+    return tuple(_k().mutation_stats_fwd_cpu_kernel(list(logits), target))
+
+
+def mutation_stats_backward(grad_ce, grad_inter, grad_psq, logits, target):
+    return list(_k().mutation_stats_bwd_cpu_kernel(grad_ce, grad_inter, grad_psq, list(logits), target))
+
+
 def _has_kernel_ops(op: str) -> bool:
     ops = LATE_KERNEL_OPS.get(op, ())
     return all(hasattr(_k(), name) for name in ops)
@@ -153,6 +163,7 @@ CPU_KERNELS = Kernels(
     lndw_forward=lndw_forward, lndw_backward=lndw_backward,
     dwgn_forward=dwgn_forward, dwgn_backward=dwgn_backward,
     mscam_forward=mscam_forward, mscam_backward=mscam_backward,
+    mutation_stats_forward=mutation_stats_forward, mutation_stats_backward=mutation_stats_backward,
 )
 
 

@@ -13,6 +13,8 @@ REFERENCE_KERNELS = Kernels(
     lndw_forward=reference.lndw_forward, lndw_backward=reference.lndw_backward,
     dwgn_forward=reference.dwgn_forward, dwgn_backward=reference.dwgn_backward,
     mscam_forward=reference.mscam_forward, mscam_backward=reference.mscam_backward,
+    mutation_stats_forward=reference.mutation_stats_forward,
+    mutation_stats_backward=reference.mutation_stats_backward,
 )
 
 

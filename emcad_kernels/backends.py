@@ -24,10 +24,11 @@ from .library import OpSet
 
 ENV_VAR = "EMCAD_KERNELS_BACKEND"
 OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
-       "dilated_dwconv_groupnorm", "mscam")
+       "dilated_dwconv_groupnorm", "mscam", "mutation_stats")
 # ops a backend may leave out: op name -> OpSet field. A backend whose OpSet has None there refuses the call with
 # "<op> not implemented in the <backend> backend" before its own ``check`` runs (so older backends need no edit).
-OPTIONAL_OPS = {"layernorm_dilated_dwconv": "lndw", "dilated_dwconv_groupnorm": "dwgn", "mscam": "mscam"}
+OPTIONAL_OPS = {"layernorm_dilated_dwconv": "lndw", "dilated_dwconv_groupnorm": "dwgn", "mscam": "mscam",
+                "mutation_stats": "mutation_stats"}
 
 
 class BackendUnavailableError(RuntimeError):

@@ -27,6 +27,11 @@ backend" through ``Backend.reasons``, so ``auto`` falls back to another backend)
     ``dilated_dwconv_groupnorm``: the dilated depthwise convs then ``GroupNorm(G, C)`` (MALUNet DGA, GAU).
 ``mscam_fwd(x, fc1[R,C,1,1], fc2[C,R,1,1], sab_weight[1,2,k,k], activation) -> y``
     ``mscam``: EMCAD's CAB then SAB applied as ``y = x · ca · sa`` (issue 8). No statistics, no train/eval flag.
+``mutation_stats_fwd(logits[n], target) -> (ce[S], inter[S,K], psq[S,K], tcount[K])``
+    ``mutation_stats``: the sums behind the fused MUTATION loss (issue 8) over the S = 2^n - 1 subsets of the n
+    low-res heads, bilinearly upsampled to the target's size; backward
+    ``mutation_stats_bwd(grad_ce, grad_inter, grad_psq, logits, target) -> grads[n]`` (tcount gets none).
+    Statistics are float64 for float64 logits, else float32.
 
 The backward functions receive the upstream gradient, the inputs and the saved statistics, and return the
 gradients of every differentiable input (see ``reference.py`` for the exact signatures). Outputs always have
@@ -58,6 +63,7 @@ class OpSet:
     lndw: Optional[Callable] = None
     dwgn: Optional[Callable] = None
     mscam: Optional[Callable] = None
+    mutation_stats: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ class Kernels:
     dwgn_backward: Optional[Callable] = None
     mscam_forward: Optional[Callable] = None
     mscam_backward: Optional[Callable] = None
+    mutation_stats_forward: Optional[Callable] = None
+    mutation_stats_backward: Optional[Callable] = None
 
 
 def _empty_like_out(x: Tensor, shape) -> Tensor:
@@ -102,6 +110,9 @@ def define_op_set(backend: str, kernels: Kernels, device_types: Optional[Sequenc
               if kernels.dwgn_forward is not None and kernels.dwgn_backward is not None else None),
         mscam=(_define_mscam(backend, kernels, device_types)
                if kernels.mscam_forward is not None and kernels.mscam_backward is not None else None),
+        mutation_stats=(_define_mutation_stats(backend, kernels, device_types)
+                        if kernels.mutation_stats_forward is not None and kernels.mutation_stats_backward is not None
+                        else None),
     )
 
 
@@ -394,3 +405,50 @@ def _define_mscam(backend: str, k: Kernels, device_types):
     mscam_fwd.register_autograd(backward, setup_context=setup_context)
     flops.register_mscam(mscam_fwd, mscam_bwd)
     return mscam_fwd
+
+
+# --------------------------------------------------------------------------------------------------
+# mutation_stats (fused MUTATION loss, issue 8)
+# --------------------------------------------------------------------------------------------------
+def _define_mutation_stats(backend: str, k: Kernels, device_types):
+    @torch.library.custom_op(f"{NAMESPACE}::mutation_stats_fwd_{backend}", mutates_args=(),
+                             device_types=device_types)
+    def ms_fwd(logits: list[Tensor], target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tuple(k.mutation_stats_forward(list(logits), target))
+
+    @ms_fwd.register_fake
+    def _(logits, target):
+        n, kk = len(logits), logits[0].shape[1]
+        s = 2 ** n - 1
+        z = logits[0]
+        return _stats_like(z, s), _stats_like(z, s, kk), _stats_like(z, s, kk), _stats_like(z, kk)
+
+    @torch.library.custom_op(f"{NAMESPACE}::mutation_stats_bwd_{backend}", mutates_args=(),
+                             device_types=device_types)
+    def ms_bwd(grad_ce: Tensor, grad_inter: Tensor, grad_psq: Tensor, logits: list[Tensor],
+               target: Tensor) -> list[Tensor]:
+        return list(k.mutation_stats_backward(grad_ce, grad_inter, grad_psq, list(logits), target))
+
+    @ms_bwd.register_fake
+    def _(grad_ce, grad_inter, grad_psq, logits, target):
+        return [_empty_like_out(z, z.shape) for z in logits]
+
+    def setup_context(ctx, inputs, output):
+        logits, target = inputs
+        ctx.save_for_backward(target, *logits)  # the backward recomputes the softmaxes
+        ctx.mark_non_differentiable(output[3])
+
+    def backward(ctx, grad_ce, grad_inter, grad_psq, _grad_tcount):
+        target, *logits = ctx.saved_tensors
+        ref = logits[0]
+        s, kk = 2 ** len(logits) - 1, ref.shape[1]
+        sdt = stats_dtype(ref.dtype)
+
+        def dense(g, *shape):
+            return torch.zeros(shape, dtype=sdt, device=ref.device) if g is None else g.contiguous()
+
+        grads = ms_bwd(dense(grad_ce, s), dense(grad_inter, s, kk), dense(grad_psq, s, kk), logits, target)
+        return (list(grads) if ctx.needs_input_grad[0] else None), None
+
+    ms_fwd.register_autograd(backward, setup_context=setup_context)
+    return ms_fwd

@@ -13,6 +13,7 @@ returned in fp32 for them (like ``nn.BatchNorm2d`` does internally).
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import torch
@@ -530,3 +531,79 @@ def mscam_backward(grad: Tensor, x: Tensor, fc1: Tensor, fc2: Tensor, sab_weight
            .scatter_add(2, t["mx_idx"].reshape(n, c, 1), g_mx.reshape(n, c, 1)).reshape(n, c, h, w))
     return (g_x.to(x.dtype).contiguous(memory_format=output_memory_format(x)), (g_w1a + g_w1m).to(fc1.dtype),
             (g_w2a + g_w2m).to(fc2.dtype), g_ws.to(sab_weight.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# fused MUTATION loss statistics (issue 8): CE and Dice sums of every subset of the upsampled heads
+# --------------------------------------------------------------------------------------------------
+def mutation_subsets(n: int) -> list[tuple[int, ...]]:
+    """The non-empty subsets of ``range(n)`` in the order of ``emcad.losses.combine_heads``."""
+    return [s for r in range(1, n + 1) for s in itertools.combinations(range(n), r)]
+
+
+def _mutation_upsampled(logits: Sequence[Tensor], size: tuple[int, int], dt: torch.dtype) -> list[Tensor]:
+    return [F.interpolate(z.to(dt), size=size, mode="bilinear", align_corners=False) if tuple(z.shape[-2:]) != size
+            else z.to(dt) for z in logits]
+
+
+def mutation_stats_forward(logits: list[Tensor], target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(ce[S], inter[S, K], psq[S, K], tcount[K])``: over all pixels of the (B, H, W) ``target``, for each subset
+    ``s`` of the heads (``mutation_subsets``) with ``p_s = softmax(sum_{i in s} up(logits[i]))``: the summed
+    ``-log p_s[target]``, ``sum p_s[c] [target == c]``, ``sum p_s[c]^2``, and the class counts. The heads are
+    upsampled once; one subset's softmax is alive at a time."""
+    dt = _compute_dtype(logits[0])
+    size = tuple(target.shape[-2:])
+    k = logits[0].shape[1]
+    ups = _mutation_upsampled(logits, size, dt)
+    tgt = target.long().unsqueeze(1)
+    onehot = torch.zeros_like(ups[0]).scatter_(1, tgt, 1.0)
+    tcount = onehot.sum((0, 2, 3))
+    ce, inter, psq = [], [], []
+    for s in mutation_subsets(len(ups)):
+        z = ups[s[0]]
+        for i in s[1:]:
+            z = z + ups[i]
+        logp = torch.log_softmax(z, dim=1)
+        ce.append(-logp.gather(1, tgt).sum())
+        p = logp.exp_()
+        inter.append((p * onehot).sum((0, 2, 3)))
+        psq.append((p * p).sum((0, 2, 3)))
+        del z, logp, p
+    sdt = stats_dtype(logits[0].dtype)
+    return (torch.stack(ce).to(sdt), torch.stack(inter).to(sdt).reshape(-1, k), torch.stack(psq).to(sdt),
+            tcount.to(sdt))
+
+
+def mutation_stats_backward(grad_ce: Tensor, grad_inter: Tensor, grad_psq: Tensor, logits: list[Tensor],
+                            target: Tensor) -> list[Tensor]:
+    """Gradients of ``<grad_ce, ce> + <grad_inter, inter> + <grad_psq, psq>`` w.r.t. each head, analytically:
+    per pixel ``dz_s = grad_ce[s] (p_s - onehot) + p_s (g - <g, p_s>)`` with
+    ``g = grad_inter[s] onehot + 2 grad_psq[s] p_s``; ``G_i = sum_{s contains i} dz_s``; the head's gradient is
+    the bilinear adjoint of ``G_i`` (aten's ``upsample_bilinear2d_backward``)."""
+    dt = _compute_dtype(logits[0])
+    size = tuple(target.shape[-2:])
+    ups = _mutation_upsampled(logits, size, dt)
+    tgt = target.long().unsqueeze(1)
+    onehot = torch.zeros_like(ups[0]).scatter_(1, tgt, 1.0)
+    gce, gin, gps = (g.to(dt) for g in (grad_ce, grad_inter, grad_psq))
+    acc: list[Optional[Tensor]] = [None] * len(ups)
+    for j, s in enumerate(mutation_subsets(len(ups))):
+        z = ups[s[0]]
+        for i in s[1:]:
+            z = z + ups[i]
+        p = torch.softmax(z, dim=1)
+        del z
+        gi = gin[j].view(1, -1, 1, 1)
+        gp = gps[j].view(1, -1, 1, 1)
+        g = gi * onehot + 2 * gp * p
+        dz = gce[j] * (p - onehot) + p * (g - (g * p).sum(1, keepdim=True))
+        del p, g
+        for i in s:
+            acc[i] = dz if acc[i] is None else acc[i] + dz
+    out = []
+    for z, gz in zip(logits, acc):
+        h, w = z.shape[-2:]
+        if (h, w) != size:
+            gz = torch.ops.aten.upsample_bilinear2d_backward(gz, list(size), list(z.shape), False, None, None)
+        out.append(gz.to(z.dtype).contiguous(memory_format=output_memory_format(z)))
+    return out

@@ -149,6 +149,7 @@ def test_ddp_gloo_syncbn_matches_single_process(tmp_path):
            str(29500 + os.getpid() % 1000), "-m", "emcad.cli", *common, "--sync-bn", "-o", str(tmp_path / "ddp")]
     ddp = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
+    assert "loss path: fused" in single.stderr and "loss path: fused" in ddp.stderr  # the fused loss, all-reduced
     a = load_training_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")
     b = load_training_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     assert b["world_size"] == 2

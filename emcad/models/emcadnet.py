@@ -15,7 +15,7 @@ from .decoder import EMCAD
 __all__ = ["EMCADNet", "OUTPUT_STRIDE"]
 
 OUTPUT_STRIDE = 32  # H and W must be multiples of this
-HEADS = ("all", "last")  # forward(heads=...)
+HEADS = ("all", "last", "lowres")  # forward(heads=...)
 
 
 class EMCADNet(BackendMixin, nn.Module):
@@ -47,6 +47,12 @@ class EMCADNet(BackendMixin, nn.Module):
     whole decoder still runs, d1 needs every stage). ``heads="all"`` (default) returns ``[p4, p3, p2, p1]``. The
     attribute ``inference_heads`` (``"all"`` or ``"last"``, not saved in the config) sets the default for calls
     in eval mode, so evaluation code that takes ``out[-1]`` gets p1 either way.
+
+    Heads for the fused loss: ``forward(x, heads="lowres")`` returns the four head logits at their native
+    resolution, ``[out_head4(d4), out_head3(d3), out_head2(d2), out_head1(d1)]`` (H/32 … H/4), without
+    upsampling. The heads are 1×1 convs and bilinear upsampling is linear, so upsampling these to (H, W) gives
+    ``heads="all"`` (up to rounding); :class:`emcad.losses.SegmentationLoss` accepts them directly (its fused
+    MUTATION path never builds the upsampled logits). The trainer uses this in training.
     """
 
     def __init__(self, num_classes: int = 1, kernel_sizes: Sequence[int] = (1, 3, 5), expansion_factor: float = 2,
@@ -99,7 +105,8 @@ class EMCADNet(BackendMixin, nn.Module):
 
     def forward(self, x: Tensor, mode: Optional[str] = None, heads: Optional[str] = None) -> list[Tensor]:
         """``mode`` exists for compatibility with the original signature and is ignored. ``heads``: ``"all"``
-        → ``[p4, p3, p2, p1]``; ``"last"`` → ``[p1]`` only; None → ``inference_heads`` in eval mode, else all."""
+        → ``[p4, p3, p2, p1]``; ``"last"`` → ``[p1]`` only; ``"lowres"`` → ``[p4, p3, p2, p1]`` at their native
+        resolutions (not upsampled); None → ``inference_heads`` in eval mode, else all."""
         if heads is None:
             heads = getattr(self, "inference_heads", "all") if not self.training else "all"
         if heads not in HEADS:
@@ -112,5 +119,7 @@ class EMCADNet(BackendMixin, nn.Module):
         d4, d3, d2, d1 = self.decoder(x4, [x3, x2, x1])
         if heads == "last":
             return [F.interpolate(self.out_head1(d1), size=size, mode="bilinear", align_corners=False)]
-        heads = ((self.out_head4, d4), (self.out_head3, d3), (self.out_head2, d2), (self.out_head1, d1))
-        return [F.interpolate(head(d), size=size, mode="bilinear", align_corners=False) for head, d in heads]
+        pairs = ((self.out_head4, d4), (self.out_head3, d3), (self.out_head2, d2), (self.out_head1, d1))
+        if heads == "lowres":
+            return [head(d) for head, d in pairs]
+        return [F.interpolate(head(d), size=size, mode="bilinear", align_corners=False) for head, d in pairs]

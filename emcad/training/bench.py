@@ -5,6 +5,11 @@ disabled, ``torch+compile`` and ``auto+compile``. Times are medians over ``iters
 runs (CUDA events synchronised on GPU). Memory is the peak CUDA allocation on GPU; on CPU it is the peak growth of
 the process's resident set size sampled during the runs (approximate). A backend that fails is reported with its
 error instead of stopping the table.
+
+The training step is the trainer's (``emcad.training.trainer.training_loss`` / ``training_forward_kwargs``): with
+``loss_impl="auto"`` (the trainer's default) EMCADNet returns its low-resolution heads and the MUTATION loss runs
+fused (``emcad_kernels.mutation_loss``). The ``torch`` and ``torch+compile`` rows are the plain PyTorch baseline:
+upsampled heads and the plain loss, whatever ``loss_impl`` says.
 """
 
 from __future__ import annotations
@@ -80,14 +85,17 @@ def _time(fn: Callable[[], None], iters: int, warmup: int, device: torch.device)
 def run_bench(model_name: str = "emcad_b0", *, size: Sequence[int] = (224, 224), batch_size: int = 4,
               num_classes: int = 9, in_channels: int = 3, backends: Optional[Sequence[str]] = None,
               compile: bool = True, iters: int = 10, warmup: int = 2, device: str = "auto",
-              train_step: bool = True, log: Optional[Callable[[str], None]] = None) -> list[dict]:
+              train_step: bool = True, log: Optional[Callable[[str], None]] = None,
+              loss_impl: str = "auto") -> list[dict]:
     """One row per configuration: ``{"config", "forward_ms", "forward_mem_mb", "train_step_ms",
     "train_mem_mb", "speedup_fwd", "speedup_train", "error"}`` (speed-ups relative to ``torch``)."""
     import emcad_kernels
 
-    from emcad.losses import SegmentationLoss
     from emcad.models import create_model, set_backend
-    from emcad.training.trainer import logits_kwargs
+    from emcad.training.trainer import LOSS_IMPLS, logits_kwargs, training_forward_kwargs, training_loss
+
+    if loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +113,6 @@ def run_bench(model_name: str = "emcad_b0", *, size: Sequence[int] = (224, 224),
     state = base_model.state_dict()
     x = torch.randn(batch_size, in_channels, *size, device=dev)
     y = torch.randint(0, max(num_classes, 2) if num_classes > 1 else 2, (batch_size, *size), device=dev)
-    criterion = SegmentationLoss(num_classes)
     rows = []
     for backend, compiled in configs:
         name = backend + ("+compile" if compiled else "")
@@ -131,9 +138,12 @@ def run_bench(model_name: str = "emcad_b0", *, size: Sequence[int] = (224, 224),
             if train_step:
                 model.train()
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+                impl = "plain" if backend == "torch" else loss_impl  # the PyTorch baseline: plain loss
+                criterion = training_loss(num_classes, impl)
+                fwd_kwargs = training_forward_kwargs(model, impl)
 
                 def step():
-                    loss = criterion(run(x), y)
+                    loss = criterion(run(x, **fwd_kwargs), y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -106,6 +106,10 @@ def _add_train(sub) -> None:
     g.add_argument("--structure-bce-reduction", choices=("none", "mean"),
                    help="structure loss BCE: none = weighted (intended), mean = the original code's collapsed "
                         "unweighted BCE (reproduction only) [none]")
+    g.add_argument("--loss-impl", choices=("auto", "fused", "plain"),
+                   help="MUTATION loss implementation: fused (emcad_kernels.mutation_loss on the low-resolution "
+                        "heads, never building the upsampled logits), plain (upsampled heads, 15 softmaxes), auto = "
+                        "fused where the model and loss allow it [auto]")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="optimisation steps [synthetic: 200, otherwise 300]")
     g.add_argument("--epochs", type=int, help="epochs instead of --steps")
@@ -332,7 +336,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rows = run_bench(args.model, size=tuple(args.size), batch_size=args.batch_size,
                          num_classes=args.num_classes, in_channels=args.in_channels, backends=args.backends,
                          compile=args.compile, iters=args.iters, warmup=args.warmup, device=args.device,
-                         train_step=not args.forward_only, log=lambda s: print(s, file=sys.stderr, flush=True))
+                         train_step=not args.forward_only, log=lambda s: print(s, file=sys.stderr, flush=True),
+                         loss_impl=args.loss_impl)
     except _known_errors() as e:
         return _error(str(e))
     print(format_table(rows))
@@ -354,6 +359,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--backends", nargs="+", help="default: torch, every available kernel backend, auto")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     p.add_argument("--forward-only", action="store_true", help="skip the training-step measurements")
+    p.add_argument("--loss-impl", choices=("auto", "fused", "plain"), default="auto",
+                   help="training-step loss of the kernel-backend rows, as in `emcad train` (the torch rows always "
+                        "use the plain loss: the PyTorch baseline)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto")

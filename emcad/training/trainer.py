@@ -65,6 +65,28 @@ PAPER_DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 1e-4, "lr_schedule": "co
 PREPROCESS_NAME = "preprocess.json"
 
 
+LOSS_IMPLS = ("auto", "fused", "plain")
+
+
+def supports_lowres_heads(model: nn.Module) -> bool:
+    """Whether ``model(x, heads="lowres")`` returns the head logits at their native resolution (EMCADNet)."""
+    from emcad.models.emcadnet import HEADS as EMCAD_HEADS, EMCADNet
+
+    return isinstance(model, EMCADNet) and "lowres" in EMCAD_HEADS
+
+
+def training_loss(num_classes: int, loss_impl: str = "auto", **kwargs) -> SegmentationLoss:
+    """The training criterion for ``loss_impl`` (see TrainConfig.loss_impl)."""
+    fused = {"auto": "auto", "fused": True, "plain": False}[loss_impl]
+    return SegmentationLoss(num_classes, fused=fused, **kwargs)
+
+
+def training_forward_kwargs(model: nn.Module, loss_impl: str = "auto") -> dict:
+    """Keyword arguments of the training forward: the low-resolution heads unless the plain loss is asked for
+    (the loss upsamples them itself on its plain path, so this is also right for losses that cannot fuse)."""
+    return {"heads": "lowres"} if loss_impl != "plain" and supports_lowres_heads(model) else {}
+
+
 class TrainError(ValueError):
     """A training configuration or run cannot proceed; the message says why."""
 
@@ -93,6 +115,9 @@ class TrainConfig:
     supervision: str = "auto"
     criterion: str = "auto"
     structure_bce_reduction: str = "none"
+    # "auto": the fused MUTATION loss on the low-resolution heads when the model and loss allow it (EMCADNet,
+    # multi-class); "fused": require it; "plain": upsampled heads and the plain loss
+    loss_impl: str = "auto"
     # optimisation
     # None = automatic: the paper's recipe (lr 1e-4, constant, batch 16 / Synapse 6) for real data; for the
     # synthetic demo (encoder trained from scratch) lr 2e-3 with 20 warm-up steps and a cosine decay, batch 8,
@@ -137,6 +162,8 @@ class TrainConfig:
             raise TrainError(f"data={self.data!r} needs a data directory (--data-dir)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise TrainError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise TrainError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.eval_head not in HEADS:
             raise TrainError(f"eval_head must be one of {HEADS}, got {self.eval_head!r}")
         if len(self.size) != 2 or any(int(s) % 32 or int(s) <= 0 for s in self.size):
@@ -523,11 +550,21 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.total_steps))
-        self.criterion = SegmentationLoss(self.num_classes, cfg.supervision, cfg.criterion,
-                                          structure_bce_reduction=cfg.structure_bce_reduction,
-                                          distributed=self.dist.enabled)
+        self.criterion = training_loss(self.num_classes, cfg.loss_impl, supervision=cfg.supervision,
+                                       criterion=cfg.criterion, structure_bce_reduction=cfg.structure_bce_reduction,
+                                       distributed=self.dist.enabled)
+        self.forward_kwargs = training_forward_kwargs(model, cfg.loss_impl)
+        if cfg.loss_impl == "fused" and not self.forward_kwargs:
+            raise TrainError(f"loss_impl 'fused' needs a model with low-resolution heads (EMCADNet), got "
+                             f"{type(model).__name__}")
+        if cfg.loss_impl == "fused" and (self.criterion.supervision, self.criterion.criterion) != ("mutation",
+                                                                                                  "ce_dice"):
+            raise TrainError(f"loss_impl 'fused' computes the multi-class MUTATION loss (supervision 'mutation', "
+                             f"criterion 'ce_dice'), got {self.criterion.supervision!r} / "
+                             f"{self.criterion.criterion!r} for {self.num_classes} class(es)")
 
         self.step = 0
+        self.loss_path: Optional[str] = None  # "fused" or "plain", set by the first training step
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
         self.best: dict = {"step": None, "dice_mean": -math.inf}
@@ -646,8 +683,12 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
                 with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.amp):
-                    outputs = self.model(images)
+                    outputs = self.model(images, **self.forward_kwargs)
                 loss = self.criterion(outputs, labels)
+                if self.loss_path is None:
+                    self.loss_path = self.criterion.last_path
+                    self.log(f"loss path: {self.loss_path} (loss_impl {cfg.loss_impl}"
+                             f"{', low-resolution heads' if self.forward_kwargs else ''})")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad_value is not None:
