@@ -294,7 +294,8 @@ std::vector<at::Tensor> mscam_bwd(const at::Tensor& grad, const at::Tensor& x, c
   s.a.pw = pw.data_ptr<double>();
   run_items(f.bwd_gs, s.a, s.items);
   // SAB weight gradient: items in order
-  at::Tensor gws = sum_items(pw, s.items, {1, 2, k, k}).to(sab_weight.scalar_type());
+  at::Tensor gws = from_host(sum_items(pw.data_ptr<double>(), s.items, 2 * kk), sab_weight.sizes(),
+                             sab_weight.scalar_type());
   // CAB: g_z = (sum_p g_d1 * x) * ca * (1 - ca), then the MLP backward in double
   at::Tensor gw1 = at::zeros({R, C}, at::kDouble), gw2 = at::zeros({C, R}, at::kDouble);
   at::Tensor gavg = at::empty({N, C}, at::kDouble), gmax = at::empty({N, C}, at::kDouble);
