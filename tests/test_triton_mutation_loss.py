@@ -1,5 +1,6 @@
 """Tests of the Triton kernels of the fused MUTATION loss statistics (``emcad_kernels/triton/mutation_loss.py``,
-issue 8), called directly: the op is not registered in the triton backend yet (the integrator wires it).
+issue 8): the kernels called directly, and the registered op (``emcad_kernels.mutation_stats`` /
+``mutation_loss`` with ``backend="triton"``) against the reference backend, with opcheck.
 
 The oracle is written here in plain PyTorch: every head upsampled with ``F.interpolate(bilinear,
 align_corners=False)``, the subset sums, ``log_softmax`` and the four sums; its gradients are torch.autograd of
@@ -100,6 +101,39 @@ def check(logits, target, grads, dtype=torch.float32, channels_last=False):
     assert torch.equal(got["tcount"].cpu().double(), ref64["tcount"])  # counts are exact
     for z, g in zip(zs, gs):
         assert g.shape == z.shape and g.dtype == z.dtype and g.stride() == z.stride(), label
+
+
+# --------------------------------------------------------------------------------------------------
+# the registered op
+# --------------------------------------------------------------------------------------------------
+def test_registered_op_matches_reference_backend():
+    import emcad_kernels as ek
+
+    logits, target, _ = make_case(sizes=((3, 4), (7, 6)), full=(9, 8))
+    results = {}
+    for backend in ("triton", "reference"):
+        zs = [z.to(DEVICE, torch.float32).requires_grad_() for z in logits]
+        loss = ek.mutation_loss(zs, target.to(DEVICE), backend=backend)
+        loss.backward()
+        results[backend] = {"loss": loss.detach(), **{f"grad {i}": z.grad for i, z in enumerate(zs)}}
+    ref64 = {}
+    zs = [z.clone().requires_grad_() for z in logits]
+    loss = ek.mutation_loss(zs, target, backend="reference")
+    loss.backward()
+    ref64 = {"loss": loss.detach(), **{f"grad {i}": z.grad for i, z in enumerate(zs)}}
+    assert_matches(results["triton"], results["reference"], ref64, torch.float32, "mutation_loss triton vs reference")
+
+
+def test_registered_op_opcheck_and_float64_refusal():
+    import emcad_kernels as ek
+
+    logits, target, _ = make_case(sizes=((3, 4), (7, 6)), full=(9, 8))
+    zs = [z.to(DEVICE, torch.float32).requires_grad_() for z in logits]
+    op = ek.backends.get_backend("triton").ops.mutation_stats
+    torch.library.opcheck(op, (zs, target.to(DEVICE)), test_utils=("test_schema", "test_autograd_registration",
+                                                                     "test_faketensor"))
+    with pytest.raises(ek.BackendUnavailableError, match="float64"):
+        ek.mutation_stats([z.to(DEVICE) for z in logits], target.to(DEVICE), backend="triton")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Triton backend of the fused ops: one module per op (``msdc``, ``updw``, ``lgag``, and the EGE-UNet / MALUNet
-multi-dilation ops ``lndw`` and ``dwgn``, and ``mscam``, EMCAD's CAB · SAB attention), shared helpers in
+multi-dilation ops ``lndw`` and ``dwgn``, ``mscam``, EMCAD's CAB · SAB attention, and ``mutation_loss``, the
+statistics of the fused MUTATION loss), shared helpers in
 ``_utils`` (interpreter detection, autotuning policy, activations) and ``_reduce`` (deterministic reductions of
 per-program partials: BatchNorm statistics, weight and parameter gradients).
 
@@ -14,7 +15,7 @@ imported); ``INTERPRET`` says whether they were decorated for it.
 from __future__ import annotations
 
 from ..library import Kernels
-from . import dwgn, lgag, lndw, msdc, mscam, updw
+from . import dwgn, lgag, lndw, msdc, mscam, mutation_loss, updw
 from ._utils import ACTIVATION_CODES, INTERPRET, SUPPORTED_DTYPES
 
 
@@ -25,9 +26,11 @@ KERNELS = Kernels(
     lndw_forward=lndw.lndw_forward, lndw_backward=lndw.lndw_backward,
     dwgn_forward=dwgn.dwgn_forward, dwgn_backward=dwgn.dwgn_backward,
     mscam_forward=mscam.mscam_forward, mscam_backward=mscam.mscam_backward,
+    mutation_stats_forward=mutation_loss.mutation_stats_forward,
+    mutation_stats_backward=mutation_loss.mutation_stats_backward,
 )
 
 IMPLEMENTED_OPS = ("multi_scale_dwconv", "upsample_dwconv", "grouped_attention_gate", "layernorm_dilated_dwconv",
-                   "dilated_dwconv_groupnorm", "mscam")
+                   "dilated_dwconv_groupnorm", "mscam", "mutation_stats")
 
 __all__ = ["ACTIVATION_CODES", "IMPLEMENTED_OPS", "INTERPRET", "KERNELS", "SUPPORTED_DTYPES"]

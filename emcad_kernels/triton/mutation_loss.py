@@ -1,9 +1,5 @@
 """Fused MUTATION deep-supervision loss statistics (issue 8): Triton kernels and launchers of the op
-``mutation_stats`` (interface: the integrator's note; semantics in ``mutation_stats_forward`` below).
-
-NOT WIRED YET: this module is deliberately not part of ``KERNELS`` / ``IMPLEMENTED_OPS`` in
-``emcad_kernels/triton/__init__.py``; the integrator adds it after merging the op registration (library.py,
-functional.py, reference, cpu). Until then the two launchers are called directly (tests/test_triton_mutation_loss.py).
+``mutation_stats`` (the ``mutation_stats`` op of ``emcad_kernels.library``; semantics below).
 
 Semantics: heads ``z_1..z_n`` (n = 1..4, ``(B, K, h_i, w_i)`` logits, any h_i, w_i >= 1) are bilinearly upsampled
 (``F.interpolate(size=(H, W), mode="bilinear", align_corners=False)``: ``scale = in / out``,
