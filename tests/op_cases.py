@@ -139,18 +139,30 @@ def assert_matches(actual: dict, same_dtype: dict, ref64: dict, dtype, label: st
         assert err <= tol, f"{label} {name}: max error {err:.3g} > {tol:.3g} (reference in {dtype}: {err_pt:.3g})"
 
 
-def check_against_reference(case, backend, device, dtype, channels_last, training, ref_device="cpu"):
-    """``backend`` on ``device`` against the reference: values (``assert_matches``) and the memory format of the
-    output and of the input gradients."""
-    label = f"{case} {dtype} {'channels_last' if channels_last else 'NCHW'} {'train' if training else 'eval'}"
-    got, y = run(case, backend, dtype, channels_last, training, device=device)
-    same, y_ref = run(case, "reference", dtype, channels_last, training, device=device)
-    ref64, _ = run(case, "reference", torch.float64, channels_last, training, device=ref_device)
+def assert_backend_matches_reference(run_call, backend, dtype, label, ref_device="cpu", check_dtypes=False):
+    """``run_call(backend, dtype, device=...)`` -> (values dict, output) for one case: ``backend`` against the
+    reference in the same dtype and in float64 (``assert_matches``), plus the memory format of the output and of
+    the input gradients and, with ``check_dtypes``, equal result dtypes."""
+    got, y = run_call(backend, dtype)
+    same, y_ref = run_call("reference", dtype)
+    ref64, _ = run_call("reference", torch.float64, device=ref_device)
     assert_matches(got, same, ref64, dtype, label)
     assert layout_strides(y) == layout_strides(y_ref), f"{label}: output strides {y.stride()} != {y_ref.stride()}"
     for name in ("grad x", "grad g"):
         if name in got:
             assert layout_strides(got[name]) == layout_strides(same[name]), f"{label} {name}"
+    if check_dtypes:
+        for name in got:
+            assert got[name].dtype == same[name].dtype, f"{label} {name}"
+
+
+def check_against_reference(case, backend, device, dtype, channels_last, training, ref_device="cpu"):
+    """``backend`` on ``device`` against the reference (:func:`assert_backend_matches_reference`)."""
+    label = f"{case} {dtype} {'channels_last' if channels_last else 'NCHW'} {'train' if training else 'eval'}"
+
+    def run_call(b, dt, device=device):
+        return run(case, b, dt, channels_last, training, device=device)
+    assert_backend_matches_reference(run_call, backend, dtype, label, ref_device)
 
 
 def assert_cuda_graph_replay_matches_eager(step, refresh):

@@ -27,8 +27,8 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'trit
 import emcad_kernels as ek  # noqa: E402
 from emcad_kernels import triton as ek_triton  # noqa: E402
 
-from op_cases import (assert_bitwise_equal, assert_cuda_graph_replay_matches_eager, assert_matches,  # noqa: E402
-                      layout_strides)
+from op_cases import (assert_backend_matches_reference, assert_bitwise_equal,  # noqa: E402
+                      assert_cuda_graph_replay_matches_eager)
 from test_triton_backend import _COMPILE_CHECK, _clean_env, _python, interpreter_bounds_check  # noqa: E402,F401
 
 CUDA = torch.cuda.is_available()
@@ -72,14 +72,10 @@ def run(case, backend, dtype, channels_last, device=DEVICE, grad_seed=3):
 def check_against_reference(case, dtype, channels_last):
     label = f"mscam {tuple(case['tensors']['x'].shape)} {case['activation']} {dtype} " \
             f"{'channels_last' if channels_last else 'NCHW'}"
-    got, y = run(case, "triton", dtype, channels_last)
-    same, y_ref = run(case, "reference", dtype, channels_last)
-    ref64, _ = run(case, "reference", torch.float64, channels_last, device="cpu")
-    assert_matches(got, same, ref64, dtype, label)
-    assert layout_strides(y) == layout_strides(y_ref), label
-    assert layout_strides(got["grad x"]) == layout_strides(same["grad x"]), label
-    for name in got:
-        assert got[name].dtype == same[name].dtype, f"{label} {name}"
+
+    def run_call(backend, dt, device=DEVICE):
+        return run(case, backend, dt, channels_last, device=device)
+    assert_backend_matches_reference(run_call, "triton", dtype, label, check_dtypes=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from emcad_kernels.functional import dilated_dwconv_groupnorm, layernorm_dilated
 
 # the interpreter's out-of-bounds check (autouse), the tolerance rule and the sm_90 compile harness are shared
 # with the other triton tests
-from op_cases import assert_cuda_graph_replay_matches_eager, assert_matches  # noqa: E402
+from op_cases import (assert_backend_matches_reference, assert_cuda_graph_replay_matches_eager,  # noqa: E402
+                      assert_matches)
 from test_triton_backend import _COMPILE_CHECK, _clean_env, _python, interpreter_bounds_check  # noqa: E402,F401
 
 CUDA = torch.cuda.is_available()
@@ -102,22 +103,13 @@ def run(case, backend, dtype, channels_last, device=DEVICE, param_dtype=None, gr
     return out, y
 
 
-def _strides(t):
-    """Strides of the dimensions longer than 1 (the others carry no layout information)."""
-    return [st for st, sz in zip(t.stride(), t.shape) if sz > 1]
-
-
 def check_against_reference(case, dtype, channels_last, param_dtype=None):
+    """Outputs and input gradients keep the input's memory format, parameter gradients their parameter's dtype."""
     label = f"{case['op']} {dtype} {'channels_last' if channels_last else 'NCHW'}"
-    got, y = run(case, "triton", dtype, channels_last, param_dtype=param_dtype)
-    same, y_ref = run(case, "reference", dtype, channels_last, param_dtype=param_dtype)
-    ref64, _ = run(case, "reference", torch.float64, channels_last, device="cpu")
-    assert_matches(got, same, ref64, dtype, label)
-    # outputs and input gradients keep the input's memory format, parameter gradients their parameter's dtype
-    assert _strides(y) == _strides(y_ref), label
-    assert _strides(got["grad x"]) == _strides(same["grad x"]), label
-    for name in got:
-        assert got[name].dtype == same[name].dtype, f"{label} {name}"
+
+    def run_call(backend, dt, device=DEVICE):
+        return run(case, backend, dt, channels_last, device=device, param_dtype=param_dtype)
+    assert_backend_matches_reference(run_call, "triton", dtype, label, check_dtypes=True)
 
 
 # --------------------------------------------------------------------------------------------------
