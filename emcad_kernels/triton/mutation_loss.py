@@ -84,6 +84,24 @@ def _upsample(z, b, Y, X, kk, m2, h, w, sn, sc, sh, sw, sch, scw):
 
 
 @triton.jit
+def _upsample_heads(z0, z1, z2, z3, b, Y, X, kk, m2, h0, w0, sn0, sc0, sh0, sw0, sch0, scw0,
+                    h1, w1, sn1, sc1, sh1, sw1, sch1, scw1, h2, w2, sn2, sc2, sh2, sw2, sch2, scw2,
+                    h3, w3, sn3, sc3, sh3, sw3, sch3, scw3, NH: tl.constexpr):
+    """The NH heads upsampled at (b, Y, X) (:func:`_upsample`); heads past NH repeat head 0 (never used)."""
+    u0 = _upsample(z0, b, Y, X, kk, m2, h0, w0, sn0, sc0, sh0, sw0, sch0, scw0)
+    u1 = u0
+    u2 = u0
+    u3 = u0
+    if NH >= 2:
+        u1 = _upsample(z1, b, Y, X, kk, m2, h1, w1, sn1, sc1, sh1, sw1, sch1, scw1)
+    if NH >= 3:
+        u2 = _upsample(z2, b, Y, X, kk, m2, h2, w2, sn2, sc2, sh2, sw2, sch2, scw2)
+    if NH >= 4:
+        u3 = _upsample(z3, b, Y, X, kk, m2, h3, w3, sn3, sc3, sh3, sw3, sch3, scw3)
+    return u0, u1, u2, u3
+
+
+@triton.jit
 def _pick(i: tl.constexpr, u0, u1, u2, u3):
     out = u0
     if i == 1:
@@ -200,16 +218,10 @@ def _fwd_kernel(z0, z1, z2, z3, tgt, part, NPIX, HW, W, K, stn, sth, stw,
         t = tl.load(tgt + b.to(tl.int64) * stn + Y * sth + X * stw, mask=pm, other=0)
         onehot = tl.where((kk[None, :] == t[:, None]) & m2, 1.0, 0.0)
         acc_t += tl.sum(onehot, 0)
-        u0 = _upsample(z0, b, Y, X, kk, m2, h0, w0, sn0, sc0, sh0, sw0, sch0, scw0)
-        u1 = u0
-        u2 = u0
-        u3 = u0
-        if NH >= 2:
-            u1 = _upsample(z1, b, Y, X, kk, m2, h1, w1, sn1, sc1, sh1, sw1, sch1, scw1)
-        if NH >= 3:
-            u2 = _upsample(z2, b, Y, X, kk, m2, h2, w2, sn2, sc2, sh2, sw2, sch2, scw2)
-        if NH >= 4:
-            u3 = _upsample(z3, b, Y, X, kk, m2, h3, w3, sn3, sc3, sh3, sw3, sch3, scw3)
+        u0, u1, u2, u3 = _upsample_heads(z0, z1, z2, z3, b, Y, X, kk, m2,
+                                         h0, w0, sn0, sc0, sh0, sw0, sch0, scw0, h1, w1, sn1, sc1, sh1, sw1, sch1,
+                                         scw1, h2, w2, sn2, sc2, sh2, sw2, sch2, scw2, h3, w3, sn3, sc3, sh3, sw3,
+                                         sch3, scw3, NH)
         for i in tl.static_range(NH):  # singletons: s = i
             acc_ce, acc_in, acc_sq = _fwd_subset(1 << i, i, NH, u0, u1, u2, u3, onehot, m2, pm, srow,
                                                  acc_ce, acc_in, acc_sq)
@@ -273,16 +285,10 @@ def _bwd_rows_kernel(z0, z1, z2, z3, tgt, gce, gin, gsq, r0, r1, r2, r3, H, W, K
         m2 = xm[:, None] & km[None, :]
         t = tl.load(tgt + b.to(tl.int64) * stn + Ys * sth + X * stw, mask=xm, other=0)
         onehot = tl.where((kk[None, :] == t[:, None]) & m2, 1.0, 0.0)
-        u0 = _upsample(z0, bv, Y, X, kk, m2, h0, w0, sn0, sc0, sh0, sw0, sch0, scw0)
-        u1 = u0
-        u2 = u0
-        u3 = u0
-        if NH >= 2:
-            u1 = _upsample(z1, bv, Y, X, kk, m2, h1, w1, sn1, sc1, sh1, sw1, sch1, scw1)
-        if NH >= 3:
-            u2 = _upsample(z2, bv, Y, X, kk, m2, h2, w2, sn2, sc2, sh2, sw2, sch2, scw2)
-        if NH >= 4:
-            u3 = _upsample(z3, bv, Y, X, kk, m2, h3, w3, sn3, sc3, sh3, sw3, sch3, scw3)
+        u0, u1, u2, u3 = _upsample_heads(z0, z1, z2, z3, bv, Y, X, kk, m2,
+                                         h0, w0, sn0, sc0, sh0, sw0, sch0, scw0, h1, w1, sn1, sc1, sh1, sw1, sch1,
+                                         scw1, h2, w2, sn2, sc2, sh2, sw2, sch2, scw2, h3, w3, sn3, sc3, sh3, sw3,
+                                         sch3, scw3, NH)
         G0 = tl.zeros([BX, BLOCK_K], tl.float32)
         G1 = tl.zeros([BX, BLOCK_K], tl.float32)
         G2 = tl.zeros([BX, BLOCK_K], tl.float32)
