@@ -47,15 +47,9 @@ SUPERVISIONS = ("mutation", "heads_and_sum", "deep_supervision", "last_layer")
 
 
 def _global_sum(t: Tensor, distributed: bool) -> Tensor:
-    if not distributed:
-        return t
-    import torch.distributed as dist
+    from emcad_kernels.functional import _all_reduce_sum  # the same differentiable all-reduce as mutation_loss
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t)
+    return _all_reduce_sum(t) if distributed else t
 
 
 def dice_loss(logits: Tensor, target: Tensor, *, smooth: float = 1e-5, softmax: bool = True,

@@ -546,7 +546,7 @@ def check_mutation_args(logits, target, *, check_values: bool = True) -> tuple[l
     if target.shape[1] < 1 or target.shape[2] < 1:
         raise ValueError(f"target has an empty spatial size {tuple(target.shape)}")
     if check_values and target.numel():
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = (int(v) for v in torch.aminmax(target))  # one pass, one host sync
         if lo < 0 or hi >= k:
             raise ValueError(f"target values must be class indices in [0, {k}), got values in [{lo}, {hi}]")
     return logits, target.long()

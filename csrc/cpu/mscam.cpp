@@ -76,7 +76,7 @@ double act_b(int act, double a, double g) {
 
 struct Setup {
   at::Tensor x;                   // dense in `fmt`
-  at::Tensor w1, w2, ws;          // double, contiguous: [R][C], [C][R], [2][k][k]
+  Vec w1, w2, ws;                 // [R][C], [C][R], [2][k][k]
   at::MemoryFormat fmt;
   at::ScalarType acc;             // accumulation dtype
   int dt = 0, act = 0, k = 7;
@@ -109,9 +109,9 @@ Setup setup(const at::Tensor& x, const at::Tensor& fc1, const at::Tensor& fc2, c
   s.fmt = out_format(x);
   s.x = x.contiguous(s.fmt);
   s.acc = s.dt == kF64 ? at::kDouble : at::kFloat;
-  s.w1 = f64(fc1).reshape({R, C});
-  s.w2 = f64(fc2).reshape({C, R});
-  s.ws = f64(sab_weight).reshape({2, k, k});
+  s.w1 = host_f64(fc1);
+  s.w2 = host_f64(fc2);
+  s.ws = host_f64(sab_weight);
   s.k = (int)k;
   s.N = x.size(0);
   s.C = C;
@@ -132,7 +132,7 @@ Setup setup(const at::Tensor& x, const at::Tensor& fc1, const at::Tensor& fc2, c
   a.k = s.k;
   a.band = band;
   a.nbands = (s.H + band - 1) / band;
-  a.wsab = s.ws.data_ptr<double>();
+  a.wsab = s.ws.data();
   s.items = s.N * a.nbands;
   return s;
 }
@@ -194,9 +194,14 @@ struct Cab {
 Cab cab_mlp(const Setup& s, const Pooled& p) {
   const int64_t N = s.N, C = s.C, R = s.R;
   Cab o{at::empty({N, R}, at::kDouble), at::empty({N, R}, at::kDouble), {}, at::empty({N, C}, at::kDouble)};
-  const at::Tensor w1t_t = s.w1.t().contiguous(), w2t_t = s.w2.t().contiguous();
-  const double* w1t = w1t_t.data_ptr<double>();
-  const double* w2t = w2t_t.data_ptr<double>();
+  Vec w1t_v((size_t)(C * R)), w2t_v((size_t)(R * C));  // fc1^T [C][R], fc2^T [R][C]
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      w1t_v[c * R + r] = s.w1[r * C + c];
+      w2t_v[r * C + c] = s.w2[c * R + r];
+    }
+  const double* w1t = w1t_v.data();
+  const double* w2t = w2t_v.data();
   const double* avg = p.avg.data_ptr<double>();
   const double* mx = p.mx.data_ptr<double>();
   double* ha = o.h_avg.data_ptr<double>();
@@ -297,19 +302,19 @@ std::vector<at::Tensor> mscam_bwd(const at::Tensor& grad, const at::Tensor& x, c
   at::Tensor gws = from_host(sum_items(pw.data_ptr<double>(), s.items, 2 * kk), sab_weight.sizes(),
                              sab_weight.scalar_type());
   // CAB: g_z = (sum_p g_d1 * x) * ca * (1 - ca), then the MLP backward in double
-  at::Tensor gw1 = at::zeros({R, C}, at::kDouble), gw2 = at::zeros({C, R}, at::kDouble);
+  Vec gw1((size_t)(R * C), 0.0), gw2((size_t)(C * R), 0.0);
   at::Tensor gavg = at::empty({N, C}, at::kDouble), gmax = at::empty({N, C}, at::kDouble);
   {
     const double* pzv = pz.data_ptr<double>();
     const double* ca = cab.ca_d.data_ptr<double>();
-    const double* w1 = s.w1.data_ptr<double>();
-    const double* w2 = s.w2.data_ptr<double>();
+    const double* w1 = s.w1.data();
+    const double* w2 = s.w2.data();
     const double* ha = cab.h_avg.data_ptr<double>();
     const double* hm = cab.h_max.data_ptr<double>();
     const double* avg = p.avg.data_ptr<double>();
     const double* mx = p.mx.data_ptr<double>();
-    double* g1 = gw1.data_ptr<double>();
-    double* g2 = gw2.data_ptr<double>();
+    double* g1 = gw1.data();
+    double* g2 = gw2.data();
     double* ga = gavg.data_ptr<double>();
     double* gm = gmax.data_ptr<double>();
     const double hw = (double)(H * W);
@@ -365,8 +370,7 @@ std::vector<at::Tensor> mscam_bwd(const at::Tensor& grad, const at::Tensor& x, c
   s.a.gx = gx.data_ptr();
   run_items(f.bwd_gx, s.a, s.items);
   run_items(f.fixup, s.a, N);
-  return {gx, gw1.reshape({R, C, 1, 1}).to(fc1.scalar_type()), gw2.reshape({C, R, 1, 1}).to(fc2.scalar_type()),
-          gws};
+  return {gx, from_host(gw1, fc1.sizes(), fc1.scalar_type()), from_host(gw2, fc2.sizes(), fc2.scalar_type()), gws};
 }
 
 }  // namespace

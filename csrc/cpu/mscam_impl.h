@@ -480,7 +480,6 @@ void bwd_gs_items(const MscamArgs& a, int64_t b, int64_t e) {
   std::vector<A> tw((size_t)(2 * kk * W)), rz(a.cl ? C : 0);
   for (int64_t it = b; it < e; ++it) {
     const int64_t n = it / a.nbands, y0 = (it % a.nbands) * a.band, y1 = std::min(H, y0 + a.band);
-    const A* ca = static_cast<const A*>(a.ca) + n * C;
     const A* gqp = static_cast<const A*>(a.gq) + n * Hp * Wp;
     const A* mp = static_cast<const A*>(a.map) + n * 2 * Hp * Wp;
     std::fill(tw.begin(), tw.end(), A(0));

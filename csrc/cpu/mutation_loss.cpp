@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/binding_utils.h"
 #include "cpu/kernels.h"
 
 namespace emcad_cpu {
@@ -118,24 +119,6 @@ const MlTable& active_ml_table() {
   return ml_default::ml_table();
 }
 
-int ml_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kBFloat16: return 2;
-    default:
-      TORCH_CHECK(false, "emcad_kernels cpu: mutation_stats: logits have dtype ", t.scalar_type(),
-                  "; supported: float32, float64, bfloat16");
-  }
-  return 0;
-}
-
-at::MemoryFormat out_format(const at::Tensor& x) {
-  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
-}
-
 // aten's upsample_bilinear2d (align_corners=False, no scale given) source indices and weights, in the compute
 // type: scale = in / out, src = max(scale * (dst + 0.5) - 0.5, 0)
 template <typename T>
@@ -209,7 +192,7 @@ void prepare(Prepared& p, at::TensorList logits, const at::Tensor& target, bool 
   TORCH_CHECK(target.device().is_cpu() && target.dim() == 3 && target.scalar_type() == at::kLong,
               "emcad_kernels cpu: mutation_stats: target must be a (B, H, W) int64 cpu tensor, got ",
               target.scalar_type(), " ", target.sizes());
-  p.dt = ml_dtype(logits[0]);
+  p.dt = dtype_index(logits[0], "mutation_stats: logits");
   MlArgs& a = p.a;
   a.n = (int)n;
   a.B = target.size(0);
@@ -260,7 +243,7 @@ void prepare(Prepared& p, at::TensorList logits, const at::Tensor& target, bool 
     h.sh = z.stride(2);
     h.sw = z.stride(3);
   }
-  if (p.dt == 1) {
+  if (p.dt == kF64) {
     p.td.resize(n);
     for (int64_t i = 0; i < n; ++i) {
       MlHead& h = a.head[i];
@@ -308,11 +291,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutation_stats_fwd(at
     const double* src = partial.data() + c * width;
     for (int64_t j = 0; j < width; ++j) total[j] += src[j];
   }
-  at::Tensor all = at::from_blob(total.data(), {width}, at::TensorOptions().dtype(at::kDouble)).clone();
-  const auto sdt = p.dt == 1 ? at::kDouble : at::kFloat;
-  all = all.to(sdt);
-  return {all.narrow(0, 0, S).clone(), all.narrow(0, S, S * K).view({S, K}).clone(),
-          all.narrow(0, S + S * K, S * K).view({S, K}).clone(), all.narrow(0, S + 2 * S * K, K).clone()};
+  const auto sdt = p.dt == kF64 ? at::kDouble : at::kFloat;
+  const double* t = total.data();  // [ce (S) | inter (S*K) | psq (S*K) | tcount (K)]
+  return {from_host(t, {S}, sdt), from_host(t + S, {S, K}, sdt), from_host(t + S + S * K, {S, K}, sdt),
+          from_host(t + S + 2 * S * K, {K}, sdt)};
 }
 
 std::vector<at::Tensor> mutation_stats_bwd(const at::Tensor& grad_ce, const at::Tensor& grad_inter,
@@ -325,7 +307,7 @@ std::vector<at::Tensor> mutation_stats_bwd(const at::Tensor& grad_ce, const at::
   TORCH_CHECK(grad_ce.numel() == S && grad_inter.numel() == S * K && grad_psq.numel() == S * K,
               "emcad_kernels cpu: mutation_stats backward: gradients must have shapes (", S, ",), (", S, ", ", K,
               "), (", S, ", ", K, ")");
-  const auto cdt = p.dt == 1 ? at::kDouble : at::kFloat;
+  const auto cdt = p.dt == kF64 ? at::kDouble : at::kFloat;
   const at::Tensor gce = grad_ce.to(cdt).contiguous(), gin = grad_inter.to(cdt).contiguous(),
                    gps = grad_psq.to(cdt).contiguous();
   a.g_ce = gce.data_ptr();

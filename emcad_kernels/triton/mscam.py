@@ -115,6 +115,17 @@ def _sab_input_grad(gq, n, hh, ww, pm, H, W, HW, wsab, K: tl.constexpr, BLOCK_P:
 
 
 @triton.jit
+def _bwd_pixel_tile(t, TPI, H, W, HW, gq_map, sa_map, cidx, wsab, K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per-pixel state of a backward pixel tile: the tile, the SAB input gradients (mean, max), ``sa`` and the
+    channel arg-max."""
+    n, p, hh, ww, pm = _tile_pixels(t, TPI, HW, W, BLOCK_P)
+    gs0, gs1 = _sab_input_grad(gq_map, n, hh, ww, pm, H, W, HW, wsab, K, BLOCK_P)
+    sa = tl.load(sa_map + n.to(tl.int64) * HW + p, mask=pm, other=0.0)
+    ci = tl.load(cidx + n.to(tl.int64) * HW + p, mask=pm, other=0)
+    return n, p, hh, ww, pm, gs0, gs1, sa, ci
+
+
+@triton.jit
 def _grad_d1(gv, sa, gs0, gs1, ci, c, C):
     """``∂L/∂d1 = g·sa + ∂L/∂s₀/C + [c = arg-max channel]·∂L/∂s₁`` on a ``[BLOCK_P, BLOCK_C]`` block."""
     out = gv * sa[:, None] + (gs0 / C)[:, None]
@@ -284,10 +295,7 @@ def _bwd_gca_kernel(x, g, sa_map, gq_map, cidx, wsab, part, C, H, W, TPI, sxn, s
                     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
     HW = H * W
-    n, p, hh, ww, pm = _tile_pixels(t, TPI, HW, W, BLOCK_P)
-    gs0, gs1 = _sab_input_grad(gq_map, n, hh, ww, pm, H, W, HW, wsab, K, BLOCK_P)
-    sa = tl.load(sa_map + n.to(tl.int64) * HW + p, mask=pm, other=0.0)
-    ci = tl.load(cidx + n.to(tl.int64) * HW + p, mask=pm, other=0)
+    n, p, hh, ww, pm, gs0, gs1, sa, ci = _bwd_pixel_tile(t, TPI, H, W, HW, gq_map, sa_map, cidx, wsab, K, BLOCK_P)
     xb = x + n.to(tl.int64) * sxn + (hh * sxh + ww * sxw)[:, None]
     gb = g + n.to(tl.int64) * sgn + (hh * sgh + ww * sgw)[:, None]
     row = t.to(tl.int64) * C
@@ -348,10 +356,7 @@ def _bwd_dx_kernel(g, gx, ca, sa_map, gq_map, cidx, pidx, gavg, gmx, wsab, C, H,
                    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
     HW = H * W
-    n, p, hh, ww, pm = _tile_pixels(t, TPI, HW, W, BLOCK_P)
-    gs0, gs1 = _sab_input_grad(gq_map, n, hh, ww, pm, H, W, HW, wsab, K, BLOCK_P)
-    sa = tl.load(sa_map + n.to(tl.int64) * HW + p, mask=pm, other=0.0)
-    ci = tl.load(cidx + n.to(tl.int64) * HW + p, mask=pm, other=0)
+    n, p, hh, ww, pm, gs0, gs1, sa, ci = _bwd_pixel_tile(t, TPI, H, W, HW, gq_map, sa_map, cidx, wsab, K, BLOCK_P)
     gb = g + n.to(tl.int64) * sgn + (hh * sgh + ww * sgw)[:, None]
     ob = gx + n.to(tl.int64) * son + (hh * soh + ww * sow)[:, None]
     for c0 in range(0, C, BLOCK_C):
