@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """GPU benchmark of the triton backend (issues 4 and 7).
 
-For each fused op (``msdc``, ``updw``, ``lgag``, ``mscam`` at the EMCAD-B2 decoder shapes; ``lndw``, ``dwgn``
-at the EGE-UNet GAB / MALUNet DGA shapes of the same strides, see ``op_problem``) at 224 px / batch 6 and
+For each fused op (``msdc``, ``updw``, ``lgag``, ``mscam`` at the EMCAD-B2 decoder shapes; ``mutation_loss`` on
+EMCADNet's four heads, 9 classes; ``lndw``, ``dwgn`` at the EGE-UNet GAB / MALUNet DGA shapes of the same
+strides, see ``op_problem``) at 224 px / batch 6 and
 352 px / batch 16 (four stages each), in bf16 and fp32, and each mode (``fwd_eval``: inference forward; ``fwd_train``:
 training forward; ``fwd_bwd``: training forward + backward) it times these providers side by side:
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import csv
 import json
 import os
@@ -56,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="directory for the JSON / CSV / Markdown results")
     p.add_argument("--sizes", default="224:6,352:16", help="image_size:batch pairs (default: 224:6,352:16)")
     p.add_argument("--dtypes", default=None, help="comma list of bf16, fp16, fp32 (default: bf16,fp32; dry run: fp32)")
-    p.add_argument("--ops", default="msdc,updw,lgag,lndw,dwgn,mscam")
+    p.add_argument("--ops", default="msdc,updw,lgag,lndw,dwgn,mscam,mutation_loss")
     p.add_argument("--stages", default="0,1,2,3", help="decoder stages (0 = deepest, stride 32)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--modes", default=",".join(MODES))
@@ -173,6 +175,26 @@ class MSCAMRef(nn.Module):
         return ek.mscam(x, self.fc1.weight, self.fc2.weight, self.sab.weight, activation="relu", backend="triton")
 
 
+class MutationLossRef(nn.Module):
+    """EMCAD's MUTATION loss (0.3 CE + 0.7 Dice over the 15 head subsets) of the four heads p4..p1 at strides
+    32..4 against a fixed random target: ``forward`` is the plain loss on the upsampled heads (what
+    ``SegmentationLoss(fused=False)`` computes), ``fused`` the ``mutation_loss`` op on the low-resolution heads."""
+
+    def __init__(self, num_classes, size, batch):
+        super().__init__()
+        from emcad.losses import SegmentationLoss
+        self.plain = SegmentationLoss(num_classes, "mutation", "ce_dice", fused=False)
+        self.register_buffer("target", torch.randint(0, num_classes, (batch, size, size)))
+
+    def forward(self, *heads):
+        size = self.target.shape[-2:]
+        return self.plain([nn.functional.interpolate(z, size=size, mode="bilinear", align_corners=False)
+                           for z in heads], self.target)
+
+    def fused(self, *heads):
+        return ek.mutation_loss(list(heads), self.target, backend="triton")
+
+
 # per stage (strides 32, 16, 8, 4): EGE-UNet GAB5..GAB2 group width g (4 groups of g channels) and MALUNet DGA
 # channels (DGA(64) / DGA(32) / DGA(24) run at strides 32 / 16 / 8; MALUNet has no DGA at stride 4)
 LNDW_GROUP = (25, 17, 13, 9)
@@ -192,6 +214,10 @@ def op_problem(op: str, channels, stage: int, size: int, batch: int):
     if op == "dwgn":
         c = (DRY_DWGN_CHANNELS if dry else DWGN_CHANNELS)[stage]
         return DWGNRef(c), [(batch, c, r, r)], 2 * batch * c * r * r
+    if op == "mutation_loss":  # the four heads (9 classes, Synapse) at strides 32..4: read once, + the target
+        k = 9
+        shapes = [(batch, k, size // s, size // s) for s in STRIDES]
+        return MutationLossRef(k, size, batch), shapes, sum(math.prod(sh) for sh in shapes) + batch * size * size
     if op == "mscam":  # CAB · SAB on the stage's C channels: read x + write y (the kernels read x 3×)
         e = batch * c * r * r
         return MSCAMRef(c), [(batch, c, r, r)], 2 * e
@@ -362,7 +388,7 @@ def check_targets(rows, sizes):
     for r in rows:
         if r.get("kind") != "op" or r.get("provider") != "triton" or r.get("mode") != "fwd_bwd" or "error" in r:
             continue
-        if r["op"] == "mscam":  # issue 8 sets decoder-level targets only; its rows are reported, not judged
+        if r["op"] in ("mscam", "mutation_loss"):  # issue 8 sets decoder-level targets only: reported, not judged
             continue
         key = {k: r[k] for k in ("op", "image_size", "stage", "dtype")}
         eager = _find(rows, kind="op", provider="eager_nchw", mode="fwd_bwd", **key)
@@ -480,6 +506,8 @@ def main(args):
                             continue  # the last EUCB upsamples stage 2 (stride 8) to stage 3 (stride 4)
                         if op == "dwgn" and DWGN_CHANNELS[stage] is None:
                             continue
+                        if op == "mutation_loss" and stage != stages[0]:
+                            continue  # one problem per image size: the loss covers all four heads
                         rows += bench_op(op, stage, size, batch, dtype_name, providers, modes, timer, args,
                                          channels, device, copy_bw, env)
     if not args.no_model:
