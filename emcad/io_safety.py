@@ -177,7 +177,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
         try:
             fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
             with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), file_mode())
+                if hasattr(os, "fchmod"):  # POSIX: mkstemp made it 0600
+                    os.fchmod(f.fileno(), file_mode())
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -254,7 +255,6 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[str], None], *, w
     aside = _aside_path(path)
     with _signals_abandon_write():
         tmp = None
-        moved_aside = False
         try:
             tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
             os.chmod(tmp, dir_mode())
@@ -262,7 +262,6 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[str], None], *, w
             _fsync_tree(tmp)
             if os.path.lexists(path):
                 os.replace(path, aside)
-                moved_aside = True
             os.replace(tmp, path)
             tmp = None
             _fsync_dir(parent)
@@ -271,13 +270,13 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[str], None], *, w
         except OSError as e:
             raise WriteError(what, path, e) from e
         finally:
+            # decided from what is on disk: a signal can land between a rename and the next statement
+            if tmp is not None and not os.path.lexists(path) and os.path.isdir(aside):
+                with contextlib.suppress(OSError):
+                    os.replace(aside, path)  # the swap did not happen: the old folder goes back
             if tmp is not None:
-                if moved_aside and not os.path.lexists(path):
-                    with contextlib.suppress(OSError):
-                        os.replace(aside, path)
-                        moved_aside = False
                 shutil.rmtree(tmp, ignore_errors=True)
-            if moved_aside and os.path.lexists(path):
+            if os.path.lexists(path) and os.path.isdir(aside):
                 shutil.rmtree(aside, ignore_errors=True)
 
 

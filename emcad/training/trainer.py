@@ -22,7 +22,6 @@ Behaviour worth knowing:
   uses its torch path, because the fused kernels compute per-process statistics).
 * bf16 autocast with ``amp=True`` (CUDA, and CPU, where it pays off only with native bf16 support); ``deterministic=True`` sets
   ``torch.use_deterministic_algorithms`` and the cuDNN flags for the run.
-
 * Every file is written atomically and with umask permissions (:mod:`emcad.io_safety`); a write that fails
   (read-only folder, full disk) stops training with a one-line :class:`~emcad.io_safety.WriteError`, and the
   previous ``last.pt`` stays intact. A folder that holds a run is never mixed with another (see :class:`Trainer`).
@@ -628,14 +627,16 @@ class Trainer:
         self.best: dict = {"step": None, "dice_mean": -math.inf}
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
-        if self.dist.is_main:
-            if self._clear_old_run:
-                self._remove_run_files()
-            makedirs(os.path.join(self.out_dir, "checkpoints"), what="run folder")
-            _write_json(os.path.join(self.out_dir, "config.json"), self.cfg.to_dict(), what="run config")
-            if resume_ckpt is not None:
-                self._write_logs()  # drop rows logged after the checkpoint by the interrupted run
+        self._on_main(lambda: self._start_output_dir(resumed=resume_ckpt is not None))
         ddp.barrier()
+
+    def _start_output_dir(self, resumed: bool) -> None:
+        if self._clear_old_run:
+            self._remove_run_files()
+        makedirs(os.path.join(self.out_dir, "checkpoints"), what="run folder")
+        _write_json(os.path.join(self.out_dir, "config.json"), self.cfg.to_dict(), what="run config")
+        if resumed:
+            self._write_logs()  # drop rows logged after the checkpoint by the interrupted run
 
     def _checkpoint_run_dir(self) -> Optional[str]:
         """``RUN`` when the resumed checkpoint lies in ``RUN/checkpoints/``, else None."""
@@ -868,8 +869,7 @@ class Trainer:
                      f"continue with: emcad train --resume {self.ckpt_path}")
         else:
             self.save_checkpoint(self.step)
-            if self.dist.is_main:
-                self._finish()
+            self._on_main(self._finish)
             ddp.barrier()
         result = TrainResult(self.out_dir, self.step, self.total_steps, interrupted, self.best.get("step"),
                              float(self.best.get("dice_mean", math.nan)), self.val_rows[-1] if self.val_rows else {},
