@@ -121,7 +121,9 @@ class SpatialReductionAttention(nn.Module):
             x_map = x.transpose(1, 2).reshape(batch, dim, height, width)
             x = self.norm(self.sr(x_map).flatten(2).transpose(1, 2))
         # (2, B, heads, N_kv, head_dim)
-        kv = self.kv(x).reshape(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # explicit token count, not -1: a reshape of an empty batch cannot infer it
+        kv = self.kv(x)
+        kv = kv.reshape(batch, kv.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
 
         attn = (q @ k.transpose(-2, -1)) * self.scale
@@ -278,7 +280,7 @@ class PyramidVisionTransformerV2(nn.Module):
             for block in blocks:
                 tokens = block(tokens, height, width)
             tokens = norm(tokens)
-            x = tokens.reshape(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+            x = tokens.reshape(tokens.shape[0], height, width, tokens.shape[-1]).permute(0, 3, 1, 2).contiguous()
             features.append(x)
         return features
 

@@ -50,6 +50,16 @@ def check_input(name: str, x) -> Tensor:
     return x
 
 
+def check_feature_map(name: str, x) -> Tensor:
+    """``check_input`` plus: at least one channel and a non-empty height and width. Only the batch may be 0 (the
+    backends disagreed on empty maps: the C++ kernels returned empty results, the PyTorch convs refuse them)."""
+    check_input(name, x)
+    if 0 in x.shape[1:]:
+        raise ValueError(f"{name} must have at least one channel and a non-empty height and width (only the batch "
+                         f"may be 0), got shape {tuple(x.shape)}")
+    return x
+
+
 def check_like(name: str, t: Tensor, x: Tensor, *, allow_fp32: bool = False) -> None:
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")

@@ -16,9 +16,9 @@ from torch import Tensor
 from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
-from ._args import (BatchNormLike, batch_norm_args, check_activation, check_batch_stats_count, check_input,
-                    check_like, check_positive_int, check_tensor, dense_grad, empty_like_output, empty_stats,
-                    same_batch_stats_mode, update_running_stats)
+from ._args import (BatchNormLike, batch_norm_args, check_activation, check_batch_stats_count, check_eps,
+                    check_feature_map, check_like, check_positive_int, check_tensor, dense_grad, empty_like_output,
+                    empty_stats, same_batch_stats_mode, update_running_stats)
 from .msdc import CPU_ACTIVATIONS
 
 
@@ -50,8 +50,9 @@ class LgagAttrs(NamedTuple):
 
 def prepare(g, x, wg, bg, bn_g, wx, bx, bn_x, wpsi, bpsi, bn_psi, *, groups, add_gate_input=False,
             activation="relu", training=False, momentum=0.1, eps=1e-5) -> Call:
-    check_input("g", g)
-    check_input("x", x)
+    check_feature_map("g", g)
+    check_feature_map("x", x)
+    eps = check_eps(eps)
     check_like("g", g, x)
     if g.shape[0] != x.shape[0] or g.shape[2:] != x.shape[2:]:
         raise ValueError(f"g and x must have the same batch and spatial size, got {tuple(g.shape)} and "
@@ -105,7 +106,7 @@ def prepare(g, x, wg, bg, bn_g, wx, bx, bn_x, wpsi, bpsi, bn_psi, *, groups, add
         return y
 
     args = (g, x, wg, biases[0], wx, biases[1], wpsi, biases[2], *(t for norm in norms for t in norm[:4]),
-            use_batch_stats, float(eps), groups, activation, bool(add_gate_input))
+            use_batch_stats, eps, groups, activation, bool(add_gate_input))
     attrs = LgagAttrs(activation, int(wg.shape[-1]), groups, f_int // groups, int(wg.shape[1]), int(wx.shape[1]),
                       g.numel() == 0 or x.numel() == 0)
     return Call(LGAG, args, x.device.type, x.dtype, attrs, finish)

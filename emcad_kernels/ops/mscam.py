@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
-from ._args import check_activation, check_input, check_like, check_tensor, dense_grad, empty_like_output
+from ._args import check_activation, check_feature_map, check_like, check_tensor, dense_grad, empty_like_output
 from .msdc import CPU_ACTIVATIONS
 
 
@@ -36,7 +36,7 @@ class MscamAttrs(NamedTuple):
 
 
 def prepare(x, cab_fc1, cab_fc2, sab_weight, *, activation="relu") -> Call:
-    check_input("x", x)
+    check_feature_map("x", x)
     c = x.shape[1]
     check_activation(activation)
     for name, t in (("cab_fc1", cab_fc1), ("cab_fc2", cab_fc2), ("sab_weight", sab_weight)):

@@ -17,8 +17,8 @@ from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
 from ._args import (BatchNormLike, batch_norm_args, check_activation, check_batch_stats_count,
-                    check_depthwise_weight, check_input, check_positive_int, conv_out_size, dense_grad,
-                    empty_like_output, empty_stats, same_batch_stats_mode, update_running_stats)
+                    check_depthwise_weight, check_eps, check_feature_map, check_positive_int, conv_out_size,
+                    dense_grad, empty_like_output, empty_stats, same_batch_stats_mode, update_running_stats)
 
 
 def multi_scale_dwconv(x: Tensor, weights: Sequence[Tensor], bn: Sequence[BatchNormLike], *,
@@ -46,7 +46,8 @@ class MsdcAttrs(NamedTuple):
 
 def prepare(x, weights, bn, *, activation="relu6", combine="sum", shuffle_groups=None, stride=1, training=False,
             momentum=0.1, eps=1e-5) -> Call:
-    check_input("x", x)
+    check_feature_map("x", x)
+    eps = check_eps(eps)
     n, c, h, w = x.shape
     weights, bn = list(weights), list(bn)
     if len(weights) == 0:
@@ -77,7 +78,7 @@ def prepare(x, weights, bn, *, activation="relu6", combine="sum", shuffle_groups
         return y
 
     args = (x, weights, torch.stack([b.weight for b in bns]), torch.stack([b.bias for b in bns]),
-            torch.stack([b.mean for b in bns]), torch.stack([b.var for b in bns]), use_batch_stats, float(eps),
+            torch.stack([b.mean for b in bns]), torch.stack([b.var for b in bns]), use_batch_stats, eps,
             activation, combine == "concat", int(shuffle_groups or 0), stride)
     return Call(MSDC, args, x.device.type, x.dtype, MsdcAttrs(activation, kernel_sizes, stride, x.numel() == 0),
                 finish)

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
-from ._args import (MAX_KERNEL_SIZE, check_eps, check_input, check_like, check_tensor, dense_grad,
+from ._args import (MAX_KERNEL_SIZE, check_eps, check_feature_map, check_like, check_tensor, dense_grad,
                     empty_like_output)
 
 
@@ -120,7 +120,7 @@ def _group_vectors(name: str, values, sizes: Sequence[int], x: Tensor, fill: flo
 
 
 def prepare_lndw(x, ln_weights, ln_biases, weights, biases=None, *, dilations, eps=1e-6) -> Call:
-    check_input("x", x)
+    check_feature_map("x", x)
     weights, sizes, kernel_sizes, dilations = _group_weights(x, weights, dilations)
     lws = _group_vectors("ln_weights", ln_weights, sizes, x, 1.0, allow_fp32=True)
     lbs = _group_vectors("ln_biases", ln_biases, sizes, x, 0.0, allow_fp32=True)
@@ -130,7 +130,7 @@ def prepare_lndw(x, ln_weights, ln_biases, weights, biases=None, *, dilations, e
 
 
 def prepare_dwgn(x, weights, biases, gn_weight, gn_bias, *, dilations, eps=1e-5) -> Call:
-    check_input("x", x)
+    check_feature_map("x", x)
     weights, sizes, kernel_sizes, dilations = _group_weights(x, weights, dilations)
     if any(g != sizes[0] for g in sizes):
         raise ValueError(f"weights must split the channels into equal groups (the GroupNorm groups), got group "

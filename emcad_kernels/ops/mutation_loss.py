@@ -55,7 +55,8 @@ def mutation_loss(logits: Sequence[Tensor], target: Tensor, *, ce_weight: float 
     ``CE_s = ce[s] / (B H W)`` and ``Dice_s = mean_c (1 - (2 inter[s,c] + smooth) / (psq[s,c] + tcount[c] +
     smooth))`` (see :func:`mutation_stats`). ``distributed=True`` all-reduces the Dice sums over the default
     process group (differentiably) first, like ``emcad.losses.dice_loss``. Returns a scalar in the statistics'
-    dtype (float32 for fp16/bf16/fp32 logits)."""
+    dtype (float32 for fp16/bf16/fp32 logits). An empty batch gives NaN (the CE is a mean over no pixels), as the
+    plain loss does."""
     ce, inter, psq, tcount = mutation_stats(logits, target, backend=backend)
     s, k = inter.shape
     if distributed:
@@ -63,7 +64,9 @@ def mutation_loss(logits: Sequence[Tensor], target: Tensor, *, ce_weight: float 
         inter, psq, tcount = sums[:s * k].view(s, k), sums[s * k:2 * s * k].view(s, k), sums[2 * s * k:]
     npix = target.numel()
     dice = 1 - (2 * inter + smooth) / (psq + tcount + smooth)
-    return (ce * (ce_weight / npix) + dice_weight * dice.mean(1)).sum()
+    # an empty batch: the CE mean over no pixels is NaN, as in F.cross_entropy and the plain SegmentationLoss
+    ce_scale = ce_weight / npix if npix else float("nan")
+    return (ce * ce_scale + dice_weight * dice.mean(1)).sum()
 
 
 class MutationAttrs(NamedTuple):

@@ -17,7 +17,8 @@ from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
 from ._args import (BatchNormLike, batch_norm_args, check_activation, check_batch_stats_count,
-                    check_depthwise_weight, check_input, check_positive_int, dense_grad, empty_like_output,
+                    check_depthwise_weight, check_eps, check_feature_map, check_positive_int, dense_grad,
+                    empty_like_output,
                     empty_stats, update_running_stats)
 from .msdc import CPU_ACTIVATIONS
 
@@ -43,7 +44,8 @@ class UpdwAttrs(NamedTuple):
 
 def prepare(x, weight, bn, *, scale=2, mode="nearest", activation="relu", training=False, momentum=0.1,
             eps=1e-5) -> Call:
-    check_input("x", x)
+    check_feature_map("x", x)
+    eps = check_eps(eps)
     n, c, h, w = x.shape
     k = check_depthwise_weight("weight", weight, c, x)
     if mode not in ("nearest", "bilinear"):
@@ -61,7 +63,7 @@ def prepare(x, weight, bn, *, scale=2, mode="nearest", activation="relu", traini
             update_running_stats([(norm.running_mean, norm.running_var, batch_mean, batch_var)], count, momentum)
         return y
 
-    args = (x, weight, norm.weight, norm.bias, norm.mean, norm.var, norm.use_batch_stats, float(eps), mode,
+    args = (x, weight, norm.weight, norm.bias, norm.mean, norm.var, norm.use_batch_stats, eps, mode,
             activation, scale)
     return Call(UPDW, args, x.device.type, x.dtype, UpdwAttrs(activation, k, mode, scale, x.numel() == 0), finish)
 
