@@ -184,6 +184,8 @@ class _FusedBN:
         return _FusedBN(first.training, first.eps, 1.0, args, pending)
 
     def finish(self) -> None:
+        if not self._pending:
+            return  # no empty no_grad block: torch.export would keep it as a subgraph that torch.export.save rejects
         with torch.no_grad():
             for bn, factor, batch_mean, batch_var in self._pending:
                 bn.running_mean.mul_(1.0 - factor).add_(batch_mean, alpha=factor)

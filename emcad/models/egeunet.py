@@ -244,7 +244,8 @@ class GHPA(BackendMixin, nn.Module):
     def maps(self, height: int, width: int, like_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The attention maps, from the cache when allowed (eval mode, see the class docstring)."""
         params = self._map_parameters()
-        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)) \
+                or torch.compiler.is_compiling():  # traced (torch.export / compile): no data pointers to key on
             return self.attention_maps(height, width)
         device = like_x.device
         key = (height, width, device, self.params_xy.dtype, torch.is_inference_mode_enabled(),

@@ -5,6 +5,8 @@ Every error names the argument and says what was expected.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -156,7 +158,10 @@ def update_running_stats(stats: Sequence[tuple], count: int, momentum: float) ->
     stats = [s for s in stats if s[0] is not None]
     if not stats:
         return
-    with torch.no_grad():
+    # no_grad only when something requires grad (the batch statistics never do): torch.export keeps a no_grad
+    # block as a subgraph without outputs, which torch.export.save rejects
+    needs_no_grad = any(t.requires_grad for s in stats for t in s)
+    with torch.no_grad() if needs_no_grad else contextlib.nullcontext():
         unbiased = torch._foreach_mul([v for _, _, _, v in stats], count / (count - 1))
         running, batch = [], []
         for (rm, rv, mean, _), var in zip(stats, unbiased):
