@@ -5,6 +5,7 @@
     emcad train                        train (default: EMCAD-B0 on the built-in synthetic data, ~1-2 min on CPU)
     emcad evaluate --checkpoint DIR    Dice, IoU and HD95 per class and per case
     emcad predict IMAGES --checkpoint DIR   masks and overlay PNGs
+    emcad export --checkpoint DIR -o model.onnx   ONNX or AOTInductor .pt2 for deployment
     emcad bench --model emcad_b0       forward / training-step time and memory per backend and torch.compile
 """
 
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-only", action="store_true", help="count the EMCAD decoder alone (paper: 0.381 G)")
     p.set_defaults(func=_cmd_flops)
 
-    from emcad.training.commands import add_commands  # train, evaluate, predict, bench (lazy heavy imports)
+    from emcad.training.commands import add_commands  # train, evaluate, predict, export, bench (lazy heavy imports)
 
     add_commands(sub)
     return parser

@@ -2,7 +2,7 @@
 # Installs emcad-kernels (editable, C++ extension built) into the active Python environment.
 #
 #   bash scripts/install.sh                  # core package
-#   bash scripts/install.sh dev,flops,triton # with extras
+#   bash scripts/install.sh dev,flops,triton,export # with extras
 #
 # torch is installed only when none is importable (then the CPU build torch==2.13.0); an existing torch, e.g. a
 # CUDA build, is kept and pinned so that no extra pulls in another one.

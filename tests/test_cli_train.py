@@ -25,7 +25,7 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["export"], ["bench"]])
 def test_help_exits_zero(command, capsys):
     with pytest.raises(SystemExit) as e:
         main(command + ["--help"])

@@ -1,4 +1,5 @@
-"""The ``emcad train``, ``evaluate``, ``predict`` and ``bench`` subcommands (registered by :mod:`emcad.cli`).
+"""The ``emcad train``, ``evaluate``, ``predict``, ``export`` and ``bench`` subcommands (registered by
+:mod:`emcad.cli`).
 
 Exit codes: 0 success; 1 a run-time error (bad data, unreadable checkpoint, ...; one ``error:`` line on stderr);
 2 a usage error (argparse); 130 / 143 when SIGINT / SIGTERM stopped training (a checkpoint was saved first).
@@ -332,6 +333,56 @@ def _add_predict(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------
+def _cmd_export(args: argparse.Namespace) -> int:
+    from emcad.export import ExportCheckError, export_model
+    from emcad.training.inference import load_for_inference
+
+    try:
+        model, pre = load_for_inference(args.checkpoint, backend="auto", device="cpu", model_name=args.model,
+                                        num_classes=args.num_classes)
+        size = tuple(args.size) if args.size else tuple(pre.get("size") or (224, 224))
+        report = export_model(model, args.output, format=args.format, size=size,
+                              in_channels=int(pre.get("in_channels") or 0) or None, batch_size=args.batch_size,
+                              dynamic_batch=not args.static_batch, outputs=args.outputs, opset=args.opset,
+                              check=args.check)
+    except (*_known_errors(), ExportCheckError, ImportError) as e:
+        return _error(str(e))
+    print(f"exported {args.checkpoint}: {report.summary()}")
+    keys = ("in_channels", "normalize", "value_range", "num_classes", "class_names")
+    print("preprocessing the exported model expects: " + ", ".join(f"{k}={pre[k]}" for k in keys if pre.get(k)))
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or an AOTInductor .pt2 package",
+                       description="Export a checkpoint (save_pretrained directory, checkpoints/last.pt or an "
+                                   "original .pth) for deployment: ONNX (onnxruntime; needs the [export] extra) "
+                                   "or a .pt2 AOTInductor package (torch._inductor.aoti_load_package). The "
+                                   "plain composition of the same weights is exported (no emcad_kernels needed to "
+                                   "run it); dynamic batch, fixed height and width; checked against the eager "
+                                   "model unless --no-check.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="save_pretrained directory, last.pt or original .pth")
+    p.add_argument("-o", "--output", required=True, help="the file to write (*.onnx or *.pt2)")
+    p.add_argument("--format", choices=("onnx", "pt2"), help="default: from the file name")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input height and width, multiples of 32 (default: the training size)")
+    p.add_argument("--outputs", choices=("prediction", "all"), default="prediction",
+                   help="the prediction only, or every output of the model")
+    p.add_argument("--batch-size", type=int, default=2, help="batch of the traced example input")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch at --batch-size")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip running the exported file against the eager model")
+    p.add_argument("--model", help="original .pth only: the model name if it cannot be inferred")
+    p.add_argument("--num-classes", type=int, help="original .pth only: expected classes")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.set_defaults(func=_with_threads(_cmd_export))
+
+
+# --------------------------------------------------------------------------------------------------
 # bench
 # --------------------------------------------------------------------------------------------------
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -393,8 +444,9 @@ def _with_threads(fn):
 
 
 def add_commands(sub) -> None:
-    """Register train, evaluate, predict and bench on an argparse subparsers object."""
+    """Register train, evaluate, predict, export and bench on an argparse subparsers object."""
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
+    _add_export(sub)
     _add_bench(sub)
