@@ -19,7 +19,10 @@ raises :class:`ExportCheckError`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from emcad.models import EMCADNet, set_backend
 
 __all__ = ["FORMATS", "OUTPUTS", "ExportCheckError", "ExportReport", "export_model", "missing_export_packages"]
 
@@ -89,8 +94,6 @@ class _Exported(nn.Module):
         self.outputs = outputs
 
     def forward(self, image: Tensor):
-        from emcad.models import EMCADNet
-
         if self.outputs == "prediction":
             if isinstance(self.model, EMCADNet):  # only the prediction head is computed
                 return self.model(image, heads="last")[0]
@@ -101,8 +104,6 @@ class _Exported(nn.Module):
 
 
 def _output_names(model: nn.Module, outputs: str, count: int) -> list[str]:
-    from emcad.models import EMCADNet
-
     if outputs == "prediction":
         return ["prediction"]
     if isinstance(model, EMCADNet):
@@ -134,8 +135,6 @@ def _check_size(size) -> tuple[int, int]:
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode that runs the plain composition (``backend="torch"``) on the same weights."""
-    from emcad.models import set_backend
-
     return set_backend(copy.deepcopy(model), "torch").eval()
 
 
@@ -195,13 +194,26 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, format: Optional[
                         seconds=time.perf_counter() - start)
 
 
+@contextlib.contextmanager
+def _quiet_onnx_exporter():
+    """The exporter prints progress lines and warns about every missing torchvision op; failures still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _write_export(plain: nn.Module, example: Tensor, path: str, format: str, names: list[str], dynamic_batch: bool,
                   opset: Optional[int]) -> None:
     from emcad.io_safety import atomic_write
 
     dynamic = {INPUT_NAME: {0: torch.export.Dim("batch")}} if dynamic_batch else None
     if format == "onnx":
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_onnx_exporter():
             program = torch.onnx.export(plain, (example,), dynamo=True, input_names=[INPUT_NAME],
                                         output_names=names, dynamic_shapes=dynamic, opset_version=opset,
                                         verbose=False)
