@@ -61,11 +61,13 @@ def _op_calls(n, c, h, w):
 
     def lndw(x, backend, training, eps):
         w = _leaf(c, 1, 3, 3)
-        return ek.layernorm_dilated_dwconv(x, None, None, [w], None, dilations=[2], backend=backend), [x, w]
+        y = ek.layernorm_dilated_dwconv(x, None, None, [w], None, dilations=[2], eps=eps, backend=backend)
+        return y, [x, w]
 
     def dwgn(x, backend, training, eps):
         w = _leaf(c, 1, 3, 3)
-        return ek.dilated_dwconv_groupnorm(x, [w], None, None, None, dilations=[2], backend=backend), [x, w]
+        y = ek.dilated_dwconv_groupnorm(x, [w], None, None, None, dilations=[2], eps=eps, backend=backend)
+        return y, [x, w]
 
     return {"msdc": msdc, "updw": updw, "lgag": lgag, "mscam": mscam, "lndw": lndw, "dwgn": dwgn}
 
@@ -104,9 +106,11 @@ def test_empty_batch_forward_and_backward_agree(op):
                 assert torch.equal(a, b), backend
 
 
-@pytest.mark.parametrize("op", ["msdc", "updw", "lgag"])
+@pytest.mark.parametrize("op", ["msdc", "updw", "lgag", "lndw", "dwgn"])
 @pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
-def test_non_positive_batchnorm_eps_is_refused(op, eps):
+def test_non_positive_norm_eps_is_refused(op, eps):
+    """Every op with a normalisation eps (BatchNorm: msdc, updw, lgag; LayerNorm / GroupNorm: the multi-dilation
+    ops); mscam has none. msdc, updw and lgag accepted 0, negative and NaN before."""
     for backend in BACKENDS:
         with pytest.raises(ValueError, match="eps must be a positive float"):
             _run(op, (2, 4, 8, 8), backend, eps=eps)
@@ -126,6 +130,20 @@ def test_mutation_loss_of_an_empty_batch_is_nan_like_the_plain_loss(backend):
     with ek.use_backend(backend):
         loss = SegmentationLoss(3)
         assert torch.isnan(loss(heads, target)) and loss.last_path == "fused"
+
+
+@pytest.mark.parametrize("heads, target", [
+    ([(2, 0, 4, 4)], (2, 8, 8)),
+    ([(2, 3, 0, 4)], (2, 8, 8)),
+    ([(2, 3, 4, 4), (2, 3, 4, 0)], (2, 8, 8)),
+    ([(2, 3, 4, 4)], (2, 0, 8)),
+], ids=["K=0", "head H=0", "second head W=0", "target H=0"])
+def test_mutation_stats_without_classes_or_pixels_are_refused_by_every_backend(heads, target):
+    logits = [torch.randn(shape, requires_grad=True) for shape in heads]
+    labels = torch.zeros(target, dtype=torch.long)
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=r"at least 2 classes|empty spatial size"):
+            ek.mutation_loss(logits, labels, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto", *BACKENDS])

@@ -18,8 +18,7 @@ from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
 from ._args import (BatchNormLike, batch_norm_args, check_activation, check_batch_stats_count,
                     check_depthwise_weight, check_eps, check_feature_map, check_positive_int, dense_grad,
-                    empty_like_output,
-                    empty_stats, update_running_stats)
+                    empty_like_output, empty_stats, update_running_stats)
 from .msdc import CPU_ACTIVATIONS
 
 
