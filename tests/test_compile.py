@@ -75,6 +75,23 @@ def test_fullgraph_compile_of_fresh_models_with_auto():
     assert out.split() == ["train", "ok", "no_grad", "ok", "inference_mode", "ok", "emcad_b0", "ok"]
 
 
+def test_backend_choice_is_marked_like_assume_constant_result():
+    import torch
+
+    from emcad_kernels import backends
+
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    markers = [k for k in vars(marked) if k.startswith("_dynamo")]
+    assert markers and all(getattr(backends._selected_name, k) is True for k in markers)
+
+
+def test_import_does_not_load_dynamo():
+    code = "import sys, emcad, emcad_kernels; print('torch._dynamo' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 @pytest.mark.slow
 def test_fullgraph_compile_with_inductor():
     out = _run("inductor")
