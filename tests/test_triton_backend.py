@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.7'); the triton "
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.6'); the triton "
                                               "backend tests need it")
 
 import emcad_kernels as ek  # noqa: E402
@@ -84,13 +84,14 @@ def interpreter_bounds_check(monkeypatch):
     masked_load = interp.InterpreterBuilder.create_masked_load
     masked_store = interp.InterpreterBuilder.create_masked_store
 
-    def load_checked(self, ptrs, mask, other, cache_policy, is_volatile):
+    # the arguments after the mask (cache and eviction hints) differ between Triton versions: passed on as given
+    def load_checked(self, ptrs, mask, *hints, **kw_hints):
         check(ptrs, mask, "load")
-        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return masked_load(self, ptrs, mask, *hints, **kw_hints)
 
-    def store_checked(self, ptrs, value, mask, cache_policy):
+    def store_checked(self, ptrs, value, mask, *hints, **kw_hints):
         check(ptrs, mask, "store")
-        return masked_store(self, ptrs, value, mask, cache_policy)
+        return masked_store(self, ptrs, value, mask, *hints, **kw_hints)
 
     monkeypatch.setattr(interp.GridExecutor, "_init_args_hst", init_args_checked)
     monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", load_checked)
