@@ -27,6 +27,8 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
 
 def _fix_interpreter_scalar_index() -> bool:
     """Lets the interpreter use a runtime scalar as a Python index, as in ``for t0 in range(0, T, BLOCK)``.
