@@ -96,18 +96,18 @@ def _default_max_jobs():
 
 
 def _cuda_plan(torch, force_cuda):
-    """(build _C_cuda?, one line for the log). Sets CUDA_HOME for torch's cpp_extension when a toolkit is found;
-    it reads the variable at import, so this runs before that import."""
+    """(build _C_cuda?, the line for the log, why it is not built or None). Sets CUDA_HOME for torch's
+    cpp_extension when a toolkit is found; it reads the variable at import, so this runs before that import."""
     cuda_home, how = find_cuda_home(os.environ)
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home
         found = f"CUDA toolkit {cuda_home} (from {how})"
     else:
-        found = how
+        found = "no CUDA toolkit"
     if torch.version.cuda is None:
         why_not = f"torch {torch.__version__} is not a CUDA build"
     elif cuda_home is None:
-        why_not = "no CUDA toolkit"
+        why_not = how
     elif not force_cuda and not torch.cuda.is_available():
         why_not = "no GPU visible (set FORCE_CUDA=1 to build it anyway)"
     else:
