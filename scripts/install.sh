@@ -17,7 +17,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-"$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+# the distribution's version, not torch.__version__: PyPI's CUDA wheels report "2.11.0+cu130" but are "2.11.0"
+"$PY" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$constraints"
 
 # --no-build-isolation: the extension must be built against the torch installed here (see README)
 "$PY" -m pip install -c "$constraints" setuptools wheel ninja
