@@ -1,13 +1,15 @@
 """PNG figures without a plotting library: training curves and image / ground truth / prediction overlays.
 
-Drawing uses Pillow's ``ImageDraw`` (with its built-in font) when Pillow is installed; without it the figures are
-drawn with numpy alone (the same plots, without text) and written by the package's pure-numpy PNG encoder.
+Text (titles, axes, legends, column headers) is drawn with Pillow's ``ImageDraw`` and its built-in font; Pillow is
+a dependency of the package. Should it be missing anyway, the figures are still drawn with numpy alone, without any
+text, and a warning on stderr says so.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,11 +27,19 @@ _LINE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (
                  (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
+_warned_no_text = False
+
+
 def _pil():
+    global _warned_no_text
     try:
         from PIL import Image, ImageDraw
         return Image, ImageDraw
     except ImportError:
+        if not _warned_no_text:
+            _warned_no_text = True
+            print("warning: Pillow is not installed, so the PNG figures have no text (titles, axes, legends, "
+                  "column headers); pip install pillow", file=sys.stderr)
         return None
 
 
@@ -184,18 +194,16 @@ def plot_curves(path: str | os.PathLike, train_rows: Sequence[dict], val_rows: S
         ema = beta * ema + (1 - beta) * v
         smooth.append(ema / (1 - beta ** t))
     loss_series = [("loss", steps, losses, (170, 200, 230)), (f"loss (EMA {beta})", steps, smooth, _LINE_COLOURS[0])]
+    from emcad.training.evaluation import per_class_values
+
     val_steps = [r["step"] for r in val_rows]
-    dice_keys = sorted({k for r in val_rows for k in r if k.startswith("dice_")},
-                       key=lambda k: (k != "dice_mean", k))
-    val_series = []
-    for i, key in enumerate(dice_keys):
-        label = key
-        if class_names is not None and key != "dice_mean":
-            try:
-                label = f"dice {class_names[int(key.split('_')[1])]}"
-            except (ValueError, IndexError):
-                pass
-        val_series.append((label, val_steps, [float(r.get(key, math.nan)) for r in val_rows],
+    # rows name their classes (dice_lesion); rows of older runs hold indices (dice_1): both are read
+    per_row = [per_class_values(r, "dice", class_names) for r in val_rows]
+    classes = list(dict.fromkeys(k for values in per_row for k in values))
+    val_series = [("dice mean", val_steps, [float(r.get("dice_mean", math.nan)) for r in val_rows],
+                   _LINE_COLOURS[0])]
+    for i, key in enumerate(classes, 1):
+        val_series.append((f"dice {key}", val_steps, [float(v.get(key, math.nan)) for v in per_row],
                            _LINE_COLOURS[i % len(_LINE_COLOURS)]))
     if pil is not None:
         Image, ImageDraw = pil

@@ -52,7 +52,7 @@ from emcad.losses import SegmentationLoss
 from emcad.training import distributed as ddp
 from emcad.training.checkpoint import (FORMAT, atomic_save, atomic_write_dir, capture_rng_state,
                                        load_training_checkpoint, restore_rng_state)
-from emcad.training.evaluation import HEADS, evaluate_dataset, forward_head
+from emcad.training.evaluation import HEADS, class_keys, evaluate_dataset, forward_head, per_class_values
 from emcad.training.sampler import ResumableBatchSampler
 
 __all__ = ["DATA_KINDS", "LR_SCHEDULES", "TrainConfig", "TrainError", "TrainResult", "Trainer", "build_datasets",
@@ -624,10 +624,11 @@ class Trainer:
                 autocast_dtype=torch.bfloat16 if self.amp else None)
             row = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                    "dice_mean": summary["mean"]["dice"], "iou_mean": summary["mean"]["iou"]}
+            keys = class_keys(list(summary["per_class"]), self.class_names)  # dice_lesion, not dice_1
             for c, vals in summary["per_class"].items():
-                row[f"dice_{c}"] = vals["dice"]
+                row[f"dice_{keys[c]}"] = vals["dice"]
             for c, vals in summary["per_class"].items():
-                row[f"iou_{c}"] = vals["iou"]
+                row[f"iou_{keys[c]}"] = vals["iou"]
         if not self.cfg.reproduce_eval_mode_quirk:
             self.model.train()
         if sync:
@@ -759,8 +760,7 @@ class Trainer:
         if row is not None:
             self.val_rows.append(row)
             msg = (f"step {self.step}: val Dice {row['dice_mean']:.4f} ("
-                   + ", ".join(f"{self.class_names[int(k.split('_')[1])] if int(k.split('_')[1]) < len(self.class_names) else k}"
-                               f" {v:.3f}" for k, v in row.items() if k.startswith("dice_") and k != "dice_mean")
+                   + ", ".join(f"{k} {v:.3f}" for k, v in per_class_values(row, "dice", self.class_names).items())
                    + ")")
             improved = row["dice_mean"] > self.best["dice_mean"] or self.best["step"] is None
             if improved and math.isfinite(row["dice_mean"]):
