@@ -165,6 +165,11 @@ def expected_errors() -> tuple[type[BaseException], ...]:
             ValueError)
 
 
+def debug_enabled() -> bool:
+    """EMCAD_DEBUG=1: show the traceback of expected errors too."""
+    return os.environ.get("EMCAD_DEBUG", "") not in ("", "0")
+
+
 def error_line(exc: BaseException) -> str:
     """``error: <message>`` on one line (a multi-line message keeps its first line)."""
     text = str(exc).strip()
@@ -178,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Expected failures print one ``error:`` line; EMCAD_DEBUG=1 shows their traceback too. Anything else (a bug)
     keeps its traceback."""
     args = build_parser().parse_args(argv)
-    debug = os.environ.get("EMCAD_DEBUG", "") not in ("", "0")
+    debug = debug_enabled()
     try:
         return args.func(args)
     except KeyboardInterrupt:

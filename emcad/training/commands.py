@@ -21,8 +21,11 @@ EXIT_USAGE = 2
 
 
 def _error(problem) -> int:
-    """One ``error:`` line for a message or an exception; exit code 1."""
-    from emcad.cli import error_line
+    """One ``error:`` line for a message or an exception; exit code 1. Called while an exception is handled and
+    with EMCAD_DEBUG=1, re-raises it instead (its traceback is then shown)."""
+    from emcad.cli import debug_enabled, error_line
+    if debug_enabled() and sys.exc_info()[1] is not None:
+        raise
     print(error_line(problem) if isinstance(problem, BaseException) else f"error: {problem}", file=sys.stderr)
     return EXIT_ERROR
 
@@ -433,7 +436,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         configs, skipped = plan_configs(args.backends, args.compile, device)
         if skipped:
-            print("skipped: " + "; ".join(skipped), file=sys.stderr, flush=True)
+            print("skipped: " + "; ".join(skipped), flush=True)
         rows = run_bench(args.model, size=tuple(args.size), batch_size=args.batch_size,
                          num_classes=args.num_classes, in_channels=args.in_channels, configs=configs,
                          iters=args.iters, warmup=args.warmup, device=device,
@@ -442,8 +445,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except _known_errors() as e:
         return _error(e)
     print(format_table(rows))
-    if skipped:
-        print("skipped: " + "; ".join(skipped))
     if args.output:
         from emcad.training.trainer import _write_csv
         _write_csv(args.output, rows)
