@@ -59,9 +59,11 @@ start=$(date +%s)
 "$PY" -m pip install -c "$constraints" --no-build-isolation -e ".${EXTRAS:+[$EXTRAS]}" &
 pip_pid=$!
 # a line a minute, so that a long build is not mistaken for a hang
-( while sleep 60; do say "still building ($(( ($(date +%s) - start) / 60 )) min so far)"; done ) &
+# (sleep's output goes nowhere, so that a pipe such as `install.sh | tee` does not wait for it)
+( while sleep 60 </dev/null >/dev/null 2>&1; do say "still building ($(( ($(date +%s) - start) / 60 )) min so far)"; done ) &
 ticker=$!
-trap 'kill "$ticker" 2>/dev/null; rm -f "$constraints"' EXIT
+# "|| true": under set -e a failing kill (the ticker already gone) would turn the script's exit code into 1
+trap 'kill "$ticker" 2>/dev/null || true; rm -f "$constraints"' EXIT
 status=0
 wait "$pip_pid" || status=$?
 kill "$ticker" 2>/dev/null || true
