@@ -155,13 +155,14 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from emcad.checkpoint import CheckpointError
     from emcad.data import DatasetError, ImageReadError
     from emcad.encoders.weights import EncoderWeightsError
+    from emcad.io_safety import WriteError
     from emcad.training.checkpoint import CheckpointReadError
     from emcad.training.trainer import TrainError
     from emcad_kernels import BackendUnavailableError
 
     # ValueError: the library's argument checks (sizes, names, file formats) raise it with a full message
     return (DatasetError, ImageReadError, CheckpointError, CheckpointReadError, EncoderWeightsError, TrainError,
-            BackendUnavailableError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            WriteError, BackendUnavailableError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
             ValueError)
 
 

@@ -495,7 +495,7 @@ EMU_NAMESPACE = "emcad_kernels_emu"
 @functools.lru_cache(maxsize=None)
 def _build_emulated_binding():
     """torch_binding.cpp with -DEMCAD_CUDA_EMULATE, linked with the emulated launchers; registers
-    torch.ops.emcad_kernels_emu.*_cuda_kernel for the CPU dispatch key."""
+    the kernels of emcad_kernels_emu::<op>_fwd/_bwd for the CPU dispatch key."""
     from torch.utils.cpp_extension import load
 
     objs = _build_emulation_objects()
@@ -507,28 +507,34 @@ def _build_emulated_binding():
 
 
 @functools.lru_cache(maxsize=None)
-def _emu_op_set():
-    from emcad_kernels import _cuda_backend
-    from emcad_kernels.library import define_op_set
+def _define_emulated_ops():
+    """The ops the cuda backend implements, defined from their descriptors in the emulation namespace, with the
+    emulated binding's kernels."""
+    from emcad_kernels import backends
+    from emcad_kernels.descriptor import define_kernel_ops
 
+    for op in backends.registered_ops().values():
+        if "cuda" in op.support:
+            define_kernel_ops(op, namespace=EMU_NAMESPACE)
     _build_emulated_binding()
-    return define_op_set(EMU_BACKEND, _cuda_backend.make_kernels(EMU_NAMESPACE), device_types=("cpu",))
 
 
 @pytest.fixture(scope="module")
 def emu_backend(request):
-    """Registers the emulated binding as backend "cuda_emu" (CPU tensors) for the tests of this module."""
+    """Registers the emulated binding as backend "cuda_emu" (CPU tensors, the cuda backend's coverage) for the tests
+    of this module."""
     _skip_unless_slow_tests(request)
     if GXX is None:
         pytest.skip("g++ not found: skipping the CPU emulation of the CUDA kernels")
     from emcad_kernels import backends
 
-    ops = _emu_op_set()
-    backend = backends.Backend(name=EMU_BACKEND, priority=-100, load=lambda: ops, check=lambda call: [],
-                               description="csrc/cuda through torch_binding.cpp, CPU emulation (tests only)")
-    backends.register_backend(backend, load_now=True)
+    _define_emulated_ops()
+    cuda = backends.get_backend("cuda")
+    backends.register_backend(backends.Backend(
+        name=EMU_BACKEND, priority=-100, description="csrc/cuda through torch_binding.cpp, CPU emulation (tests only)",
+        devices=("cpu",), dtypes=cuda.dtypes, dispatch_key="CPU", namespace=EMU_NAMESPACE, support="cuda"))
     yield EMU_BACKEND
-    backends._REGISTRY.pop(EMU_BACKEND, None)
+    backends.unregister_backend(EMU_BACKEND)
 
 
 # ==================================================================================================================
@@ -932,12 +938,12 @@ def test_launchers_msdc_updw_lgag_against_reference(emu, dtype, channels_last, t
             close(a, b, f"msdc {what} C={c}")
         gy = t(*ref[0].shape).contiguous(memory_format=fmt)
         got = emu_msdc_backward(emu, gy, x, ws, bn[0], bn[1], ref[1], ref[2], *args)
-        ref_b = reference.msdc_backward(gy, x, ws, bn[0], bn[1], ref[1], ref[2], *args, 1)
-        close(got[0], ref_b[0], "msdc grad x")
+        gx, gbw, gbb, *gws = reference.msdc_backward(gy, x, ws, bn[0], bn[1], ref[1], ref[2], *args, 1)
+        close(got[0], gx, "msdc grad x")
         for i in range(3):
-            close(got[1][i], ref_b[1][i], f"msdc grad w{i}")
-        close(got[2], ref_b[2], "msdc grad bn weight")
-        close(got[3], ref_b[3], "msdc grad bn bias")
+            close(got[1][i], gws[i], f"msdc grad w{i}")
+        close(got[2], gbw, "msdc grad bn weight")
+        close(got[3], gbb, "msdc grad bn bias")
 
         xu = t(2, c, 5, 4).contiguous(memory_format=fmt)
         wu = t(c, 1, 3, 3, scale=0.3)
@@ -1232,51 +1238,60 @@ def test_cuda_backend_is_registered_with_priority_20():
 
 
 def test_cuda_backend_reasons():
-    from emcad_kernels import _cuda_backend
-    from emcad_kernels.backends import OpCall
+    """What the cuda kernels cover, as declared by the descriptors (``Support.check`` reads only the call's static
+    attributes, so CPU tensors stand in for CUDA ones)."""
+    import emcad_kernels as ek
+    from emcad_kernels.ops.lgag import LGAG
+    from emcad_kernels.ops.msdc import MSDC
+    from emcad_kernels.ops.updw import UPDW
 
-    def reasons(**kw):
-        base = dict(op="multi_scale_dwconv", device="cuda", dtype=torch.float32, activation="relu6",
-                    kernel_sizes=(1, 3, 5))
-        base.update(kw)
-        return "; ".join(_cuda_backend.check(OpCall(**base)))
+    def msdc(ks=(1, 3, 5), **kw):
+        c = 4
+        return "; ".join(MSDC.support["cuda"].check(MSDC.prepare(
+            torch.zeros(1, c, 5, 5), [torch.zeros(c, 1, k, k) for k in ks], [torch.nn.BatchNorm2d(c)] * len(ks),
+            **kw)))
 
-    assert reasons() == ""
-    assert "tensor is on cpu" in reasons(device="cpu")
-    assert "dtype" in reasons(dtype=torch.int32)
-    assert "activation" in reasons(activation="mish")
-    assert "kernel size" in reasons(kernel_sizes=(9,))
-    assert "branches" in reasons(kernel_sizes=(1, 3, 5, 7, 3))
-    assert "stride" in reasons(stride=2)
-    assert reasons(op="upsample_dwconv", kernel_sizes=(3,), mode="nearest", scale=2, activation="relu") == ""
-    assert "mode" in reasons(op="upsample_dwconv", kernel_sizes=(3,), mode="bilinear", scale=2)
-    assert "scale" in reasons(op="upsample_dwconv", kernel_sizes=(3,), mode="nearest", scale=3)
-    assert "kernel size" in reasons(op="upsample_dwconv", kernel_sizes=(5,), mode="nearest", scale=2)
-    assert reasons(op="grouped_attention_gate", kernel_sizes=(3,), activation="relu") == ""
-    assert "kernel size" in reasons(op="grouped_attention_gate", kernel_sizes=(1,), activation="relu")
+    def updw(k=3, **kw):
+        return "; ".join(UPDW.support["cuda"].check(UPDW.prepare(torch.zeros(1, 4, 5, 5), torch.zeros(4, 1, k, k),
+                                                                 torch.nn.BatchNorm2d(4), **kw)))
+
+    def lgag(k=3, groups=2, f_int=2, cin=4):
+        z = torch.zeros(1, cin, 5, 5)
+        wg = torch.zeros(f_int, cin // groups, k, k)
+        bn = torch.nn.BatchNorm2d(f_int)
+        return "; ".join(LGAG.support["cuda"].check(LGAG.prepare(
+            z, z, wg, None, bn, wg, None, bn, torch.zeros(1, f_int, 1, 1), None, torch.nn.BatchNorm2d(1),
+            groups=groups)))
+
+    assert msdc() == ""
+    assert "kernel size 9" in msdc(ks=(9,))
+    assert "5 branches" in msdc(ks=(1, 3, 5, 7, 3))
+    assert "stride 2" in msdc(stride=2)
+    assert updw() == ""
+    assert "mode bilinear" in updw(mode="bilinear")
+    assert "scale 3" in updw(scale=3)
+    assert "kernel size 5" in updw(k=5)
+    assert lgag() == ""
+    assert "kernel size 1" in lgag(k=1)
+    assert "per group" in lgag(groups=1, f_int=2, cin=4)
+    x = torch.zeros(1, 4, 5, 5)
+    assert "tensors are on cpu" in _cuda_line(ek.explain("upsample_dwconv", x, torch.zeros(4, 1, 3, 3),
+                                                         torch.nn.BatchNorm2d(4)))
 
 
 def test_unbuilt_extension_is_reported():
-    from emcad_kernels import _cuda_backend
+    from emcad_kernels import _ext
 
     try:
-        _cuda_backend.load_extension()
+        _ext.require_cuda_ext()
     except ImportError as e:
-        text = _explain()
-        assert "CUDA extension not built" in _cuda_line(text) or "failed to load" in _cuda_line(text), text
-        assert str(e)
+        assert "CUDA extension not built" in str(e) or "failed to load" in str(e)
+        # on a CPU machine explain stops at the device; the reason shows where CUDA tensors would go
+        from emcad_kernels import backends
+
+        assert backends.get_backend("cuda").unavailable_reason() == str(e)
     else:
         pytest.skip("the CUDA extension is built here")
-
-
-def test_explain_mentions_cuda_reasons_for_cpu_tensors():
-    from emcad_kernels import _cuda_backend
-
-    try:
-        _cuda_backend.load_extension()
-    except ImportError:
-        pytest.skip("extension not built: the reason shown is the missing build")
-    assert "tensor is on cpu" in _cuda_line(_explain())
 
 
 # ==================================================================================================================
@@ -1286,10 +1301,10 @@ def test_explain_mentions_cuda_reasons_for_cpu_tensors():
 def cuda_backend():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from emcad_kernels import _cuda_backend
+    from emcad_kernels import _ext
 
     try:
-        _cuda_backend.load_extension()
+        _ext.require_cuda_ext()
     except ImportError as e:
         pytest.skip(str(e))
     return "cuda"

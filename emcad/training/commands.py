@@ -99,7 +99,7 @@ _RESUME_OVERRIDES = {"steps", "epochs", "progress", "threads", "num_workers", "c
 def _cmd_train(args: argparse.Namespace) -> int:
     from emcad.training.trainer import TrainConfig, TrainError, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume", "overwrite")}
     if "size" in given:
         given["size"] = tuple(given["size"])
     try:
@@ -112,13 +112,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if changed:
                 raise TrainError(f"--resume continues the run with its saved settings; these flags differ from it: "
                                  f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
-            cfg = TrainConfig.from_dict({**base, **given})
+            # outputs go to the checkpoint's own run folder or to an explicit -o, never to the stored -o
+            cfg = TrainConfig.from_dict({**base, "output": None, **given})
             del ckpt
         else:
             if "size" not in given and given.get("data", "synthetic") != "synthetic":
                 given["size"] = (224, 224)
             cfg = TrainConfig(**given)
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except _known_errors() as e:
         return _error(str(e))
     if result.interrupted:
@@ -199,7 +200,10 @@ def _add_train(sub) -> None:
     g.add_argument("--log-every", type=int, help="log the loss every N steps [10]")
     g.add_argument("-o", "--output", metavar="DIR", help="output directory [runs/<model>-<data>-<time>]")
     g.add_argument("--resume", metavar="CKPT", default=None,
-                   help="continue a run exactly from its checkpoints/last.pt")
+                   help="continue a run exactly from its checkpoints/last.pt; outputs go to that run folder "
+                        "(or to -o); a finished run continues only with more --steps")
+    g.add_argument("--overwrite", action="store_true", default=False,
+                   help="replace the run already in the output folder (refused otherwise)")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG figures")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_cmd_train)

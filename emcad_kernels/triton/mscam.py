@@ -373,7 +373,7 @@ def _bwd_dx_kernel(g, gx, ca, sa_map, gq_map, cidx, pidx, gavg, gmx, wsab, C, H,
 
 
 # --------------------------------------------------------------------------------------------------
-# launchers (the kernel interface of library.py)
+# launchers (the kernel-op schemas of the descriptor in emcad_kernels/ops)
 # --------------------------------------------------------------------------------------------------
 def tiles(n: int, c: int, hw: int, r: int) -> dict:
     """Pinned tiling, a function of the shape only (so every reduction order is fixed):

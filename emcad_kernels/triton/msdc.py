@@ -427,7 +427,7 @@ def _msdc_bwd_dx_kernel(x, dz, gx, W0, W1, W2, wpart,
 
 
 # --------------------------------------------------------------------------------------------------
-# launchers (the kernel interface of library.py)
+# launchers (the kernel-op schemas of the descriptor in emcad_kernels/ops)
 # --------------------------------------------------------------------------------------------------
 def _branches(weights):
     nb = len(weights)
@@ -534,4 +534,4 @@ def msdc_backward(grad, x, weights, bn_weight, bn_bias, save_mean, save_var, tra
                                                       *dz.stride(), *gx.stride(), **static, **tile.meta(sub=True))
     gws = [torch.empty(wt.shape, dtype=wt.dtype, device=dev) for wt in weights]
     _reduce.sum_partials(wpart, gws)
-    return gx, gws, gbw, gbb
+    return [gx, gbw, gbb, *gws]
