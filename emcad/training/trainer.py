@@ -74,7 +74,8 @@ LOSS_IMPLS = ("auto", "fused", "plain")
 
 # files whose presence means a folder holds a run; with --overwrite these and RUN_FILES_EXTRA are removed
 RUN_FILES = ("checkpoints/last.pt", "checkpoints/best", "checkpoints/final", "train_log.csv", "metrics.json")
-RUN_FILES_EXTRA = ("val_log.csv", "config.json", "curves.png", "predictions.png", "samples")
+RUN_FILES_EXTRA = ("val_log.csv", "config.json", "curves.png", "predictions.png", "samples", "test_metrics.json",
+                   "test_per_case.csv")  # the last two: `emcad evaluate` of this run's checkpoints
 
 
 def run_files(folder: str) -> list[str]:
