@@ -47,10 +47,10 @@ def _backend_status(name: str) -> str:
     if reason is not None:
         return "unavailable: " + reason
     if name == "triton" and not torch.cuda.is_available():
+        from importlib import metadata
         try:
-            from importlib.metadata import version
-            installed = f"triton {version('triton')}"
-        except Exception:  # metadata missing (e.g. a source checkout on sys.path): the version is optional
+            installed = f"triton {metadata.version('triton')}"
+        except metadata.PackageNotFoundError:  # importable without metadata (a source tree on sys.path)
             installed = "triton"
         return f"installed ({installed}), but no CUDA GPU: runs only under TRITON_INTERPRET=1 (tests)"
     return "available"
@@ -162,8 +162,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     # ValueError: the library's argument checks (sizes, names, file formats) raise it with a full message
     return (DatasetError, ImageReadError, CheckpointError, CheckpointReadError, EncoderWeightsError, TrainError,
-            WriteError, BackendUnavailableError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-            ValueError)
+            WriteError, BackendUnavailableError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, ValueError)
 
 
 def debug_enabled() -> bool:

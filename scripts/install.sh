@@ -46,21 +46,25 @@ if [ "$state_status" -eq 0 ]; then
     say "skipping the C++ build; installing what is missing of: core requirements${EXTRAS:+ + [$EXTRAS]}"
     reqs_text=$("$PY" scripts/install_state.py requirements "$EXTRAS")
     mapfile -t reqs <<< "$reqs_text"
-    { "$PY" -m pip install -c "$constraints" "${reqs[@]}"; } | { grep -v -e "^Requirement already satisfied" -e "^Looking in " || true; }
-    say "done (nothing rebuilt; FORCE_REBUILD=1 bash scripts/install.sh ${EXTRAS} rebuilds)"
+    { "$PY" -m pip install -c "$constraints" "${reqs[@]}"; } |
+        { grep -v -e "^Requirement already satisfied" -e "^Looking in " || true; }
+    say "done (nothing rebuilt; FORCE_REBUILD=1 bash scripts/install.sh${EXTRAS:+ $EXTRAS} rebuilds)"
     exit 0
 fi
 
 "$PY" -m pip install -q -c "$constraints" setuptools wheel ninja
 "$PY" scripts/install_state.py requirements "$EXTRAS" > /dev/null  # an unknown extra stops here
-say "building the C++ extension (CPU kernels for SSE2, AVX2 and AVX-512) and installing emcad-kernels${EXTRAS:+[$EXTRAS]}: $("$PY" scripts/install_state.py estimate)"
+say "building the C++ extension (CPU kernels for SSE2, AVX2 and AVX-512) and installing" \
+    "emcad-kernels${EXTRAS:+[$EXTRAS]}: $("$PY" scripts/install_state.py estimate)"
 start=$(date +%s)
 # --no-build-isolation: the extension must be built against the torch installed here (see README)
 "$PY" -m pip install -c "$constraints" --no-build-isolation -e ".${EXTRAS:+[$EXTRAS]}" &
 pip_pid=$!
 # a line a minute, so that a long build is not mistaken for a hang
 # (sleep's output goes nowhere, so that a pipe such as `install.sh | tee` does not wait for it)
-( while sleep 60 </dev/null >/dev/null 2>&1; do say "still building ($(( ($(date +%s) - start) / 60 )) min so far)"; done ) &
+( while sleep 60 </dev/null >/dev/null 2>&1; do
+      say "still building ($(( ($(date +%s) - start) / 60 )) min so far)"
+  done ) &
 ticker=$!
 # "|| true": under set -e a failing kill (the ticker already gone) would turn the script's exit code into 1
 trap 'kill "$ticker" 2>/dev/null || true; rm -f "$constraints"' EXIT
@@ -73,4 +77,6 @@ if [ "$status" -ne 0 ]; then
 fi
 "$PY" -c "import emcad_kernels._C" || { say "the extension was built but does not import"; exit 1; }
 "$PY" scripts/install_state.py stamp
-say "done in $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s; a second run of install.sh on this checkout does not rebuild"
+elapsed=$(( $(date +%s) - start ))
+say "done in $(( elapsed / 60 )) min $(( elapsed % 60 )) s" \
+    "(install.sh run again here does not rebuild unless the sources change)"

@@ -212,6 +212,20 @@ def test_figures_carry_text_and_say_so_when_pillow_is_missing(tmp_path, monkeypa
     assert text_pixels.sum() > 500  # titles, tick labels, legends
 
 
+def test_prediction_grid_has_a_colour_legend(tmp_path):
+    from emcad.data import read_image
+    from emcad.training.plotting import PALETTE, save_overlay_grid
+
+    image, labels = torch.rand(1, 32, 32), torch.zeros(32, 32, dtype=torch.long)
+    save_overlay_grid(tmp_path / "plain.png", [image], [labels], [labels])
+    save_overlay_grid(tmp_path / "legend.png", [image], [labels], [labels], class_names=["bg", "lesion", "ring"])
+    plain, legend = read_image(tmp_path / "plain.png"), read_image(tmp_path / "legend.png")
+    assert legend.shape[0] > plain.shape[0]
+    footer = legend[plain.shape[0]:]
+    for c in (1, 2):  # each class's swatch is drawn in its palette colour
+        assert np.all(footer == PALETTE[c], axis=-1).sum() >= 40
+
+
 def test_class_keys_and_old_index_keys():
     from emcad.training.evaluation import class_keys, per_class_values
 

@@ -80,8 +80,10 @@ def _upscale(a: np.ndarray, factor: int) -> np.ndarray:
 
 
 def save_overlay_grid(path: str | os.PathLike, images: Sequence, gts: Sequence, preds: Sequence, *,
-                      max_rows: int = 8, scale: Optional[int] = None) -> None:
-    """A PNG grid with one row per sample: image | ground truth overlay | prediction overlay."""
+                      max_rows: int = 8, scale: Optional[int] = None,
+                      class_names: Optional[Sequence[str]] = None) -> None:
+    """A PNG grid with one row per sample: image | ground truth overlay | prediction overlay; with
+    ``class_names``, a legend below says which colour is which class."""
     n = min(len(images), max_rows)
     if n == 0:
         raise ValueError("save_overlay_grid needs at least one sample")
@@ -93,8 +95,20 @@ def save_overlay_grid(path: str | os.PathLike, images: Sequence, gts: Sequence, 
     if scale is None:
         scale = max(1, 160 // max(h, w))
     h, w = h * scale, w * scale
-    pad, header = 4, 16
-    canvas = np.full((header + n * (h + pad) + pad, 3 * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    pad, header, char_w, line_h = 4, 16, 6, 14  # Pillow's built-in font: about 6 x 11 pixels a character
+    width = 3 * (w + pad) + pad
+    legend = []  # (x, line, name, colour): a colour swatch and the class name, wrapped to the width
+    x, line = pad, 0
+    for c, name in enumerate(class_names or []):
+        if c == 0:
+            continue  # background is not coloured
+        entry_w = char_w * (len(str(name)) + 2)
+        if x > pad and x + entry_w > width - pad:
+            x, line = pad, line + 1
+        legend.append((x, line, str(name), tuple(int(v) for v in PALETTE[c % len(PALETTE)])))
+        x += entry_w + 2 * char_w
+    footer = (line + 1) * line_h + pad if legend else 0
+    canvas = np.full((header + n * (h + pad) + pad + footer, width, 3), 255, dtype=np.uint8)
     for r, row in enumerate(tiles):
         for c, tile in enumerate(row):
             tile = _upscale(tile, scale)[:h, :w]
@@ -107,6 +121,11 @@ def save_overlay_grid(path: str | os.PathLike, images: Sequence, gts: Sequence, 
         draw = ImageDraw.Draw(im)
         for c, title in enumerate(("image", "ground truth", "prediction")):
             draw.text((pad + c * (w + pad) + 2, 2), title, fill=(0, 0, 0))
+        top = header + n * (h + pad) + pad
+        for x, line, name, colour in legend:
+            y = top + line * line_h
+            draw.rectangle((x, y + 2, x + 7, y + 9), fill=colour)
+            draw.text((x + char_w * 2, y), name, fill=(0, 0, 0))
         canvas = np.asarray(im)
     _save(path, canvas)
 

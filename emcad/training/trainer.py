@@ -961,7 +961,7 @@ class Trainer:
                 _, kept = self.validate(keep=8, sync=False)
                 if kept:
                     save_overlay_grid(os.path.join(self.out_dir, "predictions.png"), [k[0] for k in kept],
-                                      [k[1] for k in kept], [k[2] for k in kept])
+                                      [k[1] for k in kept], [k[2] for k in kept], class_names=self.class_names)
                     files.append("predictions.png")
         if self.cfg.data == "synthetic" and self._train_arg is None:
             from emcad.data import SyntheticSegmentation
