@@ -2,10 +2,13 @@
 
     emcad info                         versions, backends (and why one is unavailable), models
     emcad flops --model emcad_b2       parameters and MACs in the paper's convention (EMCAD.md §6)
-    emcad train                        train (default: EMCAD-B0 on the built-in synthetic data, ~1-2 min on CPU)
-    emcad evaluate --checkpoint DIR    Dice, IoU and HD95 per class and per case
-    emcad predict IMAGES --checkpoint DIR   masks and overlay PNGs
-    emcad bench --model emcad_b0       forward / training-step time and memory per backend and torch.compile
+    emcad train                        train (default: EMCAD-B0 on the built-in synthetic data, 2-3 min on CPU)
+    emcad evaluate --checkpoint DIR    Dice, IoU and HD95 per class and per case (test_metrics.json)
+    emcad predict IMAGES --checkpoint DIR   masks (class indices and colour) and overlay PNGs
+    emcad bench --model emcad_b0       forward / training-step time and memory per backend (--compile: also
+                                       torch.compile)
+
+Errors: one ``error:`` line on stderr; exit code 2 for a wrong command line, 1 for a failure at run time.
 """
 
 from __future__ import annotations
