@@ -12,6 +12,5 @@ from .models import EMCAD, EMCADNet, create_model, from_pretrained, list_models,
 
 __all__ = [
     "CheckpointError", "ConversionReport", "EMCAD", "EMCADNet", "create_model", "export_model", "from_pretrained",
-    "list_models",
-    "load_original_checkpoint", "save_pretrained", "set_backend",
+    "list_models", "load_original_checkpoint", "save_pretrained", "set_backend",
 ]
