@@ -16,7 +16,9 @@ computes only its last head), the providers are:
 
 Timing: wall clock per forward, the minimum over ``--rounds`` interleaved rounds of ``--iters`` calls each (every
 provider runs once per round, in turn), after a warm-up. Every provider's output is compared with ``torch``'s.
-The table (markdown) goes to stdout and to ``--output``.
+The table (markdown) goes to stdout and to ``--output`` (default ``results/export_cpu_<N>thread(s).md``).
+On a machine whose cores are busy with other processes, compare at ``--threads 1``: PyTorch's multi-threaded
+(OpenMP) regions slow down far more than onnxruntime's thread pool when oversubscribed.
 """
 
 from __future__ import annotations
@@ -132,9 +134,11 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--pt2", action="store_true", help="also the AOTInductor package (minutes of C++ build)")
-    parser.add_argument("-o", "--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                "results", "export_cpu.md"))
+    parser.add_argument("-o", "--output", help="default: benchmarks/results/export_cpu_<N>thread(s).md")
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"export_cpu_{args.threads}thread{'s' if args.threads > 1 else ''}.md")
     import onnxruntime
 
     torch.set_num_threads(args.threads)
