@@ -40,7 +40,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from emcad.models import create_model  # noqa: E402
-from emcad_kernels.functional import dilated_dwconv_groupnorm, layernorm_dilated_dwconv  # noqa: E402
+from emcad_kernels import dilated_dwconv_groupnorm, layernorm_dilated_dwconv  # noqa: E402
 
 
 def bce_dice(p, t):

@@ -285,19 +285,20 @@ def mscam_providers(shape, mode: str) -> dict[str, Callable[[], None]]:
 
 def mscam_decoder_providers(res, mode):
     """The fused decoder (``backend="auto"``, NCHW and channels_last) with the cpu backend's ``mscam`` kernel and
-    with ``mscam`` on the reference backend (the state before the kernel existed: ``mscam`` taken out of the cpu
-    backend's IMPLEMENTED list during the call), in one run."""
-    from emcad_kernels import _cpu_backend
-    impl = _cpu_backend.IMPLEMENTED
-    without = tuple(o for o in impl if o != "mscam")
+    with ``mscam`` on the reference backend (the state before the kernel existed: the cpu entry taken out of the
+    mscam descriptor during the call), in one run."""
+    from emcad_kernels.ops.mscam import MSCAM
+    cpu_support = MSCAM.support["cpu"]
 
     def on_reference(fn):
         def call():
-            _cpu_backend.IMPLEMENTED = without
+            del MSCAM.support["cpu"]
+            ek.backends.clear_decisions()
             try:
                 fn()
             finally:
-                _cpu_backend.IMPLEMENTED = impl
+                MSCAM.support["cpu"] = cpu_support
+                ek.backends.clear_decisions()
         return call
     new, old = decoder_providers(res, mode), decoder_providers(res, mode)
     return {"nchw, mscam reference": on_reference(old["cpu (nchw)"]), "nchw, mscam cpu": new["cpu (nchw)"],

@@ -21,7 +21,7 @@ import torch
 from emcad.models.emcadnet import EMCADNet
 
 __all__ = ["ACTIVATION_NOTE", "CheckpointError", "ConversionReport", "LoadedCheckpoint", "infer_encoder",
-           "load_original_checkpoint"]
+           "load_original_checkpoint", "torch_load_failure"]
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
 _PREFIX = "module."
@@ -103,28 +103,52 @@ def _read(path: str) -> object:
     if not head:
         raise CheckpointError(f"'{path}' is empty: not a checkpoint")
     if path.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
+
+        from emcad.io_safety import tensors_sha256
         try:
-            return load_file(path, device="cpu")
+            tensors = load_file(path, device="cpu")
+            with safe_open(path, "pt") as f:
+                digest = (f.metadata() or {}).get("emcad_sha256")
         except Exception as e:
             raise CheckpointError(f"'{path}' cannot be read as safetensors (truncated or corrupt file?): "
                                   f"{_first_line(e)}") from e
+        if digest is not None and tensors_sha256(tensors) != digest:  # written by save_pretrained
+            raise CheckpointError(f"'{path}' is corrupt: its tensors do not match the sha256 recorded when it was "
+                                  f"saved (a damaged file or copy)")
+        return tensors
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # RuntimeError, UnpicklingError, EOFError, KeyError... depending on the damage
-        detail = f"{type(e).__name__}: {_first_line(e)}"
-        if "Weights only load failed" in str(e):
-            raise CheckpointError(f"'{path}' contains pickled objects other than tensors and plain containers; "
-                                  f"loading it would run arbitrary code, which is refused (weights_only=True). "
-                                  f"Re-save it as a plain state_dict. ({detail})") from e
-        if head.startswith(b"PK\x03\x04"):
-            raise CheckpointError(f"'{path}' is a truncated or corrupt PyTorch checkpoint: its zip archive cannot "
-                                  f"be read ({detail})") from e
-        if head[:1] == b"\x80":
-            raise CheckpointError(f"'{path}' is a truncated or corrupt PyTorch checkpoint (legacy format) "
-                                  f"({detail})") from e
-        raise CheckpointError(f"'{path}' is not a PyTorch checkpoint: it is neither a torch.save zip archive nor "
-                              f"a pickle ({detail})") from e
+        raise CheckpointError(torch_load_failure(path, head, e)) from e
+
+
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+) (?:was not an allowed|whose module)")
+
+
+def torch_load_failure(path: str, head: bytes, e: BaseException) -> str:
+    """One line saying why ``torch.load(path, weights_only=True)`` failed: a pickle that names code (a class or
+    function outside the tensor allow-list: refused for safety), a damaged zip archive or pickle, or bytes that
+    are no checkpoint at all. The weights-only unpickler reports random bytes with the same "Weights only load
+    failed ... arbitrary code execution" text as real pickled code; only a GLOBAL with a dotted name is the latter."""
+    text = str(e)
+    detail = f"{type(e).__name__}: {_first_line(e)}"
+    if "Weights only load failed" in text:
+        found = _PICKLED_GLOBAL.search(text)
+        if found:
+            return (f"'{path}' contains pickled objects other than tensors and plain containers ({found.group(1)}); "
+                    f"loading it would run arbitrary code, which is refused (weights_only=True). Re-save it as a "
+                    f"plain state_dict.")
+        reason = [line.strip() for line in text.splitlines() if "Unsupported operand" in line or "error:" in line]
+        detail = f"{type(e).__name__}: {reason[-1] if reason else 'unreadable pickle'}"
+    if head.startswith(b"PK\x03\x04"):
+        return (f"'{path}' is a truncated or corrupt PyTorch checkpoint: its zip archive cannot be read "
+                f"({detail})")
+    if head[:1] == b"\x80":
+        return f"'{path}' is a truncated or corrupt PyTorch checkpoint (legacy format) ({detail})"
+    return (f"'{path}' is not a PyTorch checkpoint: it is neither a torch.save zip archive nor a pickle (random or "
+            f"unrelated bytes?) ({detail})")
 
 
 def _unwrap(obj: object, path: str) -> tuple[dict[str, torch.Tensor], list[str]]:

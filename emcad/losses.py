@@ -47,9 +47,9 @@ SUPERVISIONS = ("mutation", "heads_and_sum", "deep_supervision", "last_layer")
 
 
 def _global_sum(t: Tensor, distributed: bool) -> Tensor:
-    from emcad_kernels.functional import _all_reduce_sum  # the same differentiable all-reduce as mutation_loss
+    from emcad_kernels.ops.mutation_loss import all_reduce_sum  # the same all-reduce as mutation_loss
 
-    return _all_reduce_sum(t) if distributed else t
+    return all_reduce_sum(t) if distributed else t
 
 
 def dice_loss(logits: Tensor, target: Tensor, *, smooth: float = 1e-5, softmax: bool = True,
@@ -188,12 +188,11 @@ class SegmentationLoss(torch.nn.Module):
             return f"criterion is {self.criterion!r}, the fused loss computes 'ce_dice'"
         try:
             from emcad_kernels import backends as ek_backends
-            from emcad_kernels.functional import _prepare_mutation_stats
+            from emcad_kernels.ops import mutation_loss as fused
         except ImportError as e:  # pragma: no cover - emcad_kernels is a dependency
             return f"emcad_kernels unavailable: {e}"
         try:
-            call, _, _ = _prepare_mutation_stats(_common_dtype(list(outputs)[-4:]), target, check_values=False)
-            ek_backends.select(call)
+            ek_backends.select(fused.prepare(_common_dtype(list(outputs)[-4:]), target, check_values=False))
         except (TypeError, ValueError, ek_backends.BackendUnavailableError) as e:
             return str(e)
         return None

@@ -2,28 +2,30 @@
 
 Public API:
 
-* ``multi_scale_dwconv``, ``upsample_dwconv``, ``grouped_attention_gate``, ``mscam``: the fused ops
-  (``functional.py``);
-* ``mutation_stats``, ``mutation_loss``: the fused MUTATION deep-supervision loss (``functional.py``);
+* ``multi_scale_dwconv``, ``upsample_dwconv``, ``grouped_attention_gate``, ``mscam``, ``mutation_stats``,
+  ``mutation_loss``, ``layernorm_dilated_dwconv``, ``dilated_dwconv_groupnorm``: the fused ops (``ops/``, one file
+  each);
 * ``BatchNormParams``: BatchNorm state passed as explicit tensors;
-* ``use_backend``, ``available_backends``, ``registered_backends``, ``explain``: backend control
+* ``use_backend``, ``available_backends``, ``registered_backends``, ``explain``, ``can_run``: backend control
   (``backends.py``; environment variable ``EMCAD_KERNELS_BACKEND``).
+
+How an op is put together: docs/op_layer.md.
 """
 
-from . import _reference_backend  # noqa: F401  (registers the reference backend)
-from . import _cpu_backend  # noqa: F401  (registers the cpu backend; needs the built C++ extension)
-from . import _cuda_backend  # noqa: F401  (registers the cuda backend; needs the built CUDA extension)
-from . import _triton_backend  # noqa: F401  (registers the triton backend; imports triton lazily)
-from .backends import (BackendUnavailableError, available_backends, registered_backends, use_backend)
-from .functional import (ACTIVATIONS, BatchNormParams, dilated_dwconv_groupnorm, explain, grouped_attention_gate,
-                         layernorm_dilated_dwconv, mscam, multi_scale_dwconv, mutation_loss, mutation_stats,
-                         upsample_dwconv)
+from .backends import (BackendUnavailableError, available_backends, can_run, explain, registered_backends,
+                       use_backend)
+from .ops.lgag import grouped_attention_gate
+from .ops.mscam import mscam
+from .ops.msdc import multi_scale_dwconv
+from .ops.multidilation import dilated_dwconv_groupnorm, layernorm_dilated_dwconv
+from .ops.mutation_loss import mutation_loss, mutation_stats
+from .ops.updw import upsample_dwconv
+from .ops._args import ACTIVATIONS, BatchNormParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS", "BatchNormParams", "BackendUnavailableError", "available_backends", "dilated_dwconv_groupnorm",
-    "explain", "layernorm_dilated_dwconv",
-    "grouped_attention_gate", "mscam", "multi_scale_dwconv", "mutation_loss", "mutation_stats", "registered_backends",
-    "upsample_dwconv", "use_backend",
+    "ACTIVATIONS", "BatchNormParams", "BackendUnavailableError", "available_backends", "can_run",
+    "dilated_dwconv_groupnorm", "explain", "grouped_attention_gate", "layernorm_dilated_dwconv", "mscam",
+    "multi_scale_dwconv", "mutation_loss", "mutation_stats", "registered_backends", "upsample_dwconv", "use_backend",
 ]

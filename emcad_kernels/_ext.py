@@ -1,41 +1,54 @@
-"""Loads the compiled extension ``emcad_kernels._C`` (the C++/OpenMP CPU kernels of the ``cpu`` backend).
+"""Loads the compiled extensions: ``emcad_kernels._C`` (the C++/OpenMP CPU kernels) and ``emcad_kernels._C_cuda``
+(the CUDA kernels). They only register kernels (``TORCH_LIBRARY_IMPL``) for the ops the descriptors define.
 
-The package imports without it: ``HAS_CPU_EXT`` is then False and ``CPU_EXT_ERROR`` says what is missing and
-how to build it; the ``cpu`` backend reports that reason and ``auto`` selection falls back to ``reference``.
+The package imports without them: the backend that needs one reports why it is missing and ``auto`` moves on.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the repository root (needs a C++17 "
-              "compiler with OpenMP; see ENVIRONMENT.md §5)")
+              "compiler with OpenMP; see docs/environment.md#building)")
+CUDA_NOT_BUILT = ("CUDA extension not built (it is built when torch has CUDA and nvcc is found at install time, or "
+                  "with FORCE_CUDA=1)")
 
 HAS_CPU_EXT = False
 CPU_EXT_ERROR: Optional[str] = None
 
-_KERNEL_OPS = ("msdc_fwd_cpu_kernel", "msdc_bwd_cpu_kernel", "updw_fwd_cpu_kernel", "updw_bwd_cpu_kernel",
-               "lgag_fwd_cpu_kernel", "lgag_bwd_cpu_kernel")
-
 try:
-    from . import _C  # noqa: F401  (registers the emcad_kernels::*_cpu_kernel ops)
+    from . import _C  # noqa: F401  (registers the CPU kernels)
 except ImportError as e:  # not built, or built against another torch (undefined symbols)
     CPU_EXT_ERROR = f"extension not built: emcad_kernels._C cannot be imported ({e}); {BUILD_HINT}"
 else:
-    _missing = [op for op in _KERNEL_OPS if not hasattr(torch.ops.emcad_kernels, op)]
-    if _missing:
-        CPU_EXT_ERROR = (f"extension not built: emcad_kernels._C lacks the ops {', '.join(_missing)} (stale build?); "
-                         f"{BUILD_HINT}")
-    else:
-        HAS_CPU_EXT = True
+    HAS_CPU_EXT = True
+
+_cuda_error: Optional[str] = None
+_cuda_loaded = False
 
 
 def require_cpu_ext() -> None:
     """Raises ImportError with the reason if the CPU extension is not usable."""
     if not HAS_CPU_EXT:
         raise ImportError(CPU_EXT_ERROR)
+
+
+def require_cuda_ext() -> None:
+    """Imports ``emcad_kernels._C_cuda`` (registers the CUDA kernels) or raises ImportError saying why it cannot."""
+    global _cuda_loaded, _cuda_error
+    if not _cuda_loaded:
+        _cuda_loaded = True
+        try:
+            importlib.import_module("emcad_kernels._C_cuda")
+        except ModuleNotFoundError:
+            _cuda_error = CUDA_NOT_BUILT
+        except ImportError as e:  # built, but not loadable here (other torch / CUDA ABI)
+            _cuda_error = f"CUDA extension emcad_kernels._C_cuda failed to load: {e}"
+    if _cuda_error is not None:
+        raise ImportError(_cuda_error)
 
 
 def cpu_isa() -> str:

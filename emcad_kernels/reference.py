@@ -1,9 +1,9 @@
 """Pure-PyTorch reference backend: the test oracle and the universal fallback.
 
-Every function here takes the *kernel interface* arguments of one op (the same arguments every backend
-receives, see ``library.py``) and computes the result with ordinary PyTorch ops. The backward passes are written
-out with the aten backward ops and the BatchNorm backward formula (KERNELS.md §6.3): they recompute the forward
-from the saved input and statistics, which is the scheme every fused backend follows. (Autograd cannot be used
+Every function here implements one kernel-op schema of an op descriptor (``ops/<op>.py``; every backend implements
+the same schemas) with ordinary PyTorch ops. The backward passes are written out with the aten backward ops and the
+BatchNorm backward formula (KERNELS.md §6.3): they recompute the forward from the saved input and statistics, which is
+the scheme every fused backend follows. (Autograd cannot be used
 inside a custom op's implementation: autograd dispatch keys are excluded there.) The tests check these
 gradients against autograd of the plain nn modules and with float64 ``gradcheck``.
 
@@ -173,7 +173,8 @@ def msdc_forward(x: Tensor, weights: list[Tensor], bn_weight: Tensor, bn_bias: T
 
 def msdc_backward(grad: Tensor, x: Tensor, weights: list[Tensor], bn_weight: Tensor, bn_bias: Tensor,
                   save_mean: Tensor, save_var: Tensor, training: bool, eps: float, activation: str, concat: bool,
-                  shuffle_groups: int, stride: int) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+                  shuffle_groups: int, stride: int) -> list[Tensor]:
+    """Returns [grad x, grad bn_weight, grad bn_bias, grad weights...]."""
     dt = _compute_dtype(x)
     xs, bw, bb, sm, sv, g = _upcast([x, bn_weight, bn_bias, save_mean, save_var, grad], dt)
     if shuffle_groups > 0:
@@ -192,8 +193,8 @@ def msdc_backward(grad: Tensor, x: Tensor, weights: list[Tensor], bn_weight: Ten
         grad_ws.append(g_w.to(weights[i].dtype))
         grad_bw.append(g_gamma)
         grad_bb.append(g_beta)
-    return (grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x)), grad_ws,
-            torch.stack(grad_bw).to(bn_weight.dtype), torch.stack(grad_bb).to(bn_bias.dtype))
+    return [grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x)),
+            torch.stack(grad_bw).to(bn_weight.dtype), torch.stack(grad_bb).to(bn_bias.dtype), *grad_ws]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,8 +403,9 @@ def lndw_forward(x: Tensor, ln_weights: list[Tensor], ln_biases: list[Tensor], w
 
 def lndw_backward(grad: Tensor, x: Tensor, ln_weights: list[Tensor], ln_biases: list[Tensor], weights: list[Tensor],
                   biases: list[Tensor], dilations: list[int],
-                  eps: float) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """Returns (grad x, grad ln_weights, grad ln_biases, grad weights, grad biases); recomputes the LayerNorm."""
+                  eps: float) -> list[Tensor]:
+    """Returns [grad x, grad ln_weights..., grad ln_biases..., grad weights..., grad biases...]; recomputes the
+    LayerNorm."""
     dt = _compute_dtype(x)
     xs, g = x.to(dt), grad.to(dt)
     lws, lbs, ws = _upcast(ln_weights, dt), _upcast(ln_biases, dt), _upcast(weights, dt)
@@ -418,9 +420,9 @@ def lndw_backward(grad: Tensor, x: Tensor, ln_weights: list[Tensor], ln_biases: 
         g_lws.append(glw)
         g_lbs.append(glb)
     grad_x = torch.cat(g_xs, 1).to(x.dtype).contiguous(memory_format=output_memory_format(x))
-    return (grad_x, [t.to(p.dtype) for t, p in zip(g_lws, ln_weights)],
-            [t.to(p.dtype) for t, p in zip(g_lbs, ln_biases)], [t.to(p.dtype) for t, p in zip(g_ws, weights)],
-            [t.to(p.dtype) for t, p in zip(g_bs, biases)])
+    return [grad_x, *(t.to(p.dtype) for t, p in zip(g_lws, ln_weights)),
+            *(t.to(p.dtype) for t, p in zip(g_lbs, ln_biases)), *(t.to(p.dtype) for t, p in zip(g_ws, weights)),
+            *(t.to(p.dtype) for t, p in zip(g_bs, biases))]
 
 
 def _dwgn_math(x, weights, biases, gn_weight, gn_bias, dilations, eps):
@@ -441,9 +443,9 @@ def dwgn_forward(x: Tensor, weights: list[Tensor], biases: list[Tensor], gn_weig
 
 def dwgn_backward(grad: Tensor, x: Tensor, weights: list[Tensor], biases: list[Tensor], gn_weight: Tensor,
                   gn_bias: Tensor, dilations: list[int],
-                  eps: float) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
-    """Returns (grad x, grad weights, grad biases, grad gn_weight, grad gn_bias); recomputes the conv and the
-    GroupNorm statistics."""
+                  eps: float) -> list[Tensor]:
+    """Returns [grad x, grad gn_weight, grad gn_bias, grad weights..., grad biases...]; recomputes the conv and
+    the GroupNorm statistics."""
     dt = _compute_dtype(x)
     xs, g = x.to(dt), grad.to(dt)
     ws, bs, gw, gb = _upcast(weights, dt), _upcast(biases, dt), gn_weight.to(dt), gn_bias.to(dt)
@@ -454,9 +456,9 @@ def dwgn_backward(grad: Tensor, x: Tensor, weights: list[Tensor], biases: list[T
     g_z, g_gw, g_gb = torch.ops.aten.native_group_norm_backward(g.contiguous(), z, mean, rstd, gw, n, c, h * w,
                                                                 groups, [True, True, True])
     g_x, g_ws, g_bs = _dilated_dw_backward(g_z, xs, ws, dilations)
-    return (g_x.to(x.dtype).contiguous(memory_format=output_memory_format(x)),
-            [t.to(p.dtype) for t, p in zip(g_ws, weights)], [t.to(p.dtype) for t, p in zip(g_bs, biases)],
-            g_gw.to(gn_weight.dtype), g_gb.to(gn_bias.dtype))
+    return [g_x.to(x.dtype).contiguous(memory_format=output_memory_format(x)), g_gw.to(gn_weight.dtype),
+            g_gb.to(gn_bias.dtype), *(t.to(p.dtype) for t, p in zip(g_ws, weights)),
+            *(t.to(p.dtype) for t, p in zip(g_bs, biases))]
 
 
 # --------------------------------------------------------------------------------------------------

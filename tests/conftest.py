@@ -34,3 +34,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not run_slow(config):
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_choices():
+    """Backend choices are cached per call signature; tests that change what a backend supports (monkeypatched
+    descriptors, test backends) must not leak their choices into other tests."""
+    yield
+    import emcad_kernels
+
+    emcad_kernels.backends.clear_decisions()

@@ -186,3 +186,47 @@ def assert_cuda_graph_replay_matches_eager(step, refresh):
     expected = step()
     for a, b in zip(static_out, expected):
         assert torch.equal(a, b)
+
+
+def captured_kernel_call(run_public):
+    """Runs ``run_public()`` (a public op call) and returns ``(forward kernel op, its arguments)`` of the last fused
+    call it made: the inputs for ``torch.library.opcheck``."""
+    from emcad_kernels import backends
+
+    captured = {}
+    original = backends.Backend.kernel_ops
+
+    def recording(self, op):
+        ops = original(self, op)
+
+        def forward(*args):
+            captured["op"], captured["args"] = ops.forward, args
+            return ops.forward(*args)
+
+        return ops._replace(forward=forward)
+
+    backends.Backend.kernel_ops = recording
+    try:
+        run_public()
+    finally:
+        backends.Backend.kernel_ops = original
+    return captured["op"], captured["args"]
+
+
+def detached(args, requires_grad=False):
+    """Kernel-op arguments with fresh leaf tensors (optionally requiring grad where they are floating point)."""
+    def leaf(t):
+        t = t.detach().clone()
+        return t.requires_grad_(requires_grad and t.is_floating_point() and t.dim() > 0)
+
+    return [leaf(a) if isinstance(a, torch.Tensor) else [leaf(t) for t in a] if isinstance(a, list) else a
+            for a in args]
+
+
+def failing_kernel(*args):
+    """A kernel that always fails, as a Triton compile error or a failed launch would (safety-net tests)."""
+    raise RuntimeError("injected kernel failure")
+
+
+def oom_kernel(*args):
+    raise torch.OutOfMemoryError("injected out of memory")

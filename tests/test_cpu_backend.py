@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 
 import pytest
 import torch
@@ -21,13 +22,11 @@ import torch.nn.functional as F
 
 import emcad_kernels as ek
 from emcad_kernels import _ext, backends
-from emcad_kernels.backends import OpCall
-from op_cases import assert_bitwise_equal, layout_strides
+from op_cases import assert_bitwise_equal, captured_kernel_call, detached, layout_strides
 
 if not _ext.HAS_CPU_EXT:
     pytest.skip(f"cpu backend not available: {_ext.CPU_EXT_ERROR}", allow_module_level=True)
 
-from emcad_kernels import _cpu_backend  # noqa: E402
 
 CPU, REF = "cpu", "reference"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -324,9 +323,12 @@ def test_activations(activation, training):
     assert_parity(lgag_case(activation=activation, training=training))
 
 
-def test_lgag_unusual_grouping_falls_back_inside_the_backend():
-    # groups=1 (a dense 3x3 conv) exceeds the fused block structure: the backend runs the reference composition
-    assert_parity(lgag_case(channels=(6, 6, 4), groups=1, training=True))
+def test_lgag_unusual_grouping_is_refused_with_a_reason():
+    # groups=1 (a dense 3x3 conv) exceeds the fused block structure: cpu refuses it, auto runs the reference
+    case = lgag_case(channels=(6, 6, 20), groups=1, training=True)
+    with pytest.raises(ek.BackendUnavailableError, match="20 output and 6 input channels per group"):
+        case.run(CPU)
+    assert_bitwise_equal(case.run(None), case.run(REF))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -409,25 +411,8 @@ def test_gradcheck(training):
 
 
 def _op_args(case):
-    """The kernel-interface arguments that functional.py would pass for a case (via explain's capture)."""
-    captured = {}
-    op_set = backends.get_backend(CPU).ops
-    original = {"msdc": op_set.msdc, "updw": op_set.updw, "lgag": op_set.lgag}[case.op]
-
-    class Capture:
-        def __getattr__(self, name):
-            def grab(*args):
-                captured["args"] = args
-                return original(*args)
-            return grab
-
-    saved = backends.Backend.ops
-    try:
-        backends.Backend.ops = property(lambda self: Capture())
-        case.run(CPU)
-    finally:
-        backends.Backend.ops = saved
-    return original, captured["args"]
+    """The cpu kernel op and the arguments the public function passes it for a case."""
+    return captured_kernel_call(lambda: case.run(CPU))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -437,19 +422,15 @@ def test_opcheck(op, training):
             "updw": lambda: updw_case(training=training, shape=(2, 3, 4, 5)),
             "lgag": lambda: lgag_case(training=training, shape=(2, 4, 5))}[op]()
     custom_op, args = _op_args(case)
-    args = [a.detach() if isinstance(a, torch.Tensor) else ([t.detach() for t in a] if isinstance(a, list) else a)
-            for a in args]
-    torch.library.opcheck(custom_op, args)
-    grad_args = [a.clone().requires_grad_(a.is_floating_point() and a.dim() > 0) if isinstance(a, torch.Tensor)
-                 else ([t.clone().requires_grad_(True) for t in a] if isinstance(a, list) else a) for a in args]
-    torch.library.opcheck(custom_op, grad_args)
+    torch.library.opcheck(custom_op, detached(args))
+    torch.library.opcheck(custom_op, detached(args, requires_grad=True))
     # channels_last inputs: the fake implementation must report the real strides
     cl = case.cast(torch.float64)
     for k in ("x", "g"):
         if k in cl.tensors:
             cl.tensors[k] = cl.tensors[k].contiguous(memory_format=torch.channels_last)
     custom_op, args = _op_args(cl)
-    torch.library.opcheck(custom_op, [a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    torch.library.opcheck(custom_op, detached(args))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -661,10 +642,10 @@ def test_non_contiguous_upstream_gradient():
     rm = torch.stack([case.tensors[f"rm{i}"] for i in range(3)])
     rv = torch.stack([case.tensors[f"rv{i}"] for i in range(3)])
     args = (False, 1e-5, "relu6", False, 10, 1)
-    y, sm, sv = torch.ops.emcad_kernels.msdc_fwd_cpu_kernel(x, ws, bw, bb, rm, rv, *args)
+    y, sm, sv = torch.ops.emcad_kernels.msdc_fwd(x, ws, bw, bb, rm, rv, *args)
     grad_exp = torch.ones(1, 1, 1, 1, dtype=x.dtype).expand(y.shape)
-    a = torch.ops.emcad_kernels.msdc_bwd_cpu_kernel(grad_exp, x, ws, bw, bb, sm, sv, *args)
-    b = torch.ops.emcad_kernels.msdc_bwd_cpu_kernel(grad_exp.contiguous(), x, ws, bw, bb, sm, sv, *args)
+    a = torch.ops.emcad_kernels.msdc_bwd(grad_exp, x, ws, bw, bb, sm, sv, *args)
+    b = torch.ops.emcad_kernels.msdc_bwd(grad_exp.contiguous(), x, ws, bw, bb, sm, sv, *args)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
 
@@ -678,22 +659,22 @@ def test_bad_input_raises_instead_of_crashing():
     w = [torch.randn(4, 1, 3, 3)]
     bn = [torch.ones(1, 4), torch.zeros(1, 4), torch.zeros(1, 4), torch.ones(1, 4)]
     with pytest.raises(RuntimeError, match="dtype"):
-        k.msdc_fwd_cpu_kernel(x.to(torch.int32), w, *bn, False, 1e-5, "relu6", False, 0, 1)
+        k.msdc_fwd(x.to(torch.int32), w, *bn, False, 1e-5, "relu6", False, 0, 1)
     with pytest.raises(RuntimeError, match="weights"):
-        k.msdc_fwd_cpu_kernel(x, [torch.randn(4, 1, 4, 4)], *bn, False, 1e-5, "relu6", False, 0, 1)
+        k.msdc_fwd(x, [torch.randn(4, 1, 4, 4)], *bn, False, 1e-5, "relu6", False, 0, 1)
     with pytest.raises(RuntimeError, match="stride"):
-        k.msdc_fwd_cpu_kernel(x, w, *bn, False, 1e-5, "relu6", False, 0, 3)
+        k.msdc_fwd(x, w, *bn, False, 1e-5, "relu6", False, 0, 3)
     with pytest.raises(RuntimeError, match="activation"):
-        k.msdc_fwd_cpu_kernel(x, w, *bn, False, 1e-5, "gelu", False, 0, 1)
+        k.msdc_fwd(x, w, *bn, False, 1e-5, "gelu", False, 0, 1)
     with pytest.raises(RuntimeError, match="shuffle"):
-        k.msdc_fwd_cpu_kernel(x, w, *bn, False, 1e-5, "relu6", False, 3, 1)
-    y, sm, sv = k.msdc_fwd_cpu_kernel(x, w, *bn, False, 1e-5, "relu6", False, 0, 1)
+        k.msdc_fwd(x, w, *bn, False, 1e-5, "relu6", False, 3, 1)
+    y, sm, sv = k.msdc_fwd(x, w, *bn, False, 1e-5, "relu6", False, 0, 1)
     with pytest.raises(RuntimeError, match="grad has shape"):
-        k.msdc_bwd_cpu_kernel(y[:, :2], x, w, *bn[:2], sm, sv, False, 1e-5, "relu6", False, 0, 1)
+        k.msdc_bwd(y[:, :2], x, w, *bn[:2], sm, sv, False, 1e-5, "relu6", False, 0, 1)
     with pytest.raises(RuntimeError, match="4-D"):
-        k.updw_fwd_cpu_kernel(x[0], w[0], *[t[0] for t in bn], False, 1e-5, "nearest", "relu", 2)
+        k.updw_fwd(x[0], w[0], *[t[0] for t in bn], False, 1e-5, "nearest", "relu", 2)
     with pytest.raises(RuntimeError, match="bilinear scale"):
-        k.updw_fwd_cpu_kernel(x, w[0], *[t[0] for t in bn], False, 1e-5, "bilinear", "relu", 3)
+        k.updw_fwd(x, w[0], *[t[0] for t in bn], False, 1e-5, "bilinear", "relu", 3)
     # the functional API validates first and names the argument
     with pytest.raises(ValueError, match="weights"):
         ek.multi_scale_dwconv(x, [torch.randn(3, 1, 3, 3)], [bn], backend=CPU)
@@ -711,29 +692,40 @@ def test_auto_selects_cpu_for_cpu_tensors():
     assert "cpu" in ek.available_backends()
 
 
-@pytest.mark.parametrize("call,reason", [
-    (OpCall("multi_scale_dwconv", "cuda", torch.float32, "relu6", (3,)), "tensor is on cuda"),
-    (OpCall("multi_scale_dwconv", "cpu", torch.float16, "relu6", (3,)), "dtype float16 not supported"),
-    (OpCall("multi_scale_dwconv", "cpu", torch.float32, "gelu", (3,)), "activation gelu not supported"),
-    (OpCall("multi_scale_dwconv", "cpu", torch.float32, "relu6", (3,), stride=3), "stride 3 not supported"),
-    (OpCall("upsample_dwconv", "cpu", torch.float32, "relu", (3,), mode="bilinear", scale=3),
-     "bilinear scale 3 not supported"),
-    (OpCall("upsample_dwconv", "cpu", torch.float32, "relu", (3,), mode="nearest", scale=8),
-     "nearest scale 8 not supported"),
-    (OpCall("grouped_attention_gate", "cpu", torch.float32, "relu", (11,), groups=2), "kernel size 11 not supported"),
-])
-def test_check_reasons(call, reason):
-    reasons = backends.get_backend(CPU).reasons(call)
-    assert any(reason in r for r in reasons), reasons
+@pytest.mark.parametrize("case,reason", [
+    (lambda: msdc_case(torch.float32).cast(torch.float16), "dtype float16 is not supported"),
+    (lambda: msdc_case(activation="gelu"), "activation gelu is not supported"),
+    (lambda: msdc_case(stride=3), "stride 3 is not supported"),
+    (lambda: msdc_case(ks=(1, 3, 5, 3, 3, 3, 3, 3, 3)), "9 branches are not supported (at most 8)"),
+    (lambda: updw_case(mode="bilinear", scale=3), "bilinear scale 3 is not supported"),
+    (lambda: updw_case(scale=8), "nearest scale 8 is not supported"),
+], ids=["fp16", "gelu", "stride3", "branches", "bilinear3", "nearest8"])
+def test_refusal_reasons(case, reason):
+    case = case()
+    with pytest.raises(ek.BackendUnavailableError, match=re.escape(reason)):
+        case.run(CPU)
     # auto falls back to the reference backend
-    assert backends.select(call).name != CPU
+    assert_bitwise_equal(case.run(None), case.run(REF))
+
+
+def test_refusal_reasons_name_the_device():
+    x = torch.randn(1, 2, 4, 4, device="meta")
+    reasons = ek.backends.reasons("multi_scale_dwconv", x, [torch.randn(2, 1, 3, 3, device="meta")],
+                                  [torch.nn.BatchNorm2d(2, device="meta")], backend=CPU)
+    assert reasons == ["tensors are on meta"]
 
 
 def test_supported_calls_have_no_reasons():
-    for call in [OpCall("multi_scale_dwconv", "cpu", d, "relu6", (1, 3, 5), s) for d in DTYPES for s in (1, 2)] + [
-            OpCall("upsample_dwconv", "cpu", torch.float32, "relu", (3,), mode="bilinear", scale=2),
-            OpCall("grouped_attention_gate", "cpu", torch.bfloat16, "relu", (3,), groups=32)]:
-        assert backends.get_backend(CPU).reasons(call) == []
+    for dtype in DTYPES:
+        for stride in (1, 2):
+            case = msdc_case(dtype, stride=stride)
+            t = case.tensors
+            bns = [[t[f"bw{i}"], t[f"bb{i}"], t[f"rm{i}"], t[f"rv{i}"]] for i in range(3)]
+            assert ek.can_run("multi_scale_dwconv", t["x"], [t[f"w{i}"] for i in range(3)], bns, stride=stride,
+                              backend=CPU)
+    t = updw_case(torch.float32).tensors
+    assert ek.can_run("upsample_dwconv", t["x"], t["w"], [t["bw"], t["bb"], t["rm"], t["rv"]], mode="bilinear",
+                      backend=CPU)
 
 
 def test_gelu_falls_back_to_reference_under_auto():

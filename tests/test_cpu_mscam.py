@@ -11,11 +11,9 @@ import pytest
 import torch
 
 import emcad_kernels as ek
-from emcad_kernels import _cpu_backend
 from op_cases import assert_bitwise_equal, assert_matches, layout_strides
 
-pytestmark = pytest.mark.skipif("cpu" not in ek.available_backends() or not _cpu_backend._has_kernel_ops("mscam"),
-                                reason="cpu backend with the mscam kernels not built")
+pytestmark = pytest.mark.skipif("cpu" not in ek.available_backends(), reason="cpu backend not built")
 
 NAMES = ("x", "cab_fc1", "cab_fc2", "sab_weight")
 
@@ -158,7 +156,7 @@ def test_gradcheck_float64(channels_last):
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_opcheck(requires_grad, channels_last):
-    op = ek.backends.get_backend("cpu").ops.mscam
+    op = ek.backends.kernel_ops("mscam", "cpu").forward
     inputs = make_inputs((2, 8, 5, 4), k=7, r=2)
     x = inputs["x"].float()
     if channels_last:
@@ -188,26 +186,28 @@ def test_refusal_reasons(monkeypatch):
     inputs = make_inputs((2, 8, 4, 4), k=7, r=2)
     args = [inputs[n] for n in NAMES]
     assert "-> cpu" in ek.explain("mscam", *args)
-    with pytest.raises(ek.BackendUnavailableError, match="activation gelu not supported"):
+    with pytest.raises(ek.BackendUnavailableError, match="activation gelu is not supported"):
         ek.mscam(*args, activation="gelu", backend="cpu")
     assert "-> reference" in ek.explain("mscam", *args, activation="gelu")
     torch.testing.assert_close(ek.mscam(*args, activation="gelu"), ek.mscam(*args, activation="gelu",
                                                                               backend="reference"))
     k11 = torch.randn(1, 2, 11, 11, dtype=torch.float64)
-    with pytest.raises(ek.BackendUnavailableError, match="kernel size 11 not supported"):
+    with pytest.raises(ek.BackendUnavailableError, match=r"SAB kernel size 11 is not supported \(odd sizes up to 9\)"):
         ek.mscam(*args[:3], k11, backend="cpu")
     half = [a.half() for a in args]
-    with pytest.raises(ek.BackendUnavailableError, match="dtype float16 not supported"):
+    with pytest.raises(ek.BackendUnavailableError, match="dtype float16 is not supported"):
         ek.mscam(*half, backend="cpu")
     # an extension built before the mscam kernels existed: refused with a reason, auto falls back
-    real_hasattr = hasattr
-
-    def fake_hasattr(obj, name):
-        return False if name.startswith("mscam_") else real_hasattr(obj, name)
-    monkeypatch.setattr(_cpu_backend, "hasattr", fake_hasattr, raising=False)
-    with pytest.raises(ek.BackendUnavailableError, match="mscam: the built extension lacks its kernels"):
-        ek.mscam(*args, backend="cpu")
-    assert "-> reference" in ek.explain("mscam", *args)
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda op, key: not op.startswith("emcad_kernels::mscam") and has_kernel(op, key))
+    ek.backends.clear_decisions()
+    try:
+        with pytest.raises(ek.BackendUnavailableError, match="no CPU kernel for mscam .stale build"):
+            ek.mscam(*args, backend="cpu")
+        assert "-> reference" in ek.explain("mscam", *args)
+    finally:
+        ek.backends.clear_decisions()
 
 
 def test_direct_kernel_argument_errors():
@@ -215,13 +215,13 @@ def test_direct_kernel_argument_errors():
     x, a, b, s = (inputs[n] for n in NAMES)
     k = torch.ops.emcad_kernels
     with pytest.raises(RuntimeError, match="sab_weight must have shape"):
-        k.mscam_fwd_cpu_kernel(x, a, b, torch.randn(1, 2, 11, 11, dtype=x.dtype), "relu")
+        k.mscam_fwd(x, a, b, torch.randn(1, 2, 11, 11, dtype=x.dtype), "relu")
     with pytest.raises(RuntimeError, match="cab_fc2 must have shape"):
-        k.mscam_fwd_cpu_kernel(x, a, b[:4], s, "relu")
+        k.mscam_fwd(x, a, b[:4], s, "relu")
     with pytest.raises(RuntimeError, match="activation gelu not supported"):
-        k.mscam_fwd_cpu_kernel(x, a, b, s, "gelu")
+        k.mscam_fwd(x, a, b, s, "gelu")
     with pytest.raises(RuntimeError, match="grad must have x's shape"):
-        k.mscam_bwd_cpu_kernel(x[:1], x, a, b, s, "relu")
+        k.mscam_bwd(x[:1], x, a, b, s, "relu")
 
 
 def test_decoder_uses_the_cpu_kernel():
@@ -241,7 +241,7 @@ def test_decoder_uses_the_cpu_kernel():
             with torch.profiler.profile() as prof:
                 outs = dec(inputs[0], inputs[1:])
             names = [e.name for e in prof.events()]
-            assert names.count("emcad_kernels::mscam_fwd_cpu") == 4, backend
+            assert names.count("emcad_kernels::mscam_fwd") == 4, backend
             assert "emcad_kernels::mscam_fwd_reference" not in names
             refs = ref(inputs[0], inputs[1:])
             for a, b in zip(refs, outs):

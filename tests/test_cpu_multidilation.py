@@ -18,15 +18,12 @@ import copy
 import pytest
 import torch
 
-from emcad_kernels import _ext, backends
-from emcad_kernels.backends import OpCall
+import emcad_kernels as ek
+from emcad_kernels import _ext, backends, dilated_dwconv_groupnorm, layernorm_dilated_dwconv
 from op_cases import assert_bitwise_equal, layout_strides
-from emcad_kernels.functional import dilated_dwconv_groupnorm, layernorm_dilated_dwconv
 
 if not _ext.HAS_CPU_EXT:
     pytest.skip(f"cpu backend not available: {_ext.CPU_EXT_ERROR}", allow_module_level=True)
-if not all(hasattr(torch.ops.emcad_kernels, n) for n in ("lndw_fwd_cpu_kernel", "dwgn_fwd_cpu_kernel")):
-    pytest.skip("the built extension predates the multi-dilation kernels; rebuild it", allow_module_level=True)
 
 CPU, REF = "cpu", "reference"
 D64 = torch.float64
@@ -199,13 +196,19 @@ def test_non_contiguous_input():
 
 
 def test_auto_picks_cpu_for_cpu_tensors():
-    for op in ("layernorm_dilated_dwconv", "dilated_dwconv_groupnorm"):
-        for dtype in (torch.float32, torch.float64, torch.bfloat16):
-            call = OpCall(op, "cpu", dtype, "identity", (3, 3, 3, 3), 1, groups=4, dilations=(1, 2, 5, 7))
-            assert backends.get_backend(CPU).reasons(call) == []
-            assert backends.select(call, None).name == CPU
-        call = OpCall(op, "cpu", torch.float16, "identity", (3,), 1, groups=1, dilations=(1,))
-        assert backends.get_backend(CPU).reasons(call) == ["dtype float16 not supported"]
+    ws = [torch.randn(2, 1, 3, 3) for _ in range(4)]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.randn(1, 8, 6, 6, dtype=dtype)
+        w = [t.to(dtype) for t in ws]
+        calls = {"layernorm_dilated_dwconv": ((x, None, None, w), {}), "dilated_dwconv_groupnorm": ((x, w, None, None,
+                                                                                                     None), {})}
+        for op, (args, _) in calls.items():
+            assert "-> cpu" in ek.explain(op, *args, dilations=[1, 2, 5, 7])
+            assert ek.backends.reasons(op, *args, dilations=[1, 2, 5, 7], backend=CPU) == []
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float16)
+    assert ek.backends.reasons("layernorm_dilated_dwconv", x, None, None, [torch.randn(2, 1, 3, 3).half()],
+                               dilations=[1], backend=CPU) == [
+        "dtype float16 is not supported (float32, float64, bfloat16)"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,11 +255,12 @@ def _op_args(case, dtype=D64, layout="nchw"):
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
     x = case.x.to(dtype).contiguous(memory_format=fmt)
     params = [[t.to(dtype) for t in p] if isinstance(p, list) else p.to(dtype) for p in case.params]
-    ops = backends.get_backend(CPU).ops
     if case.op == "lndw":
-        return ops.lndw, [x, *params, list(case.dilations), case.eps]
+        return backends.kernel_ops("layernorm_dilated_dwconv", CPU).forward, [x, *params, list(case.dilations),
+                                                                              case.eps]
     ws, bs, gw, gb = params
-    return ops.dwgn, [x, ws, bs, gw, gb, list(case.dilations), case.eps]
+    return backends.kernel_ops("dilated_dwconv_groupnorm", CPU).forward, [x, ws, bs, gw, gb, list(case.dilations),
+                                                                          case.eps]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -299,18 +303,18 @@ def test_kernel_entry_points_reject_bad_input():
     w = [torch.randn(3, 1, 3, 3), torch.randn(3, 1, 3, 3)]
     b = [torch.zeros(3), torch.zeros(3)]
     with pytest.raises(RuntimeError, match="weights cover 6 channels but x has 7"):
-        k.lndw_fwd_cpu_kernel(torch.randn(1, 7, 5, 5), b, b, w, b, [1, 2], 1e-6)
+        k.lndw_fwd(torch.randn(1, 7, 5, 5), b, b, w, b, [1, 2], 1e-6)
     with pytest.raises(RuntimeError, match="one entry per group"):
-        k.lndw_fwd_cpu_kernel(x, b, b, w, b, [1], 1e-6)
+        k.lndw_fwd(x, b, b, w, b, [1], 1e-6)
     with pytest.raises(RuntimeError, match="odd k"):
-        k.dwgn_fwd_cpu_kernel(x, [torch.randn(3, 1, 2, 2)] * 2, b, torch.ones(6), torch.zeros(6), [1, 1], 1e-5)
+        k.dwgn_fwd(x, [torch.randn(3, 1, 2, 2)] * 2, b, torch.ones(6), torch.zeros(6), [1, 1], 1e-5)
     with pytest.raises(RuntimeError, match="equal sizes"):
-        k.dwgn_fwd_cpu_kernel(x, [torch.randn(2, 1, 3, 3), torch.randn(4, 1, 3, 3)], [torch.zeros(2), torch.zeros(4)],
+        k.dwgn_fwd(x, [torch.randn(2, 1, 3, 3), torch.randn(4, 1, 3, 3)], [torch.zeros(2), torch.zeros(4)],
                               torch.ones(6), torch.zeros(6), [1, 1], 1e-5)
     with pytest.raises(RuntimeError, match="dtype"):
-        k.lndw_fwd_cpu_kernel(x.half(), b, b, w, b, [1, 2], 1e-6)
+        k.lndw_fwd(x.half(), b, b, w, b, [1, 2], 1e-6)
     with pytest.raises(RuntimeError, match="grad has shape"):
-        k.dwgn_bwd_cpu_kernel(torch.randn(1, 6, 4, 5), x, w, b, torch.ones(6), torch.zeros(6), [1, 1], 1e-5)
+        k.dwgn_bwd(torch.randn(1, 6, 4, 5), x, w, b, torch.ones(6), torch.zeros(6), [1, 1], 1e-5)
     # the functional API names the argument before any kernel runs
     with pytest.raises(ValueError, match="equal groups"):
         dilated_dwconv_groupnorm(x, [torch.randn(2, 1, 3, 3), torch.randn(4, 1, 3, 3)], None, None, None,
@@ -353,29 +357,14 @@ def test_whole_model_cpu_matches_torch(model, training):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-9, rtol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_models_use_the_cpu_kernels(monkeypatch):
+def test_models_use_the_cpu_kernels():
     """With backend="cpu" the models' multi-dilation calls reach the C++ kernels (not a fallback)."""
     from emcad.models import EGEUNet, MALUNet
 
-    calls = {"lndw": 0, "dwgn": 0}
-    k = torch.ops.emcad_kernels
-    real = {"lndw": k.lndw_fwd_cpu_kernel, "dwgn": k.dwgn_fwd_cpu_kernel}
-    import emcad_kernels._cpu_backend as cb
-
-    class Counting:
-        def __getattr__(self, name):
-            fn = getattr(k, name)
-            key = name[:4]
-            if key in calls and name.endswith("_fwd_cpu_kernel"):
-                def wrapper(*args):
-                    calls[key] += 1
-                    return real[key](*args)
-                return wrapper
-            return fn
-
-    monkeypatch.setattr(cb, "_k", lambda: Counting())
     x = torch.rand(1, 3, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.profile() as prof:
         EGEUNet(backend=CPU)(x)
         MALUNet(backend=CPU)(x)
-    assert calls == {"lndw": 6 + 5, "dwgn": 6 + 6 * 3}
+    names = [e.name for e in prof.events()]
+    assert (names.count("emcad_kernels::lndw_fwd"), names.count("emcad_kernels::dwgn_fwd")) == (6 + 5, 6 + 6 * 3)
+    assert not any(n.endswith("_fwd_reference") for n in names)

@@ -10,7 +10,8 @@ Three groups of tests:
   launchers. Checks every op, forward and backward, train and eval, all dtypes, NCHW and channels_last, against
   the reference backend, plus determinism, guard zones around every output and the host-side math (geometry,
   shuffle maps, polyphase weights). This is what can be verified without a GPU.
-* **GPU** (marker ``gpu``; skipped without CUDA or without the built extension ``emcad_kernels._C_cuda``):
+* **GPU** (marker ``gpu``; skipped without CUDA; with a GPU, a missing ``emcad_kernels._C_cuda`` fails them unless
+  ``EMCAD_REQUIRE_CUDA_EXT=0``):
   parity with the reference at tiny odd shapes and at real EMCAD shapes in fp32/fp16/bf16/fp64, NCHW and
   channels_last, train and eval, all gradients and running statistics; float64 gradcheck; opcheck; bitwise
   determinism; ``torch.compile(fullgraph=True)`` and CUDA-graph replay.
@@ -499,7 +500,7 @@ EMU_NAMESPACE = "emcad_kernels_emu"
 @functools.lru_cache(maxsize=None)
 def _build_emulated_binding():
     """torch_binding.cpp with -DEMCAD_CUDA_EMULATE, linked with the emulated launchers; registers
-    torch.ops.emcad_kernels_emu.*_cuda_kernel for the CPU dispatch key."""
+    the kernels of emcad_kernels_emu::<op>_fwd/_bwd for the CPU dispatch key."""
     from torch.utils.cpp_extension import load
 
     objs = _build_emulation_objects()
@@ -511,28 +512,34 @@ def _build_emulated_binding():
 
 
 @functools.lru_cache(maxsize=None)
-def _emu_op_set():
-    from emcad_kernels import _cuda_backend
-    from emcad_kernels.library import define_op_set
+def _define_emulated_ops():
+    """The ops the cuda backend implements, defined from their descriptors in the emulation namespace, with the
+    emulated binding's kernels."""
+    from emcad_kernels import backends
+    from emcad_kernels.descriptor import define_kernel_ops
 
+    for op in backends.registered_ops().values():
+        if "cuda" in op.support:
+            define_kernel_ops(op, namespace=EMU_NAMESPACE)
     _build_emulated_binding()
-    return define_op_set(EMU_BACKEND, _cuda_backend.make_kernels(EMU_NAMESPACE), device_types=("cpu",))
 
 
 @pytest.fixture(scope="module")
 def emu_backend(request):
-    """Registers the emulated binding as backend "cuda_emu" (CPU tensors) for the tests of this module."""
+    """Registers the emulated binding as backend "cuda_emu" (CPU tensors, the cuda backend's coverage) for the tests
+    of this module."""
     _skip_unless_slow_tests(request)
     if GXX is None:
         pytest.skip("g++ not found: skipping the CPU emulation of the CUDA kernels")
     from emcad_kernels import backends
 
-    ops = _emu_op_set()
-    backend = backends.Backend(name=EMU_BACKEND, priority=-100, load=lambda: ops, check=lambda call: [],
-                               description="csrc/cuda through torch_binding.cpp, CPU emulation (tests only)")
-    backends.register_backend(backend, load_now=True)
+    _define_emulated_ops()
+    cuda = backends.get_backend("cuda")
+    backends.register_backend(backends.Backend(
+        name=EMU_BACKEND, priority=-100, description="csrc/cuda through torch_binding.cpp, CPU emulation (tests only)",
+        devices=("cpu",), dtypes=cuda.dtypes, dispatch_key="CPU", namespace=EMU_NAMESPACE, support="cuda"))
     yield EMU_BACKEND
-    backends._REGISTRY.pop(EMU_BACKEND, None)
+    backends.unregister_backend(EMU_BACKEND)
 
 
 # ==================================================================================================================
@@ -936,12 +943,12 @@ def test_launchers_msdc_updw_lgag_against_reference(emu, dtype, channels_last, t
             close(a, b, f"msdc {what} C={c}")
         gy = t(*ref[0].shape).contiguous(memory_format=fmt)
         got = emu_msdc_backward(emu, gy, x, ws, bn[0], bn[1], ref[1], ref[2], *args)
-        ref_b = reference.msdc_backward(gy, x, ws, bn[0], bn[1], ref[1], ref[2], *args, 1)
-        close(got[0], ref_b[0], "msdc grad x")
+        gx, gbw, gbb, *gws = reference.msdc_backward(gy, x, ws, bn[0], bn[1], ref[1], ref[2], *args, 1)
+        close(got[0], gx, "msdc grad x")
         for i in range(3):
-            close(got[1][i], ref_b[1][i], f"msdc grad w{i}")
-        close(got[2], ref_b[2], "msdc grad bn weight")
-        close(got[3], ref_b[3], "msdc grad bn bias")
+            close(got[1][i], gws[i], f"msdc grad w{i}")
+        close(got[2], gbw, "msdc grad bn weight")
+        close(got[3], gbb, "msdc grad bn bias")
 
         xu = t(2, c, 5, 4).contiguous(memory_format=fmt)
         wu = t(c, 1, 3, 3, scale=0.3)
@@ -1045,11 +1052,13 @@ def test_emulated_more_configurations(emu_backend, name, dtype, channels_last, t
     check_against_reference(EXTRA_CASES[name](), emu_backend, "cpu", dtype, channels_last, training)
 
 
-def test_emulated_lgag_uncovered_layout_falls_back_to_reference(emu_backend):
-    """Two gate channels per group are outside the CUDA kernels: the backend runs the reference composite, warns
-    once, and stays correct."""
+def test_emulated_lgag_uncovered_layout_is_refused_with_a_reason(emu_backend):
+    """Two gate channels per group are outside the CUDA kernels: the backend refuses the call with the reason (auto
+    then moves on to another backend)."""
+    import emcad_kernels as ek
+
     case = lgag_case(shape=(1, 4, 5, 5), groups=1, f_int=2)
-    with pytest.warns(RuntimeWarning, match="not covered by the CUDA kernels"):
+    with pytest.raises(ek.BackendUnavailableError, match="2 output and 4 input channels per group are not supported"):
         check_against_reference(case, emu_backend, "cpu", torch.float64, False, True)
 
 
@@ -1076,8 +1085,10 @@ def test_emulated_empty_batch(emu_backend):
 
     x = torch.zeros(0, 4, 5, 5, dtype=torch.float64)
     ws = [torch.zeros(4, 1, 3, 3, dtype=torch.float64)]
-    y = ek.multi_scale_dwconv(x, ws, [torch.nn.BatchNorm2d(4).double()], backend=emu_backend)
-    assert y.shape == (0, 4, 5, 5)
+    bns = [torch.nn.BatchNorm2d(4).double()]
+    with pytest.raises(ek.BackendUnavailableError, match="empty inputs are not supported"):
+        ek.multi_scale_dwconv(x, ws, bns, backend=emu_backend)
+    assert ek.multi_scale_dwconv(x, ws, bns).shape == (0, 4, 5, 5)  # auto: another backend
 
 
 @pytest.mark.parametrize("make_case", [msdc_case, updw_case, lgag_case], ids=["msdc", "updw", "lgag"])
@@ -1129,9 +1140,9 @@ def _opcheck_samples(device, dtype=torch.float64):
 
 
 def test_emulated_ops_pass_opcheck(emu_backend):
-    ops = torch.ops.emcad_kernels
+    ops = getattr(torch.ops, EMU_NAMESPACE)
     for name, args in _opcheck_samples("cpu"):
-        op = getattr(ops, f"{name}_{emu_backend}").default
+        op = getattr(ops, name).default
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                                     "test_aot_dispatch_dynamic"))
 
@@ -1236,66 +1247,90 @@ def test_cuda_backend_is_registered_with_priority_20():
 
 
 def test_cuda_backend_reasons():
-    from emcad_kernels import _cuda_backend
-    from emcad_kernels.backends import OpCall
+    """What the cuda kernels cover, as declared by the descriptors (``Support.check`` reads only the call's static
+    attributes, so CPU tensors stand in for CUDA ones)."""
+    import emcad_kernels as ek
+    from emcad_kernels.ops.lgag import LGAG
+    from emcad_kernels.ops.msdc import MSDC
+    from emcad_kernels.ops.updw import UPDW
 
-    def reasons(**kw):
-        base = dict(op="multi_scale_dwconv", device="cuda", dtype=torch.float32, activation="relu6",
-                    kernel_sizes=(1, 3, 5))
-        base.update(kw)
-        return "; ".join(_cuda_backend.check(OpCall(**base)))
+    def msdc(ks=(1, 3, 5), **kw):
+        c = 4
+        return "; ".join(MSDC.support["cuda"].check(MSDC.prepare(
+            torch.zeros(1, c, 5, 5), [torch.zeros(c, 1, k, k) for k in ks], [torch.nn.BatchNorm2d(c)] * len(ks),
+            **kw)))
 
-    assert reasons() == ""
-    assert "tensor is on cpu" in reasons(device="cpu")
-    assert "dtype" in reasons(dtype=torch.int32)
-    assert "activation" in reasons(activation="mish")
-    assert "kernel size" in reasons(kernel_sizes=(9,))
-    assert "branches" in reasons(kernel_sizes=(1, 3, 5, 7, 3))
-    assert "stride" in reasons(stride=2)
-    assert reasons(op="upsample_dwconv", kernel_sizes=(3,), mode="nearest", scale=2, activation="relu") == ""
-    assert "mode" in reasons(op="upsample_dwconv", kernel_sizes=(3,), mode="bilinear", scale=2)
-    assert "scale" in reasons(op="upsample_dwconv", kernel_sizes=(3,), mode="nearest", scale=3)
-    assert "kernel size" in reasons(op="upsample_dwconv", kernel_sizes=(5,), mode="nearest", scale=2)
-    assert reasons(op="grouped_attention_gate", kernel_sizes=(3,), activation="relu") == ""
-    assert "kernel size" in reasons(op="grouped_attention_gate", kernel_sizes=(1,), activation="relu")
+    def updw(k=3, **kw):
+        return "; ".join(UPDW.support["cuda"].check(UPDW.prepare(torch.zeros(1, 4, 5, 5), torch.zeros(4, 1, k, k),
+                                                                 torch.nn.BatchNorm2d(4), **kw)))
+
+    def lgag(k=3, groups=2, f_int=2, cin=4):
+        z = torch.zeros(1, cin, 5, 5)
+        wg = torch.zeros(f_int, cin // groups, k, k)
+        bn = torch.nn.BatchNorm2d(f_int)
+        return "; ".join(LGAG.support["cuda"].check(LGAG.prepare(
+            z, z, wg, None, bn, wg, None, bn, torch.zeros(1, f_int, 1, 1), None, torch.nn.BatchNorm2d(1),
+            groups=groups)))
+
+    assert msdc() == ""
+    assert "kernel size 9" in msdc(ks=(9,))
+    assert "5 branches" in msdc(ks=(1, 3, 5, 7, 3))
+    assert "stride 2" in msdc(stride=2)
+    assert updw() == ""
+    assert "mode bilinear" in updw(mode="bilinear")
+    assert "scale 3" in updw(scale=3)
+    assert "kernel size 5" in updw(k=5)
+    assert lgag() == ""
+    assert "kernel size 1" in lgag(k=1)
+    assert "per group" in lgag(groups=1, f_int=2, cin=4)
+    x = torch.zeros(1, 4, 5, 5)
+    line = _cuda_line(ek.explain("upsample_dwconv", x, torch.zeros(4, 1, 3, 3), torch.nn.BatchNorm2d(4)))
+    # the extension is loaded before the device is looked at: without it, the reason is the missing build
+    try:
+        ek.backends.get_backend("cuda").load()
+        expected = "tensors are on cpu"
+    except ImportError:
+        expected = "CUDA extension not built"
+    assert expected in line, line
 
 
 def test_unbuilt_extension_is_reported():
-    from emcad_kernels import _cuda_backend
+    from emcad_kernels import _ext
 
     try:
-        _cuda_backend.load_extension()
+        _ext.require_cuda_ext()
     except ImportError as e:
-        text = _explain()
-        assert "CUDA extension not built" in _cuda_line(text) or "failed to load" in _cuda_line(text), text
-        assert str(e)
+        assert "CUDA extension not built" in str(e) or "failed to load" in str(e)
+        # on a CPU machine explain stops at the device; the reason shows where CUDA tensors would go
+        from emcad_kernels import backends
+
+        assert backends.get_backend("cuda").unavailable_reason() == str(e)
     else:
         pytest.skip("the CUDA extension is built here")
 
 
-def test_explain_mentions_cuda_reasons_for_cpu_tensors():
-    from emcad_kernels import _cuda_backend
-
-    try:
-        _cuda_backend.load_extension()
-    except ImportError:
-        pytest.skip("extension not built: the reason shown is the missing build")
-    assert "tensor is on cpu" in _cuda_line(_explain())
-
-
 # ==================================================================================================================
-# GPU tests (marker gpu; skipped without CUDA or without the built extension)
+# GPU tests (marker gpu; skipped without CUDA; with a GPU they need the built extension, see cuda_backend)
 # ==================================================================================================================
+REQUIRE_CUDA_EXT = "EMCAD_REQUIRE_CUDA_EXT"
+
+
 @pytest.fixture
 def cuda_backend():
+    """With a GPU, a missing or broken ``_C_cuda`` fails these tests: setup.py builds it wherever torch has CUDA,
+    a GPU is visible and a toolkit is found, so its absence is a broken install. ``EMCAD_REQUIRE_CUDA_EXT=0``
+    (e.g. a GPU machine without nvcc) turns the failure into a skip."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from emcad_kernels import _cuda_backend
+    from emcad_kernels import _ext
 
     try:
-        _cuda_backend.load_extension()
+        _ext.require_cuda_ext()
     except ImportError as e:
-        pytest.skip(str(e))
+        if os.environ.get(REQUIRE_CUDA_EXT, "1") == "0":
+            pytest.skip(f"{e} ({REQUIRE_CUDA_EXT}=0)")
+        pytest.fail(f"{e}; a GPU is present, so the extension is required (rebuild with FORCE_CUDA=1 to see why it "
+                    f"was not built, or set {REQUIRE_CUDA_EXT}=0 to skip these tests)")
     return "cuda"
 
 

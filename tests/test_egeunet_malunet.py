@@ -19,18 +19,17 @@ from emcad.flops_thop import count_macs, count_macs_thop
 from emcad.models import EGEUNet, MALUNet, list_models
 from emcad.models.egeunet import GAB, GHPA, LayerNorm2d, minmax_scale_255
 from emcad.models.malunet import DGA, DepthWiseConv2d, EAblock
-from emcad_kernels import backends
+from emcad_kernels import backends, dilated_dwconv_groupnorm, layernorm_dilated_dwconv
 from emcad_kernels.backends import Backend, BackendUnavailableError
-from emcad_kernels.functional import dilated_dwconv_groupnorm, layernorm_dilated_dwconv
-from emcad_kernels.library import OpSet
+from emcad_kernels.descriptor import Support
 
 REF = "reference"
 D64 = torch.float64
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "EGE-UNet_MALUNet.md")
 
 
-def _ops():
-    return backends.get_backend(REF).ops
+def _forward_op(op):
+    return backends.kernel_ops(op, REF).forward
 
 
 def _flat(out):
@@ -216,12 +215,12 @@ def test_opcheck(requires_grad, channels_last):
     x.requires_grad_(requires_grad)
     lws, lbs, ws, bs = (p if not requires_grad else [t.requires_grad_() for t in p]
                         for p in _lndw_params((5, 5), (3, 3), torch.float32))
-    torch.library.opcheck(_ops().lndw, [x, lws, lbs, ws, bs, [1, 2], 1e-6])
+    torch.library.opcheck(_forward_op("layernorm_dilated_dwconv"), [x, lws, lbs, ws, bs, [1, 2], 1e-6])
     ws, bs, gw, gb = _dwgn_params(10, 2, (3, 3), torch.float32)
     if requires_grad:
         ws, bs = [t.requires_grad_() for t in ws], [t.requires_grad_() for t in bs]
         gw, gb = gw.requires_grad_(), gb.requires_grad_()
-    torch.library.opcheck(_ops().dwgn, [x, ws, bs, gw, gb, [2, 1], 1e-5])
+    torch.library.opcheck(_forward_op("dilated_dwconv_groupnorm"), [x, ws, bs, gw, gb, [2, 1], 1e-5])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,29 +261,33 @@ def test_fvcore_handles_count_macs():
         def forward(self, x):
             return layernorm_dilated_dwconv(x, lws, lbs, ws, bs, dilations=(1, 2, 5, 7), backend=REF)
 
-    analysis = fvcore.FlopCountAnalysis(Fused(), torch.randn(1, 20, 8, 8)).set_op_handle(**fvcore_handles([REF]))
+    analysis = fvcore.FlopCountAnalysis(Fused(), torch.randn(1, 20, 8, 8)).set_op_handle(**fvcore_handles())
     analysis.unsupported_ops_warnings(False)
     assert analysis.total() == 20 * 8 * 8 * 9
 
 
 @pytest.fixture
-def legacy_backend():
-    """A backend built like the pre-existing ones (no lndw/dwgn kernels)."""
-    ref = _ops()
-    backends.register_backend(Backend("legacy", priority=100, load=lambda: OpSet(ref.msdc, ref.updw, ref.lgag),
-                                      check=lambda call: []))
+def legacy_backend(monkeypatch):
+    """A backend whose kernels cover the EMCAD ops only (no lndw/dwgn entry in those descriptors)."""
+    for name, kernel in (("multi_scale_dwconv", "msdc"), ("upsample_dwconv", "updw"),
+                         ("grouped_attention_gate", "lgag")):
+        op = backends.registered_ops()[name]
+        monkeypatch.setitem(op.support, "legacy", Support(kernels=("emcad_kernels.reference", f"{kernel}_forward",
+                                                                   f"{kernel}_backward")))
+    backends.register_backend(Backend("legacy", priority=100, description="tests", devices=None,
+                                      dtypes=backends.FLOAT_DTYPES))
     yield "legacy"
-    del backends._REGISTRY["legacy"]
+    backends.unregister_backend("legacy")
 
 
 def test_backend_without_kernels_reports_not_implemented(legacy_backend):
     x = torch.randn(1, 8, 6, 6)
     ws, bs, gw, gb = _dwgn_params(8, 4, (3, 3, 3, 3), torch.float32)
     text = ek.explain("dilated_dwconv_groupnorm", x, ws, bs, gw, gb, dilations=(7, 5, 2, 1))
-    assert "legacy     no: dilated_dwconv_groupnorm not implemented in the legacy backend" in text
+    assert "legacy     no: dilated_dwconv_groupnorm is not implemented in the legacy backend" in text
     assert "-> cpu" in text or "-> reference" in text  # the next backend that implements the op
     dilated_dwconv_groupnorm(x, ws, bs, gw, gb, dilations=(7, 5, 2, 1))  # auto falls through
-    with pytest.raises(BackendUnavailableError, match="layernorm_dilated_dwconv not implemented in the legacy"):
+    with pytest.raises(BackendUnavailableError, match="layernorm_dilated_dwconv is not implemented in the legacy"):
         layernorm_dilated_dwconv(x, None, None, ws, bs, dilations=(1, 2, 5, 7), backend="legacy")
     # the old ops are unaffected
     assert "-> legacy" in ek.explain("upsample_dwconv", x, torch.randn(8, 1, 3, 3), nn.BatchNorm2d(8))
@@ -295,9 +298,7 @@ def test_installed_backends_refuse_with_reason_or_run():
     x = torch.randn(1, 8, 6, 6)
     ws, bs, gw, gb = _dwgn_params(8, 4, (3, 3, 3, 3), torch.float32)
     for name in ek.registered_backends():
-        reasons = backends.get_backend(name).reasons(
-            backends.OpCall("dilated_dwconv_groupnorm", "cpu", torch.float32, "identity", (3, 3, 3, 3),
-                            groups=4, dilations=(7, 5, 2, 1)))
+        reasons = backends.reasons("dilated_dwconv_groupnorm", x, ws, bs, gw, gb, dilations=(7, 5, 2, 1), backend=name)
         assert isinstance(reasons, list)
     text = ek.explain("dilated_dwconv_groupnorm", x, ws, bs, gw, gb, dilations=(7, 5, 2, 1))
     assert "-> " in text

@@ -91,7 +91,7 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck(requires_grad, channels_last):
-    op = ek.backends.get_backend("reference").ops.mscam
+    op = ek.backends.kernel_ops("mscam", "reference").forward
     x = torch.randn(2, 8, 5, 4)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -149,7 +149,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="activation must be one of"):
         ek.mscam(x, a, b, s, activation="prelu")
     if "cpu" in ek.available_backends():
-        with pytest.raises(ek.BackendUnavailableError, match="activation gelu not supported"):
+        with pytest.raises(ek.BackendUnavailableError, match="activation gelu is not supported"):
             ek.mscam(x, a, b, s, activation="gelu", backend="cpu")
     assert "-> reference" in ek.explain("mscam", x, a, b, s, activation="gelu")
 
@@ -169,10 +169,10 @@ def test_decoder_attention_uses_the_op(monkeypatch):
 
 @pytest.mark.skipif("cpu" not in ek.available_backends(), reason="cpu backend not built")
 def test_backend_without_mscam_runs_plain_composition(monkeypatch):
-    """A decoder set to a backend that cannot run mscam (here: the cpu backend with mscam taken out of its
-    IMPLEMENTED list), or under use_backend of it, runs the plain CAB/SAB; with mscam available it runs the op."""
+    """A decoder set to a backend that cannot run mscam (here: the cpu backend with its mscam entry taken out of the
+    descriptor), or under use_backend of it, runs the plain CAB/SAB; with mscam available it runs the op."""
     from emcad import EMCAD
-    from emcad_kernels import _cpu_backend
+    from emcad_kernels.ops.mscam import MSCAM
     calls = []
     original = ek.mscam
     monkeypatch.setattr(ek, "mscam", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -186,7 +186,8 @@ def test_backend_without_mscam_runs_plain_composition(monkeypatch):
         dec(inputs[0], inputs[1:])
         assert calls == [1] * 4  # the cpu backend's mscam kernel
         calls.clear()
-        monkeypatch.setattr(_cpu_backend, "IMPLEMENTED", tuple(o for o in _cpu_backend.IMPLEMENTED if o != "mscam"))
+        monkeypatch.delitem(MSCAM.support, "cpu")
+        ek.backends.clear_decisions()
         for a, b in zip(ref(inputs[0], inputs[1:]), dec(inputs[0], inputs[1:])):
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
         assert calls == []

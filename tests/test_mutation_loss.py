@@ -15,12 +15,11 @@ import torch.nn.functional as F
 import emcad_kernels as ek
 from emcad.losses import SegmentationLoss
 from emcad_kernels import backends
-from emcad_kernels.backends import OpCall
 
 
 def _cpu_reason():
-    call = OpCall("mutation_stats", "cpu", torch.float32, "identity")
-    reasons = backends.get_backend("cpu").reasons(call)
+    reasons = backends.reasons("mutation_stats", [torch.zeros(1, 2, 2, 2)], torch.zeros(1, 2, 2, dtype=torch.long),
+                               backend="cpu")
     return "; ".join(reasons) if reasons else None
 
 
@@ -202,7 +201,7 @@ def test_bitwise_reproducible_and_thread_count_independent(backend):
 def test_opcheck(backend, channels_last):
     heads, target = make(n=3, k=4, b=1, size=(6, 5), sizes=[(2, 2), (3, 3), (6, 5)], channels_last=channels_last)
     heads = [z.requires_grad_() for z in heads]
-    op = backends.get_backend(backend).ops.mutation_stats
+    op = backends.kernel_ops("mutation_stats", backend).forward
     torch.library.opcheck(op, (heads, target))
 
 

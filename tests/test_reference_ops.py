@@ -11,7 +11,8 @@ from emcad_kernels import backends
 from emcad_kernels.backends import Backend, BackendUnavailableError
 
 REF = "reference"
-MSDC_OPS = lambda: ek.backends.get_backend(REF).ops  # noqa: E731
+def _forward_op(op):
+    return ek.backends.kernel_ops(op, REF).forward
 
 
 def _act_module(name):
@@ -270,7 +271,7 @@ def _msdc_args(requires_grad, channels_last=False, training=True):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [False, True])
 def test_opcheck_msdc(requires_grad, channels_last, training):
-    torch.library.opcheck(MSDC_OPS().msdc, _msdc_args(requires_grad, channels_last, training))
+    torch.library.opcheck(_forward_op("multi_scale_dwconv"), _msdc_args(requires_grad, channels_last, training))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -279,7 +280,7 @@ def test_opcheck_upsample_dwconv(requires_grad, mode):
     x = torch.randn(2, 3, 4, 5, requires_grad=requires_grad)
     args = [x, torch.randn(3, 1, 3, 3, requires_grad=requires_grad), torch.rand(3, requires_grad=requires_grad),
             torch.randn(3, requires_grad=requires_grad), torch.zeros(3), torch.ones(3), True, 1e-5, mode, "relu", 2]
-    torch.library.opcheck(MSDC_OPS().updw, args)
+    torch.library.opcheck(_forward_op("upsample_dwconv"), args)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -291,7 +292,7 @@ def test_opcheck_grouped_attention_gate(requires_grad, training):
     bn = lambda n: [t(n), t(n), torch.zeros(n), torch.ones(n)]  # noqa: E731
     args = [t(2, 4, 5, 3), t(2, 4, 5, 3), t(2, 2, 3, 3), t(2), t(2, 2, 3, 3), t(2), t(1, 2, 1, 1), t(1),
             *bn(2), *bn(2), *bn(1), training, 1e-5, 2, "relu", True]
-    torch.library.opcheck(MSDC_OPS().lgag, args)
+    torch.library.opcheck(_forward_op("grouped_attention_gate"), args)
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -361,7 +362,7 @@ def test_fvcore_handles_count_macs():
             return self.msdc.fused(x, training=False)
 
     x = torch.randn(1, 6, 8, 8)
-    analysis = fvcore.FlopCountAnalysis(Fused(), x).set_op_handle(**fvcore_handles([REF]))
+    analysis = fvcore.FlopCountAnalysis(Fused(), x).set_op_handle(**fvcore_handles())
     analysis.unsupported_ops_warnings(False)
     assert analysis.total() == 6 * 8 * 8 * (1 + 9 + 25)
 
@@ -374,9 +375,10 @@ def broken_backend():
     def load():
         raise ImportError("demo backend was not built")
 
-    backends.register_backend(Backend("broken", priority=100, load=load, check=lambda call: []))
+    backends.register_backend(Backend("broken", priority=100, description="tests", devices=None,
+                                      dtypes=backends.FLOAT_DTYPES, load=load, support="reference"))
     yield "broken"
-    del backends._REGISTRY["broken"]
+    backends.unregister_backend("broken")
 
 
 def _tiny_msdc_call():
@@ -482,9 +484,9 @@ def test_explain_rejects_unknown_op():
 
 
 def test_auto_skip_backend_runs_only_when_requested():
-    reference_ops = backends.get_backend(REF).ops
-    backends.register_backend(Backend("tests_only", priority=100, load=lambda: reference_ops,
-                                      check=lambda call: [], auto_skip=lambda call: "demo: tests only"))
+    backends.register_backend(Backend("tests_only", priority=100, description="tests", devices=None,
+                                      dtypes=backends.FLOAT_DTYPES, support="reference",
+                                      auto_skip=lambda call: "demo: tests only"))
     try:
         x, ws, bns = _tiny_msdc_call()
         assert "-> tests_only" not in ek.explain("multi_scale_dwconv", x, ws, bns)
@@ -492,4 +494,4 @@ def test_auto_skip_backend_runs_only_when_requested():
         assert "-> tests_only" in ek.explain("multi_scale_dwconv", x, ws, bns, backend="tests_only")
         ek.multi_scale_dwconv(x, ws, bns, backend="tests_only")
     finally:
-        del backends._REGISTRY["tests_only"]
+        backends.unregister_backend("tests_only")

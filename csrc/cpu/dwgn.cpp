@@ -138,8 +138,8 @@ std::vector<at::Tensor> dwgn_bwd(const at::Tensor& grad, const at::Tensor& x, at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(emcad_kernels, CPU, m) {
-  m.impl("dwgn_fwd_cpu_kernel", &dwgn_fwd);
-  m.impl("dwgn_bwd_cpu_kernel", &dwgn_bwd);
+  m.impl("dwgn_fwd", &dwgn_fwd);
+  m.impl("dwgn_bwd", &dwgn_bwd);
 }
 
 }  // namespace emcad_cpu

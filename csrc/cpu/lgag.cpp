@@ -266,8 +266,8 @@ std::vector<at::Tensor> lgag_bwd(const at::Tensor& grad, const at::Tensor& g, co
 }  // namespace
 
 TORCH_LIBRARY_IMPL(emcad_kernels, CPU, m) {
-  m.impl("lgag_fwd_cpu_kernel", &lgag_fwd);
-  m.impl("lgag_bwd_cpu_kernel", &lgag_bwd);
+  m.impl("lgag_fwd", &lgag_fwd);
+  m.impl("lgag_bwd", &lgag_bwd);
 }
 
 }  // namespace emcad_cpu

@@ -69,8 +69,8 @@ std::vector<at::Tensor> lndw_bwd(const at::Tensor& grad, const at::Tensor& x, at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(emcad_kernels, CPU, m) {
-  m.impl("lndw_fwd_cpu_kernel", &lndw_fwd);
-  m.impl("lndw_bwd_cpu_kernel", &lndw_bwd);
+  m.impl("lndw_fwd", &lndw_fwd);
+  m.impl("lndw_bwd", &lndw_bwd);
 }
 
 }  // namespace emcad_cpu

@@ -230,8 +230,8 @@ at::Tensor mscam_fwd(const at::Tensor& x, const at::Tensor& fc1, const at::Tenso
   return y;
 }
 
-// Returns [grad x, grad fc1, grad fc2, grad sab_weight].
-std::vector<at::Tensor> mscam_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& fc1,
+// Returns (grad x, grad fc1, grad fc2, grad sab_weight).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscam_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& fc1,
                                   const at::Tensor& fc2, const at::Tensor& sab_weight, c10::string_view activation) {
   Setup s = setup(x, fc1, fc2, sab_weight, activation);
   check_cpu4(grad, "mscam: grad");
@@ -343,17 +343,9 @@ std::vector<at::Tensor> mscam_bwd(const at::Tensor& grad, const at::Tensor& x, c
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(emcad_kernels, m) {
-  m.def("mscam_fwd_cpu_kernel(Tensor x, Tensor fc1, Tensor fc2, Tensor sab_weight, str activation) -> Tensor");
-  // [grad x, grad fc1, grad fc2, grad sab_weight]
-  m.def(
-      "mscam_bwd_cpu_kernel(Tensor grad, Tensor x, Tensor fc1, Tensor fc2, Tensor sab_weight, str activation) "
-      "-> Tensor[]");
-}
-
 TORCH_LIBRARY_IMPL(emcad_kernels, CPU, m) {
-  m.impl("mscam_fwd_cpu_kernel", &mscam_fwd);
-  m.impl("mscam_bwd_cpu_kernel", &mscam_bwd);
+  m.impl("mscam_fwd", &mscam_fwd);
+  m.impl("mscam_bwd", &mscam_bwd);
 }
 
 }  // namespace emcad_cpu

@@ -161,8 +161,8 @@ std::vector<at::Tensor> msdc_bwd(const at::Tensor& grad, const at::Tensor& x, at
 }  // namespace
 
 TORCH_LIBRARY_IMPL(emcad_kernels, CPU, m) {
-  m.impl("msdc_fwd_cpu_kernel", &msdc_fwd);
-  m.impl("msdc_bwd_cpu_kernel", &msdc_bwd);
+  m.impl("msdc_fwd", &msdc_fwd);
+  m.impl("msdc_bwd", &msdc_bwd);
 }
 
 }  // namespace emcad_cpu

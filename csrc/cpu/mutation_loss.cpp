@@ -248,15 +248,9 @@ std::vector<at::Tensor> mutation_stats_bwd(const at::Tensor& grad_ce, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(emcad_kernels, m) {
-  m.def("mutation_stats_fwd_cpu_kernel(Tensor[] logits, Tensor target) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("mutation_stats_bwd_cpu_kernel(Tensor grad_ce, Tensor grad_inter, Tensor grad_psq, Tensor[] logits, "
-        "Tensor target) -> Tensor[]");
-}
-
 TORCH_LIBRARY_IMPL(emcad_kernels, CPU, m) {
-  m.impl("mutation_stats_fwd_cpu_kernel", &mutation_stats_fwd);
-  m.impl("mutation_stats_bwd_cpu_kernel", &mutation_stats_bwd);
+  m.impl("mutation_stats_fwd", &mutation_stats_fwd);
+  m.impl("mutation_stats_bwd", &mutation_stats_bwd);
 }
 
 }  // namespace emcad_cpu

@@ -136,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> updw_bwd(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(emcad_kernels, CPU, m) {
-  m.impl("updw_fwd_cpu_kernel", &updw_fwd);
-  m.impl("updw_bwd_cpu_kernel", &updw_bwd);
+  m.impl("updw_fwd", &updw_fwd);
+  m.impl("updw_bwd", &updw_bwd);
 }
 
 }  // namespace emcad_cpu

@@ -5,13 +5,13 @@
 // scratch the launcher asks for through the caching allocator, and launch on the current stream of the input's
 // device. No host synchronisation, so the ops can be captured in CUDA graphs.
 //
-// Registered as emcad_kernels::<op>_{fwd,bwd}_cuda_kernel for the CUDA dispatch key; emcad_kernels/_cuda_backend.py
-// wraps them into the Python-level custom ops emcad_kernels::<op>_{fwd,bwd}_cuda (fake tensors, autograd, FLOPs).
+// Registered as the CUDA kernels of emcad_kernels::<op>_{fwd,bwd}, the ops whose schemas (shared with the CPU
+// kernels), fake tensors, autograd and FLOP formulas the op descriptors define (emcad_kernels/ops/<op>.py).
 //
 // Test build: with EMCAD_CUDA_EMULATE defined (tests/test_cuda_backend.py, CPU machines) this same file is compiled
-// against the CPU torch and linked with the CPU emulation of the launchers (cuda_emulation.cuh); the ops are then
-// registered as emcad_kernels_emu::* for the CPU dispatch key, so that the whole path (binding, Python wrappers,
-// custom ops, autograd, torch.compile) runs on machines without a GPU.
+// against the CPU torch and linked with the CPU emulation of the launchers (cuda_emulation.cuh); the kernels are then
+// registered for emcad_kernels_emu::* (the same descriptors, another namespace) under the CPU dispatch key, so that
+// the whole path (binding, ops, autograd, torch.compile) runs on machines without a GPU.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -184,11 +184,16 @@ MsdcPrepared msdc_prepare(const Tensor& x_in, at::TensorList weights, const Tens
     return p;
 }
 
+void check_stride(int64_t stride) {
+    TORCH_CHECK(stride == 1, "emcad_kernels cuda backend: multi_scale_dwconv supports stride 1 only, got ", stride);
+}
+
 std::tuple<Tensor, Tensor, Tensor> msdc_fwd(const Tensor& x, at::TensorList weights, const Tensor& bn_weight,
                                             const Tensor& bn_bias, const Tensor& mean, const Tensor& var,
                                             bool training, double eps, c10::string_view activation, bool concat,
-                                            int64_t shuffle_groups) {
+                                            int64_t shuffle_groups, int64_t stride) {
     EMCAD_DEVICE_GUARD(x);
+    check_stride(stride);
     MsdcPrepared p =
         msdc_prepare(x, weights, bn_weight, bn_bias, mean, var, training, eps, activation, concat, shuffle_groups);
     EmcadMsdcArgs& a = p.args;
@@ -211,8 +216,10 @@ std::tuple<Tensor, Tensor, Tensor> msdc_fwd(const Tensor& x, at::TensorList weig
 // returns [grad_x, grad_bn_weight, grad_bn_bias, *grad_weights]
 std::vector<Tensor> msdc_bwd(const Tensor& grad, const Tensor& x, at::TensorList weights, const Tensor& bn_weight,
                              const Tensor& bn_bias, const Tensor& save_mean, const Tensor& save_var, bool training,
-                             double eps, c10::string_view activation, bool concat, int64_t shuffle_groups) {
+                             double eps, c10::string_view activation, bool concat, int64_t shuffle_groups,
+                             int64_t stride) {
     EMCAD_DEVICE_GUARD(x);
+    check_stride(stride);
     MsdcPrepared p = msdc_prepare(x, weights, bn_weight, bn_bias, save_mean, save_var, training, eps, activation,
                                   concat, shuffle_groups);
     EmcadMsdcArgs& a = p.args;
@@ -428,14 +435,18 @@ LgagPrepared lgag_prepare(const Tensor& g_in, const Tensor& x_in, const Tensor& 
     return p;
 }
 
-// bn_params: the 12 BatchNorm tensors; returns [out, mean_g, var_g, mean_x, var_x, mean_psi, var_psi]
-std::vector<Tensor> lgag_fwd(const Tensor& g, const Tensor& x, const Tensor& wg, const Tensor& bg, const Tensor& wx,
-                             const Tensor& bx, const Tensor& wpsi, const Tensor& bpsi, at::TensorList bn_params,
-                             bool training, double eps, int64_t groups, c10::string_view activation,
-                             bool add_gate_input) {
+// returns (out, mean_g, var_g, mean_x, var_x, mean_psi, var_psi)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lgag_fwd(
+    const Tensor& g, const Tensor& x, const Tensor& wg, const Tensor& bg, const Tensor& wx, const Tensor& bx,
+    const Tensor& wpsi, const Tensor& bpsi, const Tensor& bn_g_weight, const Tensor& bn_g_bias, const Tensor& mean_g,
+    const Tensor& var_g, const Tensor& bn_x_weight, const Tensor& bn_x_bias, const Tensor& mean_x, const Tensor& var_x,
+    const Tensor& bn_psi_weight, const Tensor& bn_psi_bias, const Tensor& mean_psi, const Tensor& var_psi,
+    bool training, double eps, int64_t groups, c10::string_view activation, bool add_gate_input) {
     EMCAD_DEVICE_GUARD(x);
-    LgagPrepared p = lgag_prepare(g, x, wg, bg, wx, bx, wpsi, bpsi, bn_params.vec(), training, eps, groups, activation,
-                                  add_gate_input);
+    const std::vector<Tensor> bn{bn_g_weight, bn_g_bias,   mean_g,        var_g,       bn_x_weight, bn_x_bias,
+                                 mean_x,      var_x,       bn_psi_weight, bn_psi_bias, mean_psi,    var_psi};
+    LgagPrepared p =
+        lgag_prepare(g, x, wg, bg, wx, bx, wpsi, bpsi, bn, training, eps, groups, activation, add_gate_input);
     EmcadLgagArgs& a = p.args;
     Tensor out = at::empty_like(p.x, p.x.options(), out_format(p.x));
     const auto acc = p.x.options().dtype(acc_type(p.x.scalar_type()));
@@ -451,18 +462,20 @@ std::vector<Tensor> lgag_fwd(const Tensor& g, const Tensor& x, const Tensor& wg,
     a.scratch = scratch.data_ptr();
     a.scratch_bytes = bytes;
     check_launch(emcad_lgag_forward(&a, EMCAD_CURRENT_STREAM), "grouped_attention_gate forward");
-    return result;
+    return {result[0], result[1], result[2], result[3], result[4], result[5], result[6]};
 }
 
-// bn_weights: (bn_g w, b, bn_x w, b, bn_psi w, b); save_stats: the 6 forward statistics.
+// save_stats: the 6 forward statistics.
 // returns grads of (g, x, wg, bg, wx, bx, wpsi, bpsi, bn_g w, b, bn_x w, b, bn_psi w, b)
 std::vector<Tensor> lgag_bwd(const Tensor& grad, const Tensor& g, const Tensor& x, const Tensor& wg, const Tensor& bg,
                              const Tensor& wx, const Tensor& bx, const Tensor& wpsi, const Tensor& bpsi,
-                             at::TensorList bn_weights, at::TensorList save_stats, bool training, double eps,
-                             int64_t groups, c10::string_view activation, bool add_gate_input) {
+                             const Tensor& bn_g_weight, const Tensor& bn_g_bias, const Tensor& bn_x_weight,
+                             const Tensor& bn_x_bias, const Tensor& bn_psi_weight, const Tensor& bn_psi_bias,
+                             at::TensorList save_stats, bool training, double eps, int64_t groups,
+                             c10::string_view activation, bool add_gate_input) {
     EMCAD_DEVICE_GUARD(x);
-    TORCH_CHECK(bn_weights.size() == 6 && save_stats.size() == 6,
-                "emcad_kernels cuda backend: expected 6 BatchNorm weights and 6 statistics");
+    TORCH_CHECK(save_stats.size() == 6, "emcad_kernels cuda backend: expected 6 statistics, got ", save_stats.size());
+    const Tensor bn_weights[6] = {bn_g_weight, bn_g_bias, bn_x_weight, bn_x_bias, bn_psi_weight, bn_psi_bias};
     std::vector<Tensor> bn;
     for (int k = 0; k < 3; ++k) {
         bn.push_back(bn_weights[2 * k]);
@@ -513,51 +526,25 @@ std::vector<Tensor> lgag_bwd(const Tensor& grad, const Tensor& g, const Tensor& 
 
 int64_t api_version() { return emcad_cuda_api_version(); }
 
-void define_schemas(torch::Library& m) {
-    m.def(
-        "msdc_fwd_cuda_kernel(Tensor x, Tensor[] weights, Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, "
-        "bool training, float eps, str activation, bool concat, int shuffle_groups) -> (Tensor, Tensor, Tensor)");
-    m.def(
-        "msdc_bwd_cuda_kernel(Tensor grad, Tensor x, Tensor[] weights, Tensor bn_weight, Tensor bn_bias, "
-        "Tensor save_mean, Tensor save_var, bool training, float eps, str activation, bool concat, "
-        "int shuffle_groups) -> Tensor[]");
-    m.def(
-        "updw_fwd_cuda_kernel(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, "
-        "bool training, float eps, str mode, str activation, int scale) -> (Tensor, Tensor, Tensor)");
-    m.def(
-        "updw_bwd_cuda_kernel(Tensor grad, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
-        "Tensor save_mean, Tensor save_var, bool training, float eps, str mode, str activation, int scale) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-    m.def(
-        "lgag_fwd_cuda_kernel(Tensor g, Tensor x, Tensor wg, Tensor bg, Tensor wx, Tensor bx, Tensor wpsi, "
-        "Tensor bpsi, Tensor[] bn_params, bool training, float eps, int groups, str activation, "
-        "bool add_gate_input) -> Tensor[]");
-    m.def(
-        "lgag_bwd_cuda_kernel(Tensor grad, Tensor g, Tensor x, Tensor wg, Tensor bg, Tensor wx, Tensor bx, "
-        "Tensor wpsi, Tensor bpsi, Tensor[] bn_weights, Tensor[] save_stats, bool training, float eps, int groups, "
-        "str activation, bool add_gate_input) -> Tensor[]");
-}
-
+// The schemas are the op descriptors' (emcad_kernels/ops/<op>.py), shared with the CPU kernels.
 void impl_ops(torch::Library& m) {
-    m.impl("msdc_fwd_cuda_kernel", &msdc_fwd);
-    m.impl("msdc_bwd_cuda_kernel", &msdc_bwd);
-    m.impl("updw_fwd_cuda_kernel", &updw_fwd);
-    m.impl("updw_bwd_cuda_kernel", &updw_bwd);
-    m.impl("lgag_fwd_cuda_kernel", &lgag_fwd);
-    m.impl("lgag_bwd_cuda_kernel", &lgag_bwd);
+    m.impl("msdc_fwd", &msdc_fwd);
+    m.impl("msdc_bwd", &msdc_bwd);
+    m.impl("updw_fwd", &updw_fwd);
+    m.impl("updw_bwd", &updw_bwd);
+    m.impl("lgag_fwd", &lgag_fwd);
+    m.impl("lgag_bwd", &lgag_bwd);
 }
 
 }  // namespace
 
 #ifdef EMCAD_CUDA_EMULATE
-TORCH_LIBRARY_FRAGMENT(emcad_kernels_emu, m) { define_schemas(m); }
 TORCH_LIBRARY_IMPL(emcad_kernels_emu, CPU, m) { impl_ops(m); }
 #else
-TORCH_LIBRARY_FRAGMENT(emcad_kernels, m) { define_schemas(m); }
 TORCH_LIBRARY_IMPL(emcad_kernels, CUDA, m) { impl_ops(m); }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.doc() = "emcad_kernels CUDA kernels; the ops are registered as torch.ops.emcad_kernels.*_cuda_kernel";
+    m.doc() = "emcad_kernels CUDA kernels for the ops torch.ops.emcad_kernels.<op>_fwd / <op>_bwd";
     m.def("api_version", &api_version, "version of the C launcher API");
 }

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from typing import Optional
 
 import numpy as np
+
+from emcad.io_safety import atomic_write_bytes  # re-exported: the one atomic, umask-honouring writer
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "atomic_write_bytes", "encode_png", "read_image", "write_png"]
 
@@ -204,22 +205,6 @@ def encode_png(array: np.ndarray) -> bytes:
     return _PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write ``payload`` to a temporary file beside ``path`` and move it into place."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_png(path: str | os.PathLike, array: np.ndarray, *, scale_to: Optional[int] = None) -> None:
     """Write ``array`` as a PNG atomically. ``scale_to`` (e.g. 255) multiplies a label map by
     ``scale_to // max_label`` for viewing; by default values are written as they are."""
@@ -230,4 +215,4 @@ def write_png(path: str | os.PathLike, array: np.ndarray, *, scale_to: Optional[
         if a.size and (a.min() < 0 or a.max() > 65535):
             raise ValueError(f"write_png: values out of range [{a.min()}, {a.max()}] for '{path}'")
         a = a.astype(np.uint8 if (not a.size or a.max() <= 255) else np.uint16)
-    atomic_write_bytes(path, encode_png(a))
+    atomic_write_bytes(path, encode_png(a), what="image")

@@ -284,8 +284,9 @@ class _FoldedPointwise:
             # version bump, but every training-mode nn.BatchNorm2d forward (and the fused blocks) add_(1) to it
             sources += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
                         if t is not None]
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) \
-                or any(t.is_inference() for t in sources) or torch.compiler.is_compiling():
+        # compiling first: Dynamo cannot trace is_inference() (the compiled graph folds the weights itself)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) \
+                or any(t.is_inference() for t in sources):
             return self.compute(conv, bn, x.dtype, shuffle_groups)
         key = (x.dtype, torch.is_inference_mode_enabled(), None if bn is None else bn.eps, shuffle_groups,
                tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
@@ -561,21 +562,12 @@ class SAB(BackendMixin, nn.Module):
         return self.sigmoid(self.conv(torch.cat([avg_out, max_out], dim=1)))
 
 
-def _backend_has_mscam(explicit: Optional[str], d: Optional[Tensor] = None, activation: str = "relu",
-                       kernel_size: int = 7) -> bool:
-    """False when the requested kernel backend (argument, ``use_backend`` or environment) exists but cannot run
-    the ``mscam`` call (no such op, or its ``check`` refuses it, e.g. ``"cpu"`` with a GELU CAB): the attention
-    then runs as the plain composition instead of failing."""
-    name = emcad_kernels.backends.requested_backend(explicit)
-    if name == "auto":
-        return True
-    backend = emcad_kernels.backends.get_backend(name)
-    if backend.unavailable_reason() is not None or backend.ops.mscam is None:
-        return False
-    if d is None:
-        return True
-    call = emcad_kernels.backends.OpCall("mscam", d.device.type, d.dtype, activation, (int(kernel_size),), 1)
-    return not backend.reasons(call)
+def _backend_has_mscam(explicit: Optional[str], d: Tensor, cab: "CAB", sab: "SAB") -> bool:
+    """False when the requested kernel backend (argument, ``use_backend`` or environment) cannot run this ``mscam``
+    call (e.g. ``"cuda"``, which has no mscam kernel, or ``"cpu"`` with a GELU CAB): the attention then runs as the
+    plain composition instead of failing. ``"auto"`` always can."""
+    return emcad_kernels.can_run("mscam", d, _like(cab.fc1.weight, d), _like(cab.fc2.weight, d),
+                                 _like(sab.conv.weight, d), activation=cab.activation_name, backend=explicit)
 
 
 def apply_mscam_attention(d: Tensor, cab: CAB, sab: SAB) -> Tensor:
@@ -584,7 +576,7 @@ def apply_mscam_attention(d: Tensor, cab: CAB, sab: SAB) -> Tensor:
     backward; on CPU tensors ``auto`` picks the cpu backend's fused kernel, csrc/cpu/mscam.cpp)."""
     if cab._use_torch() or sab._use_torch() or cab.out_channels != cab.in_channels or cab.fc1.bias is not None \
             or cab.fc2.bias is not None or sab.conv.bias is not None \
-            or not _backend_has_mscam(cab._kernel_backend(), d, cab.activation_name, sab.kernel_size):
+            or not _backend_has_mscam(cab._kernel_backend(), d, cab, sab):
         d = cab(d) * d
         return sab(d) * d
     return emcad_kernels.mscam(d, _like(cab.fc1.weight, d), _like(cab.fc2.weight, d), _like(sab.conv.weight, d),

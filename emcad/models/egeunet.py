@@ -24,7 +24,7 @@ hooks; the channels-first LayerNorm is built from elementwise ops as in the orig
 (``"auto"``, ``"reference"``, ...) runs, on the same parameters:
 
 * each GAB's four LayerNorm + dilated depthwise groups (d = 1, 2, 5, 7) as one
-  :func:`emcad_kernels.functional.layernorm_dilated_dwconv` call, and the tail LayerNorm as one ``layer_norm``;
+  :func:`emcad_kernels.layernorm_dilated_dwconv` call, and the tail LayerNorm as one ``layer_norm``;
 * GHPA's ``norm2`` + ``ldw.0`` as one ``layernorm_dilated_dwconv`` call (one group, dilation 1), ``norm1`` as one
   ``layer_norm``;
 * GHPA's input-independent axis attention maps (xy, zx, zy branches) are **cached per resolution in eval mode**
@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from emcad_kernels.functional import layernorm_dilated_dwconv
+from emcad_kernels import layernorm_dilated_dwconv
 from emcad_kernels.reference import layer_norm_channels_first
 
 from .blocks import BackendMixin, set_backend

@@ -17,7 +17,7 @@ multiples of 32.
 
 **Backends.** ``backend="torch"`` is the plain composition of the ``nn`` submodules. Any other backend runs, on
 the same parameters, each DGA's four dilated depthwise convs (d = 7, 5, 2, 1) + its GroupNorm (whose 4 groups are
-the dilation groups) as one :func:`emcad_kernels.functional.dilated_dwconv_groupnorm` call, and each GAU
+the dilation groups) as one :func:`emcad_kernels.dilated_dwconv_groupnorm` call, and each GAU
 ``DepthWiseConv2d``'s depthwise conv + GroupNorm(4) as one call of the same op (4 groups, dilation 1), except
 with ``backend="auto"`` on CPU, where the plain depthwise conv + GroupNorm is faster for these uniform groups.
 EAblock and the bridges run plain PyTorch in every mode.
@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from emcad_kernels.functional import dilated_dwconv_groupnorm
+from emcad_kernels import dilated_dwconv_groupnorm
 
 from .blocks import BackendMixin, set_backend
 from .egeunet import (check_c_list, check_counts, check_output, check_skin_input, init_skin_weights, like,

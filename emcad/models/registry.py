@@ -1,8 +1,10 @@
 """Model registry (``create_model``, ``list_models``) and ``save_pretrained`` / ``from_pretrained``.
 
-A saved model is a directory with ``config.json`` (the ``create_model`` arguments that rebuild it) and
-``model.safetensors`` (the full state dict with the original key names). Both files are written to a temporary
-file in the same directory and moved into place with ``os.replace``, so a reader never sees a half-written file.
+A saved model is a directory with ``config.json`` (the ``create_model`` arguments that rebuild it, and the
+weights' sha256) and ``model.safetensors`` (the full state dict with the original key names; its metadata holds
+the same sha256). The folder is written under a temporary name and swapped in whole, so a reader never sees a
+half-written folder or a config of one save beside the weights of another; :func:`from_pretrained` verifies the
+sha256 (folders saved before it was recorded load without the check).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import difflib
 import itertools
 import json
 import os
-import tempfile
-from typing import Any, Optional
+import shutil
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
+
+from emcad.io_safety import atomic_write_dir, folder_to_read, tensors_sha256
 
 from .egeunet import EGEUNet
 from .emcadnet import EMCADNet
@@ -39,7 +43,8 @@ LIGHTWEIGHT_MODELS: dict[str, tuple[type, tuple[str, ...]]] = {
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json records the weights' sha256
+READABLE_VERSIONS = (1, 2)
 
 
 def list_models(include_lightweight: bool = True) -> list[str]:
@@ -132,44 +137,71 @@ def _tensors_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _atomic_write(directory: str, final_name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, final_name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _check_replaceable(target: str, keep: set[str]) -> list[str]:
+    """The entries of an existing ``target`` to carry over into the new folder (files that save_pretrained
+    does not write). Refuses targets that cannot be swapped safely as a whole."""
+    if not os.path.lexists(target):
+        return []
+    if not os.path.isdir(target):
+        raise ValueError(f"save_pretrained: '{target}' exists and is not a folder")
+    cwd = os.path.realpath(os.getcwd())
+    if cwd == target or cwd.startswith(target + os.sep):
+        raise ValueError(f"save_pretrained: '{target}' is (or holds) the current directory; the folder is replaced "
+                         f"as a whole, so save into a new or model-only folder")
+    others = sorted(e for e in os.listdir(target) if e not in keep)
+    folders = [e for e in others if os.path.isdir(os.path.join(target, e)) and
+               not os.path.islink(os.path.join(target, e))]
+    if folders:
+        raise ValueError(f"save_pretrained: '{target}' holds folders ({', '.join(folders[:5])}) besides a saved "
+                         f"model; the folder is replaced as a whole, so save into a new or model-only folder")
+    return others
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
+def _carry_over(source: str, destination: str, names: list[str]) -> None:
+    for name in names:
+        src, dst = os.path.join(source, name), os.path.join(destination, name)
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
+                    extra_files: Optional[Mapping[str, bytes]] = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` for ``model`` (an :class:`EMCADNet`, ``EGEUNet`` or
-    ``MALUNet``) into ``directory``
-    (created if needed). Each file is written atomically."""
-    from safetensors.torch import save_file
+    ``MALUNet``) into ``directory``, plus ``extra_files`` (name -> bytes).
 
-    directory = os.fspath(directory)
-    config = _config_of(model)
-    os.makedirs(directory, exist_ok=True)
+    The folder is replaced as a whole and atomically (:func:`emcad.io_safety.atomic_write_dir`): a reader, a
+    crash, a signal or a full disk leaves the previous complete version or the new one, never a mix. Other files
+    already in the folder are kept; a folder that holds sub-folders (or the current directory) is refused. The
+    weights' sha256 is recorded in config.json and in the safetensors metadata; :func:`from_pretrained` checks it."""
+    from safetensors.torch import save
+
+    config = _config_of(model)  # TypeError for other models, before anything is written
     tensors = _tensors_for_safetensors(model)
-    metadata = {"format": "pt", "emcad_config": json.dumps(config, sort_keys=True)}
-    _atomic_write(directory, WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata=metadata))
+    digest = tensors_sha256(tensors)
+    metadata = {"format": "pt", "emcad_config": json.dumps(config, sort_keys=True), "emcad_sha256": digest}
+    files = {WEIGHTS_NAME: save(tensors, metadata=metadata),
+             CONFIG_NAME: (json.dumps({**config, "weights_sha256": digest}, indent=2, sort_keys=True) + "\n").encode(),
+             **dict(extra_files or {})}
+    target = os.path.realpath(os.fspath(directory))
+    keep = _check_replaceable(target, set(files))
 
-    def write_config(path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+    def write(tmp: str) -> None:
+        for name, payload in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(payload)
+        _carry_over(target, tmp, keep)
 
-    _atomic_write(directory, CONFIG_NAME, write_config)
+    atomic_write_dir(target, write, what="model")
 
 
 def from_pretrained(directory: str | os.PathLike, backend: str = "auto") -> EMCADNet:
     """Rebuild a model saved by :func:`save_pretrained` and load its weights strictly. Returns it in eval mode."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    directory = os.fspath(directory)
+    directory = folder_to_read(directory)  # the previous version if a save was cut off mid-swap
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     for path in (config_path, weights_path):
@@ -185,16 +217,27 @@ def from_pretrained(directory: str | os.PathLike, backend: str = "auto") -> EMCA
         raise ValueError(f"from_pretrained: '{config_path}' has no model 'name'")
     config = dict(config)
     version = config.pop("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(f"from_pretrained: '{config_path}' has format_version {version}, this version reads "
-                         f"{FORMAT_VERSION}")
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
+    config_digest = config.pop("weights_sha256", None)
     name = config.pop("name")
     with torch.device("meta"):
         model = create_model(name, backend=backend, **config)
     try:
         state_dict = load_file(weights_path, device="cpu")
+        with safe_open(weights_path, "pt") as f:
+            weights_digest = (f.metadata() or {}).get("emcad_sha256")
     except Exception as e:  # SafetensorError for truncated / corrupt files
         raise ValueError(f"from_pretrained: cannot read '{weights_path}' (truncated or corrupt?): {e}") from e
+    if config_digest is not None or weights_digest is not None:
+        digest = tensors_sha256(state_dict)
+        if weights_digest is not None and digest != weights_digest:
+            raise ValueError(f"from_pretrained: '{weights_path}' is corrupt: its tensors do not match the sha256 "
+                             f"recorded when it was saved (a damaged file or copy)")
+        if config_digest is not None and digest != config_digest:
+            raise ValueError(f"from_pretrained: '{config_path}' does not belong to '{weights_path}': it records "
+                             f"other weights (the two files come from different saves, or the weights are damaged)")
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:

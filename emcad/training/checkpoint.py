@@ -3,68 +3,44 @@
 A training checkpoint (``checkpoints/last.pt``) is a ``torch.save`` dict of tensors and plain Python values only,
 so it loads with ``torch.load(weights_only=True)``: the model and optimizer state, the LR scheduler, the step, the
 sampler position, the RNG states of every process (torch CPU and CUDA, numpy, Python ``random``), the metric
-history and the best validation score. Files are written to a temporary name in the same directory and moved into
-place with ``os.replace``, so a crash never leaves a half-written checkpoint.
+history and the best validation score, and a sha256 of all of it that the loader verifies (flipped bits, a damaged
+copy). Files are written to a temporary name in the same directory and moved into place with ``os.replace``, so a
+crash, a signal or a full disk never leaves a half-written checkpoint or loses the previous one.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "CheckpointReadError", "atomic_save", "atomic_write_dir", "capture_rng_state",
-           "load_training_checkpoint", "restore_rng_state"]
+from emcad.io_safety import atomic_write, object_sha256
+
+__all__ = ["FORMAT", "CheckpointReadError", "NotATrainingCheckpoint", "capture_rng_state", "load_training_checkpoint",
+           "restore_rng_state", "save_training_checkpoint"]
 
 FORMAT = "emcad-train-v1"
+HASH_KEY = "sha256"
 
 
 class CheckpointReadError(ValueError):
     """A training checkpoint cannot be used; the message names the file."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+class NotATrainingCheckpoint(CheckpointReadError):
+    """The file is unreadable by ``torch.load`` or holds something other than a training checkpoint."""
 
 
-def atomic_write_dir(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Fill a fresh temporary directory with ``write(tmpdir)`` and swap it in place of ``path``."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    old = None
-    try:
-        write(tmp)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and os.path.exists(old) and not os.path.exists(path):
-            os.replace(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def save_training_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` ``state`` with its sha256 (:func:`emcad.io_safety.object_sha256`, under the last key
+    ``"sha256"``) atomically: the previous checkpoint stays in place until the new one is complete, also when the
+    write fails (:class:`emcad.io_safety.WriteError`)."""
+    state = {k: v for k, v in state.items() if k != HASH_KEY}
+    state[HASH_KEY] = object_sha256(state)
+    atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -94,17 +70,27 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by the trainer; raises FileNotFoundError / CheckpointReadError naming the file."""
+    """Read a checkpoint written by the trainer and verify its sha256 (checkpoints written before the hash was
+    recorded load without the check). Raises FileNotFoundError, :class:`NotATrainingCheckpoint` (unreadable, or
+    some other file) or :class:`CheckpointReadError` (damaged), each naming the file."""
+    from emcad.checkpoint import torch_load_failure
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"training checkpoint '{path}' not found")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise NotATrainingCheckpoint(f"'{path}' is empty: not a training checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointReadError(f"'{path}' cannot be read as a training checkpoint (truncated or corrupt?): "
-                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                                  ) from e
+        raise NotATrainingCheckpoint(torch_load_failure(path, head, e)) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointReadError(f"'{path}' is not an emcad training checkpoint (format {FORMAT!r}); for model "
-                                  f"weights use a save_pretrained directory or an original .pth checkpoint")
+        raise NotATrainingCheckpoint(f"'{path}' is not an emcad training checkpoint (format {FORMAT!r}); for model "
+                                     f"weights use a save_pretrained directory or an original .pth checkpoint")
+    expected = ckpt.pop(HASH_KEY, None)
+    if expected is not None and object_sha256(ckpt) != expected:
+        raise CheckpointReadError(f"'{path}' is corrupt: its content does not match the sha256 recorded when it was "
+                                  f"written (a damaged file or copy); use another copy of the run")
     return ckpt

@@ -55,10 +55,10 @@ def load_for_inference(path: str | os.PathLike, *, backend: str = "auto", device
     else:
         ckpt = None
         if path.endswith(".pt"):
-            from emcad.training.checkpoint import CheckpointReadError, load_training_checkpoint
+            from emcad.training.checkpoint import NotATrainingCheckpoint, load_training_checkpoint
             try:
                 ckpt = load_training_checkpoint(path)
-            except CheckpointReadError:
+            except NotATrainingCheckpoint:  # a damaged training checkpoint is an error, not an original .pth
                 ckpt = None
         if ckpt is not None and ckpt.get("format") == FORMAT:
             if not ckpt.get("model_name"):

@@ -11,7 +11,8 @@ Behaviour worth knowing:
 * ``model.train()`` at the start of every epoch and after every validation (the original code trained in eval
   mode after epoch 1, quirk #1; ``reproduce_eval_mode_quirk=True`` brings that back for comparison studies).
 * The best checkpoint is chosen by the mean foreground Dice on a **validation split** (the synthetic ``val`` split,
-  ``val_dir``, or a seeded fraction of the training data, by case for Synapse), never on test data.
+  ``val_dir``, or a seeded fraction of the training data, by case for Synapse), never on test data. A split whose
+  masks hold no foreground at all (Dice undefined) is reported in a warning and selects on the validation loss.
 * Checkpoints (``checkpoints/last.pt``) are written atomically every ``checkpoint_every`` steps, at the end and
   when SIGINT/SIGTERM arrives (the current step finishes first). ``resume`` continues exactly: the same batches
   (seeded, position-aware sampler; augmentation seeded per sample and epoch), the optimizer, scheduler and all RNG
@@ -21,6 +22,9 @@ Behaviour worth knowing:
   uses its torch path, because the fused kernels compute per-process statistics).
 * bf16 autocast with ``amp=True`` (CUDA, and CPU, where it pays off only with native bf16 support); ``deterministic=True`` sets
   ``torch.use_deterministic_algorithms`` and the cuDNN flags for the run.
+* Every file is written atomically and with umask permissions (:mod:`emcad.io_safety`); a write that fails
+  (read-only folder, full disk) stops training with a one-line :class:`~emcad.io_safety.WriteError`, and the
+  previous ``last.pt`` stays intact. A folder that holds a run is never mixed with another (see :class:`Trainer`).
 
 Outputs in ``output`` (printed at the start): ``config.json``, ``train_log.csv``, ``val_log.csv``,
 ``metrics.json``, ``checkpoints/last.pt`` (full training state), ``checkpoints/best/`` and ``checkpoints/final/``
@@ -47,12 +51,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from emcad.data.io import atomic_write_bytes
+from emcad.io_safety import WriteError, atomic_write_bytes, atomic_write_dir, makedirs
 from emcad.losses import SegmentationLoss
 from emcad.training import distributed as ddp
-from emcad.training.checkpoint import (FORMAT, atomic_save, atomic_write_dir, capture_rng_state,
-                                       load_training_checkpoint, restore_rng_state)
-from emcad.training.evaluation import HEADS, evaluate_dataset, forward_head
+from emcad.training.checkpoint import (FORMAT, capture_rng_state, load_training_checkpoint, restore_rng_state,
+                                       save_training_checkpoint)
+from emcad.training.evaluation import HEADS, class_keys, evaluate_dataset, forward_head, per_class_values
 from emcad.training.sampler import ResumableBatchSampler
 
 __all__ = ["DATA_KINDS", "LR_SCHEDULES", "TrainConfig", "TrainError", "TrainResult", "Trainer", "build_datasets",
@@ -66,6 +70,29 @@ PREPROCESS_NAME = "preprocess.json"
 
 
 LOSS_IMPLS = ("auto", "fused", "plain")
+
+
+# files whose presence means a folder holds a run; with --overwrite these and RUN_FILES_EXTRA are removed
+RUN_FILES = ("checkpoints/last.pt", "checkpoints/best", "checkpoints/final", "train_log.csv", "metrics.json")
+RUN_FILES_EXTRA = ("val_log.csv", "config.json", "curves.png", "predictions.png", "samples", "test_metrics.json",
+                   "test_per_case.csv")  # the last two: `emcad evaluate` of this run's checkpoints
+
+
+def run_files(folder: str) -> list[str]:
+    """The files of :data:`RUN_FILES` that exist in ``folder``."""
+    return [os.path.join(folder, name) for name in RUN_FILES if os.path.lexists(os.path.join(folder, name))]
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _has_foreground(dataset) -> bool:
+    """Whether any mask of ``dataset`` has a foreground pixel (stops at the first one)."""
+    return any(bool((dataset[i][1] > 0).any()) for i in range(len(dataset)))
 
 
 def supports_lowres_heads(model: nn.Module) -> bool:
@@ -298,7 +325,7 @@ def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _write_csv(path: str, rows: Sequence[dict]) -> None:
+def _write_csv(path: str, rows: Sequence[dict], what: str = "file") -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -307,10 +334,10 @@ def _write_csv(path: str, rows: Sequence[dict]) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode(), what=what)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def _write_json(path: str, obj: Any, what: str = "file") -> None:
     def clean(o):
         if isinstance(o, float) and not math.isfinite(o):
             return None
@@ -320,7 +347,7 @@ def _write_json(path: str, obj: Any) -> None:
             return [clean(v) for v in o]
         return o
 
-    atomic_write_bytes(path, (json.dumps(clean(obj), indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(clean(obj), indent=2) + "\n").encode(), what=what)
 
 
 def _resolve_device(name: str, local_rank: int) -> str:
@@ -383,14 +410,21 @@ class Trainer:
     """Runs a :class:`TrainConfig`. ``model``, ``train_set`` and ``val_set`` may be given instead of being built
     from the config (tests use tiny models). ``resume`` is a ``checkpoints/last.pt`` path.
     ``callback(trainer, step, loss)`` runs after every optimisation step on every rank; it may call
-    :meth:`request_stop`."""
+    :meth:`request_stop`.
+
+    Output folder: ``config.output``; when resuming without one, the run folder that holds the checkpoint
+    (``RUN`` for ``RUN/checkpoints/last.pt``, wherever that folder has moved), never the output stored in the
+    checkpoint. A folder that already holds a run (see :data:`RUN_FILES`) is refused, unless it is the resumed
+    run's own folder, or ``overwrite=True``: then that run's files are removed before the new run writes (other
+    files in the folder are left alone). A finished run is resumed only when more steps are asked for."""
 
     def __init__(self, config: TrainConfig, *, model: Optional[nn.Module] = None, train_set=None, val_set=None,
                  resume: Optional[str] = None, callback: Optional[Callable] = None,
-                 log: Optional[Callable[[str], None]] = None):
+                 log: Optional[Callable[[str], None]] = None, overwrite: bool = False):
         self.cfg = config
         self._model_arg, self._train_arg, self._val_arg = model, train_set, val_set
         self.resume_path = resume
+        self.overwrite = overwrite
         self.callback = callback
         self._log_fn = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._stop_requested = False
@@ -406,22 +440,23 @@ class Trainer:
         self._stop_requested = True
 
     def _save_model_dir(self, path: str) -> None:
+        from emcad.models import save_pretrained
+
         model = ddp.unwrap(self.model)
         pre = dict(self.preprocess, num_classes=self.num_classes, class_names=self.class_names,
                    eval_head=self.cfg.eval_head)
+        extra = {PREPROCESS_NAME: (json.dumps(pre, indent=2) + "\n").encode()}
+        try:  # EMCADNet, EGE-UNet, MALUNet: config.json + model.safetensors, swapped in as a whole
+            save_pretrained(model, path, extra_files=extra)
+        except TypeError:  # a custom model: its state dict only
 
-        def write(tmp: str) -> None:
-            from emcad.models import save_pretrained
-
-            try:  # EMCADNet, EGE-UNet, MALUNet: config.json + model.safetensors
-                save_pretrained(model, tmp)
-            except TypeError:  # a custom model: its state dict only
+            def write(tmp: str) -> None:
                 torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
-            with open(os.path.join(tmp, PREPROCESS_NAME), "w") as f:
-                json.dump(pre, f, indent=2)
-                f.write("\n")
+                for name, payload in extra.items():
+                    with open(os.path.join(tmp, name), "wb") as f:
+                        f.write(payload)
 
-        atomic_write_dir(path, write)
+            atomic_write_dir(path, write, what="model")
 
     def _checkpoint_state(self, step: int) -> dict:
         rng = ddp.all_gather_objects(capture_rng_state())
@@ -438,21 +473,35 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> None:
         state = self._checkpoint_state(step)  # collective: every rank takes part
-        if self.dist.is_main:
-            atomic_save(state, self.ckpt_path)
-            self._write_logs()
+
+        def write() -> None:
+            try:
+                save_training_checkpoint(state, self.ckpt_path)
+                self._saved_step = step
+                self._write_logs()
+            except WriteError as e:  # the previous checkpoint is untouched (atomic replace)
+                if self._saved_step is not None:
+                    e.message += f" (the checkpoint of step {self._saved_step} is intact: {self.ckpt_path})"
+                raise
+
+        self._on_main(write)
         ddp.barrier()
 
+    @property
+    def selection(self) -> str:
+        return ("validation loss (the validation split has no foreground)" if self.select_on_loss else
+                "mean foreground Dice on the validation split")
+
     def _write_logs(self) -> None:
-        _write_csv(os.path.join(self.out_dir, "train_log.csv"), self.train_rows)
+        _write_csv(os.path.join(self.out_dir, "train_log.csv"), self.train_rows, what="log")
         if self.val_rows:
-            _write_csv(os.path.join(self.out_dir, "val_log.csv"), self.val_rows)
+            _write_csv(os.path.join(self.out_dir, "val_log.csv"), self.val_rows, what="log")
         _write_json(os.path.join(self.out_dir, "metrics.json"), {
             "model": self.cfg.model, "data": self.cfg.data, "step": self.step, "total_steps": self.total_steps,
             "best": self.best, "last_val": self.val_rows[-1] if self.val_rows else None,
-            "class_names": list(self.class_names), "selection": "mean foreground Dice on the validation split",
+            "class_names": list(self.class_names), "selection": self.selection,
             "train": self.train_rows, "val": self.val_rows,
-        })
+        }, what="log")
 
     # -- set-up --------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -475,16 +524,20 @@ class Trainer:
         self.amp = bool(cfg.amp)
 
         # output directory (rank 0 decides, everyone agrees)
-        out = cfg.output
-        if resume_ckpt is not None and out is None:
-            out = os.path.dirname(os.path.dirname(os.path.abspath(self.resume_path)))
-        if out is None:
-            out = os.path.join("runs", f"{cfg.model}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = self._output_dir(resume_ckpt)
         self.out_dir = os.path.abspath(ddp.all_gather_objects(out)[0])
         self.ckpt_path = os.path.join(self.out_dir, "checkpoints", "last.pt")
-        if resume_ckpt is None and os.path.exists(self.ckpt_path):
-            raise TrainError(f"'{self.out_dir}' already holds a run ({self.ckpt_path}); continue it with "
-                             f"--resume {self.ckpt_path} or choose another --output")
+        verdict: tuple[Optional[str], bool] = (None, False)
+        if self.dist.is_main:  # one process looks, before any writes
+            try:
+                verdict = (None, self._check_output_dir(resume_ckpt))
+            except TrainError as e:
+                verdict = (str(e), False)
+        refusal, self._clear_old_run = ddp.all_gather_objects(verdict)[0]
+        if refusal:
+            raise TrainError(refusal)
+        self.cfg = cfg = dataclasses.replace(cfg, output=self.out_dir)  # what config.json and last.pt record
+        self._saved_step = int(resume_ckpt["step"]) if resume_ckpt is not None else None
 
         torch.manual_seed(cfg.seed)  # model initialisation: identical on every rank
         import random
@@ -507,6 +560,11 @@ class Trainer:
         pre = getattr(self.train_set, "preprocess_config", None)
         self.preprocess = pre() if callable(pre) else {"in_channels": self.in_channels}
         self.preprocess["size"] = list(cfg.size)
+        self.select_on_loss, self._val_criterion = False, None
+        if self.dist.is_main and self.val_set is not None and not _has_foreground(self.val_set):
+            self.select_on_loss = True
+            self.log(f"warning: the validation split ({self._describe_val_split()}) has no foreground in its "
+                     f"masks: Dice is undefined there, so checkpoints/best is selected on the validation loss")
         if cfg.augment:
             from emcad.data import Augmented
             self.train_set = Augmented(self.train_set, seed=cfg.seed)
@@ -570,12 +628,77 @@ class Trainer:
         self.best: dict = {"step": None, "dice_mean": -math.inf}
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
-        if self.dist.is_main:
-            os.makedirs(os.path.join(self.out_dir, "checkpoints"), exist_ok=True)
-            _write_json(os.path.join(self.out_dir, "config.json"), self.cfg.to_dict())
-            if resume_ckpt is not None:
-                self._write_logs()  # drop rows logged after the checkpoint by the interrupted run
+        self._on_main(lambda: self._start_output_dir(resumed=resume_ckpt is not None))
         ddp.barrier()
+
+    def _start_output_dir(self, resumed: bool) -> None:
+        if self._clear_old_run:
+            self._remove_run_files()
+        makedirs(os.path.join(self.out_dir, "checkpoints"), what="run folder")
+        _write_json(os.path.join(self.out_dir, "config.json"), self.cfg.to_dict(), what="run config")
+        if resumed:
+            self._write_logs()  # drop rows logged after the checkpoint by the interrupted run
+
+    def _checkpoint_run_dir(self) -> Optional[str]:
+        """``RUN`` when the resumed checkpoint lies in ``RUN/checkpoints/``, else None."""
+        folder = os.path.dirname(os.path.abspath(self.resume_path))
+        return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
+
+    def _output_dir(self, resume_ckpt: Optional[dict]) -> str:
+        if self.cfg.output is not None:
+            return self.cfg.output
+        if resume_ckpt is None:
+            return os.path.join("runs", f"{self.cfg.model}-{self.cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run = self._checkpoint_run_dir()
+        if run is None:
+            raise TrainError(f"'{self.resume_path}' is not in a run folder (RUN/checkpoints/last.pt): give the "
+                             f"folder for the resumed run with -o/--output")
+        return run
+
+    def _check_output_dir(self, resume_ckpt: Optional[dict]) -> bool:
+        """Refuse to mix runs in one folder; True when an old run's files must be removed first (overwrite)."""
+        found = run_files(self.out_dir)
+        if resume_ckpt is not None:
+            run = self._checkpoint_run_dir()
+            if run is not None and _same_path(run, self.out_dir):  # the resumed run's own folder
+                if (os.path.exists(self.ckpt_path) and not _same_path(self.ckpt_path, self.resume_path)
+                        and not self.overwrite):
+                    raise TrainError(f"resuming from '{self.resume_path}' would replace '{self.ckpt_path}' "
+                                     f"(another state of this run); resume from that one, or pass --overwrite")
+                return False
+            if found and not self.overwrite:
+                raise TrainError(f"'{self.out_dir}' already holds another run ({found[0]}); resume into the "
+                                 f"checkpoint's own run folder, a new folder, or pass --overwrite to replace that run")
+            return bool(found)
+        if found and not self.overwrite:
+            hint = (f"continue it with --resume {self.ckpt_path}, " if os.path.exists(self.ckpt_path) else "")
+            raise TrainError(f"'{self.out_dir}' already holds a run ({found[0]}); {hint}choose another --output, or "
+                             f"pass --overwrite to replace it")
+        return bool(found)
+
+    def _remove_run_files(self) -> None:
+        import shutil
+
+        self.log(f"--overwrite: removing the previous run's files from {self.out_dir}")
+        for name in RUN_FILES + RUN_FILES_EXTRA:
+            path = os.path.join(self.out_dir, name)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+            except OSError as e:
+                raise WriteError("run folder", path, e) from e
+
+    def _describe_val_split(self) -> str:
+        cfg, n = self.cfg, len(self.val_set)
+        if self._val_arg is not None:
+            return f"the given validation set, {n} images"
+        if cfg.val_dir:
+            return f"--val-dir {cfg.val_dir}, {n} images"
+        if cfg.data == "synthetic":
+            return f"the synthetic val split, {n} images"
+        return f"--val-fraction {cfg.val_fraction:g} of {cfg.data_dir}, {n} images"
 
     def _fit_threads_to_load(self) -> None:
         """On a busy CPU, more intra-op threads than idle cores makes every step wait for descheduled threads (10x
@@ -593,6 +716,13 @@ class Trainer:
                      f"{threads}; set --threads to override")
 
     def _restore(self, ckpt: dict) -> None:
+        step, saved_total = int(ckpt["step"]), int(ckpt.get("total_steps", ckpt["step"]))
+        if step >= self.total_steps:
+            if self.total_steps == saved_total:
+                raise TrainError(f"'{self.resume_path}' is a finished run ({step}/{saved_total} steps); to train "
+                                 f"it further ask for more steps (--steps N with N > {step}, or more --epochs)")
+            raise TrainError(f"this configuration trains {self.total_steps} steps, but '{self.resume_path}' is "
+                             f"already at step {step}; ask for more than {step} steps to continue it")
         if ckpt["steps_per_epoch"] != self.steps_per_epoch:
             raise TrainError(f"cannot resume from '{self.resume_path}': it has {ckpt['steps_per_epoch']} steps per "
                              f"epoch, this configuration {self.steps_per_epoch} (dataset or batch size changed)")
@@ -624,10 +754,11 @@ class Trainer:
                 autocast_dtype=torch.bfloat16 if self.amp else None)
             row = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                    "dice_mean": summary["mean"]["dice"], "iou_mean": summary["mean"]["iou"]}
+            keys = class_keys(list(summary["per_class"]), self.class_names)  # dice_lesion, not dice_1
             for c, vals in summary["per_class"].items():
-                row[f"dice_{c}"] = vals["dice"]
+                row[f"dice_{keys[c]}"] = vals["dice"]
             for c, vals in summary["per_class"].items():
-                row[f"iou_{c}"] = vals["iou"]
+                row[f"iou_{keys[c]}"] = vals["iou"]
         if not self.cfg.reproduce_eval_mode_quirk:
             self.model.train()
         if sync:
@@ -740,8 +871,7 @@ class Trainer:
                      f"continue with: emcad train --resume {self.ckpt_path}")
         else:
             self.save_checkpoint(self.step)
-            if self.dist.is_main:
-                self._finish()
+            self._on_main(self._finish)
             ddp.barrier()
         result = TrainResult(self.out_dir, self.step, self.total_steps, interrupted, self.best.get("step"),
                              float(self.best.get("dice_mean", math.nan)), self.val_rows[-1] if self.val_rows else {},
@@ -756,25 +886,68 @@ class Trainer:
 
     def _validate_and_select(self) -> None:
         row, _ = self.validate(sync=False)
-        if row is not None:
-            self.val_rows.append(row)
-            msg = (f"step {self.step}: val Dice {row['dice_mean']:.4f} ("
-                   + ", ".join(f"{self.class_names[int(k.split('_')[1])] if int(k.split('_')[1]) < len(self.class_names) else k}"
-                               f" {v:.3f}" for k, v in row.items() if k.startswith("dice_") and k != "dice_mean")
-                   + ")")
-            improved = row["dice_mean"] > self.best["dice_mean"] or self.best["step"] is None
-            if improved and math.isfinite(row["dice_mean"]):
-                self.best = {"step": self.step, "dice_mean": row["dice_mean"],
-                             **{k: v for k, v in row.items() if k.startswith("dice_")}}
-                self._save_model_dir(os.path.join(self.out_dir, "checkpoints", "best"))
-                msg += "  [best]"
-            from tqdm.auto import tqdm
-            if self.cfg.progress:
-                tqdm.write(msg, file=sys.stderr)
-            else:
-                self.log(msg)
-            self._write_logs()
+        self._on_main(lambda: self._select(row) if row is not None else None)
         ddp.barrier()
+
+    def _select(self, row: dict) -> None:
+        """Log a validation row and save checkpoints/best when it is the best so far: the highest mean
+        foreground Dice, or the lowest validation loss when the split has no foreground."""
+        if self.select_on_loss:
+            row["val_loss"] = self._validation_loss()
+        self.val_rows.append(row)
+        msg = (f"step {self.step}: val Dice {row['dice_mean']:.4f} ("
+               + ", ".join(f"{k} {v:.3f}" for k, v in per_class_values(row, "dice", self.class_names).items())
+               + ")")
+        if self.select_on_loss:
+            msg += f", val loss {row['val_loss']:.4f}"
+            score, better = row["val_loss"], row["val_loss"] < self.best.get("val_loss", math.inf)
+        else:
+            score, better = row["dice_mean"], row["dice_mean"] > self.best["dice_mean"]
+        if (better or self.best["step"] is None) and math.isfinite(score):
+            self.best = {"step": self.step, "dice_mean": row["dice_mean"],
+                         **{k: v for k, v in row.items() if k.startswith("dice_") or k == "val_loss"}}
+            self._save_model_dir(os.path.join(self.out_dir, "checkpoints", "best"))
+            msg += "  [best]"
+        from tqdm.auto import tqdm
+        if self.cfg.progress:
+            tqdm.write(msg, file=sys.stderr)
+        else:
+            self.log(msg)
+        self._write_logs()
+
+    @torch.no_grad()
+    def _validation_loss(self) -> float:
+        """The training loss over the validation split, in eval mode (for a split without foreground)."""
+        model = ddp.unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        if self._val_criterion is None:  # not distributed: only rank 0 validates
+            self._val_criterion = training_loss(self.num_classes, self.cfg.loss_impl,
+                                                supervision=self.cfg.supervision, criterion=self.cfg.criterion,
+                                                structure_bce_reduction=self.cfg.structure_bce_reduction)
+        total, count, n = 0.0, 0, len(self.val_set)
+        batch = max(self.cfg.batch_size, 16)
+        for start in range(0, n, batch):
+            pairs = [self.val_set[i] for i in range(start, min(start + batch, n))]
+            images = torch.stack([p[0] for p in pairs]).to(self.device)
+            labels = torch.stack([p[1] for p in pairs]).to(self.device)
+            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.amp):
+                outputs = model(images, **self.forward_kwargs)
+            total += float(self._val_criterion(outputs, labels)) * len(pairs)
+            count += len(pairs)
+        model.train(was_training)
+        return total / max(count, 1)
+
+    def _on_main(self, write: Callable[[], None]) -> None:
+        """Run ``write`` on rank 0; when it fails (WriteError), every rank stops instead of waiting in a barrier."""
+        error: Optional[WriteError] = None
+        if self.dist.is_main:
+            try:
+                write()
+            except WriteError as e:
+                error = e
+        if ddp.any_flag(error is not None, self.device):
+            raise error or TrainError("rank 0 could not write the run's files (see its error)")
 
     def _finish(self) -> None:
         from emcad.training.plotting import plot_curves, save_overlay_grid
@@ -788,7 +961,7 @@ class Trainer:
                 _, kept = self.validate(keep=8, sync=False)
                 if kept:
                     save_overlay_grid(os.path.join(self.out_dir, "predictions.png"), [k[0] for k in kept],
-                                      [k[1] for k in kept], [k[2] for k in kept])
+                                      [k[1] for k in kept], [k[2] for k in kept], class_names=self.class_names)
                     files.append("predictions.png")
         if self.cfg.data == "synthetic" and self._train_arg is None:
             from emcad.data import SyntheticSegmentation
@@ -796,8 +969,12 @@ class Trainer:
                 os.path.join(self.out_dir, "samples"))
             files.append("samples/ (8 test images and masks for emcad predict)")
         self._write_logs()
-        best = (f"best val Dice {self.best['dice_mean']:.4f} at step {self.best['step']} "
-                f"(checkpoints/best)" if self.best.get("step") is not None else "no validation split")
+        if self.best.get("step") is None:
+            best = "no validation split" if self.val_set is None else "no best checkpoint (no finite score)"
+        elif self.select_on_loss:
+            best = f"best val loss {self.best['val_loss']:.4f} at step {self.best['step']} (checkpoints/best)"
+        else:
+            best = f"best val Dice {self.best['dice_mean']:.4f} at step {self.best['step']} (checkpoints/best)"
         self.log(f"done: {self.step} steps; {best}\noutputs in {self.out_dir}: " + ", ".join(
             ["config.json", "train_log.csv", "val_log.csv", "metrics.json", "checkpoints/"] + files))
 

@@ -250,7 +250,7 @@ def _dwgn_bwd_dx_kernel(x, dz, gx, wt, part,
 
 
 # --------------------------------------------------------------------------------------------------
-# launchers (the kernel interface of library.py)
+# launchers (the kernel-op schemas of the descriptor in emcad_kernels/ops)
 # --------------------------------------------------------------------------------------------------
 def _geometry(x, weights, dilations):
     """(G, Q, K, dilations padded to MAX_GROUPS, tile)."""
@@ -346,4 +346,4 @@ def dwgn_backward(grad, x, weights, biases, gn_weight, gn_bias, dilations, eps):
         _reduce.sum_partials(part[i], [gw, gb])
         gws.append(gw)
         gbs.append(gb)
-    return gx, gws, gbs, ggw, ggb
+    return [gx, ggw, ggb, *gws, *gbs]

@@ -416,7 +416,7 @@ def _lgag_bwd_input_kernel(inp, grad, dz, gin, w, psi_buf, gam_p, bet_p, mu_p, v
 
 
 # --------------------------------------------------------------------------------------------------
-# launchers (the kernel interface of library.py)
+# launchers (the kernel-op schemas of the descriptor in emcad_kernels/ops)
 # --------------------------------------------------------------------------------------------------
 def _layout(g, x, wg, wx, groups):
     f = wg.shape[0]

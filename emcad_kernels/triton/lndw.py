@@ -162,7 +162,7 @@ def _lndw_bwd_kernel(x, grad, gx, wt, lnw, lnb, part,
 
 
 # --------------------------------------------------------------------------------------------------
-# launchers (the kernel interface of library.py)
+# launchers (the kernel-op schemas of the descriptor in emcad_kernels/ops)
 # --------------------------------------------------------------------------------------------------
 def group_tile(n: int, h: int, w: int, block_c: int, k: int = 3) -> Tile:
     """Pinned tile (a function of the shape only) for the programs that cover all channels of one group.
@@ -247,4 +247,4 @@ def lndw_backward(grad, x, ln_weights, ln_biases, weights, biases, dilations, ep
         _reduce.sum_partials(part[offsets[i]:offsets[i] + t * row[i]].view(t, row[i]), outs)
         for lst, o in zip((gws, gbs, glws, glbs), outs):
             lst.append(o)
-    return gx, glws, glbs, gws, gbs
+    return [gx, *glws, *glbs, *gws, *gbs]

@@ -407,7 +407,7 @@ def _updw_dx_tile(x, w, dz, gx, wpart, t, first, chunk, N, C, H, W, sxn, sxc, sx
 
 
 # --------------------------------------------------------------------------------------------------
-# launchers (the kernel interface of library.py)
+# launchers (the kernel-op schemas of the descriptor in emcad_kernels/ops)
 # --------------------------------------------------------------------------------------------------
 def _check(weight, mode, scale):
     k = weight.shape[-1]
