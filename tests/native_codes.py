@@ -31,7 +31,7 @@ def _enum(text: str, name: str, prefix: str) -> dict[str, int]:
 
 
 def activation_codes() -> dict[str, int]:
-    """{activation name (emcad_kernels.functional.ACTIVATIONS): code}"""
+    """{activation name (emcad_kernels.ACTIVATIONS): code}"""
     return {k.lower(): v for k, v in _enum(CODES_H.read_text(), "EmcadActivation", "EMCAD_ACT_").items()}
 
 

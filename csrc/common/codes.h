@@ -9,7 +9,7 @@
 #ifndef EMCAD_COMMON_CODES_H_
 #define EMCAD_COMMON_CODES_H_
 
-/* the names of emcad_kernels.functional.ACTIVATIONS */
+/* the names of emcad_kernels.ACTIVATIONS */
 enum EmcadActivation {
     EMCAD_ACT_IDENTITY = 0,
     EMCAD_ACT_RELU = 1,

@@ -10,7 +10,7 @@
 
 namespace emcad {
 
-// an activation name of emcad_kernels.functional.ACTIVATIONS
+// an activation name of emcad_kernels.ACTIVATIONS
 inline int activation_code(c10::string_view name) {
   if (name == "identity") return EMCAD_ACT_IDENTITY;
   if (name == "relu") return EMCAD_ACT_RELU;
