@@ -39,7 +39,12 @@ def dtype_codes() -> dict[torch.dtype, int]:
     return {_DTYPES[k]: v for k, v in _enum(CODES_H.read_text(), "EmcadDType", "EMCAD_DTYPE_").items()}
 
 
+def define(name: str) -> str:
+    """the value text of ``#define name value`` in the header"""
+    m = re.search(r"#define\s+" + name + r"\s+(\S+)", CODES_H.read_text())
+    assert m, f"{name} not found in {CODES_H}"
+    return m.group(1)
+
+
 def leaky_slope() -> float:
-    m = re.search(r"#define\s+EMCAD_LEAKY_SLOPE\s+([0-9.eE+-]+)\s", CODES_H.read_text())
-    assert m, f"EMCAD_LEAKY_SLOPE not found in {CODES_H}"
-    return float(m.group(1))
+    return float(define("EMCAD_LEAKY_SLOPE"))

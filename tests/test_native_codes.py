@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from emcad_kernels.ops._args import ACTIVATIONS, FLOAT_DTYPES
-from native_codes import activation_codes, dtype_codes, leaky_slope
+from native_codes import activation_codes, define, dtype_codes, leaky_slope
 
 
 def test_header_parse_is_complete():
@@ -14,6 +14,9 @@ def test_header_parse_is_complete():
     # the CPU kernel tables are indexed by the codes of their three dtypes
     assert [dtype_codes()[d] for d in (torch.float32, torch.float64, torch.bfloat16)] == [0, 1, 2]
     assert leaky_slope() == 0.2
+    # the CUDA launchers' range checks use the counts
+    assert int(define("EMCAD_ACT_COUNT")) == len(activation_codes())
+    assert int(define("EMCAD_DTYPE_COUNT")) == len(dtype_codes())
 
 
 def test_triton_activation_codes_match_the_header():

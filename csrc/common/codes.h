@@ -18,6 +18,7 @@ enum EmcadActivation {
     EMCAD_ACT_HSWISH = 4,
     EMCAD_ACT_GELU = 5       /* exact (erf); not in the CPU kernels */
 };
+#define EMCAD_ACT_COUNT 6 /* codes are 0 .. EMCAD_ACT_COUNT - 1 */
 
 /* negative slope of leakyrelu (EMCAD's nn.LeakyReLU(0.2)); converted to the compute type like a PyTorch scalar */
 #define EMCAD_LEAKY_SLOPE 0.2
@@ -28,5 +29,6 @@ enum EmcadDType {
     EMCAD_DTYPE_BF16 = 2,
     EMCAD_DTYPE_F16 = 3 /* not in the CPU kernels */
 };
+#define EMCAD_DTYPE_COUNT 4 /* codes are 0 .. EMCAD_DTYPE_COUNT - 1 */
 
 #endif /* EMCAD_COMMON_CODES_H_ */
