@@ -14,6 +14,8 @@ import pytest
 import emcad_kernels as ek
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from gpu_check import sanitizer_verdict  # noqa: E402
 # what a lent device machine returns from its output folder: at most eight files
 MAX_RESULT_FILES = 8
 
@@ -87,3 +89,21 @@ def test_sanitizer_payload_runs_every_example():
     ran = {line.split(" example ")[0] for line in proc.stdout.splitlines() if "forward and backward ran" in line}
     assert ran == {name for name, op in ek.backends.registered_ops().items() if "cpu" in op.support}
     assert "sanitizer payload: done" in proc.stdout
+
+
+@pytest.mark.parametrize("text, rc, timed_out, expected", [
+    ("op example 0 on cuda: forward and backward ran\nsanitizer payload: done (9 examples)\n"
+     "========= ERROR SUMMARY: 0 errors\n", 0, False, "ok"),
+    ("========= Invalid __global__ write of size 4 bytes\n========= ERROR SUMMARY: 3 errors\n", 1, False, "failed"),
+    ("Traceback ...\nRuntimeError: boom\n========= ERROR SUMMARY: 0 errors\n", 1, False, "failed"),
+    ("========= Error: Device not supported\ntorch.AcceleratorError: CUDA error 999\n"
+     "========= ERROR SUMMARY: 1 error\n", 1, False, "could not start"),
+    ("compute-sanitizer: error while loading shared libraries\n", 127, False, "could not start"),
+    ("op example 0 on cuda: forward and backward ran\n", -9, True, "timeout"),
+])
+def test_sanitizer_verdict(text, rc, timed_out, expected):
+    """How the GPU run reads compute-sanitizer's output (only a GPU runs the sanitizer itself)."""
+    status, note = sanitizer_verdict(text, rc, timed_out, 120)
+    assert status == expected, note
+    if expected == "failed" and "ERROR SUMMARY: 3" in text:
+        assert note.startswith("memcheck: 3 errors")
