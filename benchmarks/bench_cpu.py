@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of the ``cpu`` backend (issue 3), sharing its set-up with ``cpu_table.py``.
+"""pytest-benchmark suite of the ``cpu`` backend, sharing its set-up with ``cpu_table.py``.
 
     pytest benchmarks/bench_cpu.py --benchmark-enable --benchmark-group-by=param:case
     pytest benchmarks/bench_cpu.py --benchmark-enable -k "msdc and 352"   # a subset

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""GPU benchmark of the cuda backend (issue 5), side by side with triton, eager and torch.compile in one run.
+"""GPU benchmark of the cuda backend, side by side with triton, eager and torch.compile in one run.
 
-Shapes and targets are those of the Triton issue (issue 4): the EMCAD-B2 decoder at 224 px / batch 6 and
+Shapes and targets are those of bench_gpu.py: the EMCAD-B2 decoder at 224 px / batch 6 and
 352 px / batch 16, four stages, bf16 and fp32. For each fused op (``msdc``: MSDC + MSCB shuffle on the 2C-channel
 expansion; ``updw``: EUCB front, nearest x2 + depthwise 3x3 + BN + ReLU; ``lgag``: LGAG with EMCAD's aggregation)
 and each mode (``fwd_eval``, ``fwd_train``, ``fwd_bwd``) it times:

@@ -1,4 +1,5 @@
-"""Loading checkpoints written by the original SLDGroup/EMCAD training code (EMCAD.md §7).
+"""Loading checkpoints written by the original SLDGroup/EMCAD training code
+(docs/models.md#importing-original-checkpoints).
 
 Original checkpoints (``best.pth``, ``last.pth``, ``epoch_N.pth``) are plain ``state_dict()``s of the full
 ``EMCADNet``. :func:`load_original_checkpoint` reads one safely (``torch.load(weights_only=True)``), unwraps the
@@ -32,7 +33,7 @@ ACTIVATION_NOTE = (
     "before that with ReLU6 in MSCB had ReLU6 in EUCB and LGAG as well, so its outputs differ slightly under the "
     "current definition (parameters are unaffected).")
 
-# encoder structure -> name (EMCAD.md §2.12)
+# encoder structure -> name (docs/models.md#encoders)
 _PVT_VARIANTS = {
     ((32, 64, 160, 256), (2, 2, 2, 2), 8): "pvt_v2_b0",
     ((64, 128, 320, 512), (2, 2, 2, 2), 8): "pvt_v2_b1",
@@ -295,7 +296,7 @@ def load_original_checkpoint(path: str | os.PathLike, model: Optional[EMCADNet] 
     Returns:
         ``LoadedCheckpoint(model, report)``; ``report`` (:class:`ConversionReport`) says whether a wrapper was
         unwrapped, the ``module.`` prefix stripped, old head names converted, and carries the activation note of
-        EMCAD.md §7.2.
+        docs/models.md#importing-original-checkpoints.
 
     Raises:
         FileNotFoundError: no such file.

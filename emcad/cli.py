@@ -1,7 +1,7 @@
 """The ``emcad`` command line.
 
     emcad info                         versions, backends (and why one is unavailable), models
-    emcad flops --model emcad_b2       parameters and MACs in the paper's convention (EMCAD.md §6)
+    emcad flops --model emcad_b2       parameters and MACs in the paper's convention (docs/models.md#mac-counting)
     emcad train                        train (default: EMCAD-B0 on the built-in synthetic data, 2-3 min on CPU)
     emcad evaluate --checkpoint DIR    Dice, IoU and HD95 per class and per case (test_metrics.json)
     emcad predict IMAGES --checkpoint DIR   masks (class indices and colour) and overlay PNGs
@@ -86,7 +86,8 @@ def _cmd_flops(args: argparse.Namespace) -> int:
         what = f"{args.model} (num_classes={args.num_classes}, in_channels={args.in_channels})"
     report = count_macs(target, inputs)
     print(f"{what} at {height}x{width}, batch 1")
-    print("MACs: the paper's 'FLOPs' (ptflops module-hook rules, EMCAD.md §6.1); FLOPs = 2 x MACs")
+    print("MACs: the paper's 'FLOPs' (ptflops module-hook rules, docs/models.md#counting-conventions); "
+          "FLOPs = 2 x MACs")
     print(f"{'module':<14}{'MACs':>16}")
     for name, macs in report.per_module.items():
         print(f"{name:<14}{macs:>16,}")
@@ -96,7 +97,7 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _print_thop_flops(args: argparse.Namespace, model, height: int, width: int) -> int:
-    """EGE-UNet and MALUNet are reported in their papers' convention (thop; EGE-UNet_MALUNet.md §4.1)."""
+    """EGE-UNet and MALUNet are reported in their papers' convention (thop; docs/models.md#counting-conventions)."""
     import torch
 
     from emcad.flops_thop import count_macs_thop

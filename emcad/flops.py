@@ -1,6 +1,7 @@
 """Parameter and MAC counting in the EMCAD paper's convention.
 
-The paper's "FLOPs" are multiply-accumulates counted with ptflops-style *module hooks* (EMCAD.md §6.1):
+The paper's "FLOPs" are multiply-accumulates counted with ptflops-style *module hooks*
+(docs/models.md#counting-conventions):
 
 | module                                   | MACs per call                                           |
 |------------------------------------------|---------------------------------------------------------|

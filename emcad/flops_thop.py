@@ -1,4 +1,4 @@
-"""MAC and parameter counting in thop's convention (the EGE-UNet / MALUNet papers; EGE-UNet_MALUNet.md §4.1).
+"""MAC and parameter counting in thop's convention (the EGE-UNet / MALUNet papers; docs/models.md#counting-conventions).
 
 The two papers report ``thop.profile`` (thop 0.1.1) numbers at batch 1, 3×256×256: "GFLOPs" = thop MACs / 1e9
 (no factor 2). thop hooks only **leaf** modules of known types, counting each call, and differs from the EMCAD
@@ -19,9 +19,9 @@ paper's ptflops-style rules (:mod:`emcad.flops`) in ways that matter for these m
 
 ``params`` follows thop too: only the parameters of leaf modules with a rule are counted (EGE-UNet 45,806,
 MALUNet 175,031), next to ``total_params`` = ``sum(p.numel())`` (53,374 and 177,943), which is the number the
-papers quote as "Params" (EGE-UNet_MALUNet.md §4.1). The conv, linear and zero rules are the ones these two models
-exercise; their totals reproduce the published 72,096,256 and 82,972,800 MACs exactly. The other rows follow thop's
-documented hooks and are not exercised here.
+papers quote as "Params" (docs/models.md#counting-conventions). The conv, linear and zero rules are the ones these
+two models exercise; their totals reproduce the published 72,096,256 and 82,972,800 MACs exactly. The other rows follow
+thop's documented hooks and are not exercised here.
 
 Counting runs the model with ``backend="torch"`` (the plain composition: fused blocks do not call their ``nn``
 submodules), in eval mode, without gradients; backends and the training flag are restored afterwards.

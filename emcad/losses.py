@@ -1,15 +1,15 @@
-"""Training losses for EMCAD (EMCAD.md §8.1, §8.6).
+"""Training losses for EMCAD (docs/models.md#losses).
 
 Per-head criteria:
 
 * :func:`ce_dice_loss` (multi-class): ``0.3 · CrossEntropy + 0.7 · Dice`` with the TransUNet Dice
   (:func:`dice_loss`: softmax, one-hot target, per class ``1 − (2Σpt + 1e-5) / (Σp² + Σt² + 1e-5)`` with the sums
-  over the whole batch and all pixels jointly, mean over all classes *including the background*, quirk #8 kept as
-  part of the recipe).
+  over the whole batch and all pixels jointly, mean over all classes *including the background*, quirk 8 in
+  docs/models.md#original-code-quirks kept as part of the recipe).
 * :func:`structure_loss` (binary, F3Net/PraNet/CASCADE): boundary-weighted BCE + weighted IoU. The BCE reduction is
   an explicit choice: ``bce_reduction="none"`` (default) applies the intended per-pixel weights;
   ``bce_reduction="mean"`` reproduces the original code, whose legacy ``reduce='none'`` keyword collapsed the BCE to
-  the plain unweighted mean (quirk #15).
+  the plain unweighted mean (quirk 15 in docs/models.md#original-code-quirks).
 
 Supervision (how the four head outputs ``[p4, p3, p2, p1]`` are combined):
 

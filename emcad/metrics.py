@@ -21,9 +21,10 @@ empty      empty      NaN     NaN     NaN  (class absent: no information)
 NaN entries are left out of the averages (:func:`nanmean`), so a class that is absent from a case and correctly
 not predicted neither helps nor hurts; a missed or hallucinated structure scores Dice 0 and the worst HD95.
 
-``convention="transunet"`` reproduces the TransUNet/EMCAD evaluation code (EMCAD.md §8.2, quirk #9) for
-comparisons with published numbers: P non-empty and G non-empty → the standard values; P non-empty and G empty →
-Dice 1, HD95 0; P empty → Dice 0, HD95 0 (whatever G). IoU follows Dice's rule there. It flatters HD95 (a missed
+``convention="transunet"`` reproduces the TransUNet/EMCAD evaluation code (docs/models.md#synapse-data-and-evaluation,
+docs/models.md#original-code-quirks) for comparisons with published numbers: P non-empty and G non-empty → the standard
+values; P non-empty and G empty → Dice 1, HD95 0; P empty → Dice 0, HD95 0 (whatever G). IoU follows Dice's rule there.
+It flatters HD95 (a missed
 organ scores 0) and should not be used for new results.
 """
 

@@ -3,7 +3,7 @@
 Used by the test suite (``tests/op_cases.py``), ``emcad selftest`` (``emcad_kernels.selftest``) and the op files'
 ``examples`` (``OpDescriptor.examples``).
 
-Tolerance (docs/numerics.md, KERNELS.md §8.1): for every output and gradient,
+Tolerance (docs/numerics.md#tolerance-rule): for every output and gradient,
 ``max|backend − ref64| <= 2·max|ref_same_dtype − ref64| + FLOOR[dtype]·max(1, max|ref64|)``, where ``ref64`` is the
 reference backend in float64 on the same (rounded) inputs and ``ref_same_dtype`` the reference backend in the
 backend's dtype: a fused kernel may be at most twice as far from the exact result as plain PyTorch in that dtype,

@@ -295,7 +295,7 @@ def test_mscb_keys_and_count():
     assert hasattr(MSCB(64, 32, 1), "conv1x1") and not hasattr(MSCB(64, 32, 2), "conv1x1")
     for c in (32, 64, 160, 512):
         assert n_params(MSCB(c, c, 1)) == 4 * c * c + 88 * c
-    # general closed form (EMCAD.md §5): 2·ef·C² + ef·C·(2 + Σk² + 2·n_K) + 2C
+    # general closed form (docs/models.md#parameter-counts): 2·ef·C² + ef·C·(2 + Σk² + 2·n_K) + 2C
     c, ef, ks = 32, 6, [1, 3, 5, 7]
     expected = 2 * ef * c * c + ef * c * (2 + sum(k * k for k in ks) + 2 * len(ks)) + 2 * c
     assert n_params(MSCB(c, c, 1, ks, ef)) == expected
@@ -371,7 +371,7 @@ def test_channel_shuffle():
 
 
 # --------------------------------------------------------------------------------------------------
-# eval-mode pointwise folding (issue #8): BN folded into the 1×1 weights, shuffle into pconv2's columns
+# eval-mode pointwise folding: BN folded into the 1×1 weights, shuffle into pconv2's columns
 # --------------------------------------------------------------------------------------------------
 from emcad.models import blocks as _blocks  # noqa: E402
 

@@ -3,7 +3,8 @@
 * parity with the ``reference`` backend for every op × dtype (fp32, fp64, bf16) × memory format × train/eval
   (× sum/concat × stride × kernel sets for MSDC; × mode/scale/kernel for upsample_dwconv; × groupings and the
   aggregation add for LGAG): output, input grads, every parameter grad and the running statistics;
-* bf16 by the 2× rule (KERNELS.md §8.1): error vs an fp64 truth ≤ 2 × the error of plain PyTorch in bf16 + floor;
+* bf16 by the 2× rule (docs/numerics.md#tolerance-rule): error vs an fp64 truth ≤ 2 × the error of plain PyTorch in
+  bf16 + floor;
 * float64 gradcheck, torch.library.opcheck, bitwise determinism (reruns and thread counts), every ISA build;
 * hypothesis shapes (1×1 images, odd sizes, C=1, N=0 in eval, N=1), non-contiguous and overlapping inputs,
   output memory formats, torch.compile(fullgraph=True), backend selection and refusal reasons, bad input;
@@ -237,7 +238,7 @@ FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 def assert_lowp_rule(case, dtype, keys=None):
     """cpu in ``dtype`` vs an fp64 truth (same rounded inputs): error ≤ 2 × (plain PyTorch error in ``dtype``)
-    + floor, for the output, every gradient and the running statistics (KERNELS.md §8.1)."""
+    + floor, for the output, every gradient and the running statistics (docs/numerics.md#tolerance-rule)."""
     low = case.cast(dtype)
     truth = low.cast(torch.float64).run(REF)
     got = low.run(CPU)

@@ -150,8 +150,9 @@ FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
 
 def assert_lowp_rule(case, dtype, layout):
     """cpu in ``dtype`` vs an fp64 truth on the same rounded inputs: error ≤ 2 × the reference backend's own
-    error in ``dtype`` + floor, for the output and every gradient (KERNELS.md §8.1). The relative rule (not a
-    fixed tolerance) matters for ill-conditioned cases, e.g. a LayerNorm over one channel (rstd = 1/sqrt(eps))."""
+    error in ``dtype`` + floor, for the output and every gradient (docs/numerics.md#tolerance-rule). The
+    relative rule (not a fixed tolerance) matters for ill-conditioned cases, e.g. a LayerNorm over one channel
+    (rstd = 1/sqrt(eps))."""
     low = Case(case.op, case.x.to(dtype).double(),
                [[t.to(dtype).double() for t in p] if isinstance(p, list) else p.to(dtype).double()
                 for p in case.params], case.dilations, case.eps)

@@ -83,7 +83,8 @@ def test_every_cu_file_compiles_with_nvcc_for_sm80_and_sm90(tmp_path):
 
 
 def test_kernel_files_include_no_torch_headers():
-    """The pure-CUDA files must compile without torch (KERNELS.md 11.1): only the binding includes torch."""
+    """The pure-CUDA files must compile without torch (docs/kernels.md#cuda-backend): only the binding includes
+    torch."""
     for path in CUDA_SOURCES:
         text = path.read_text()
         for bad in ("#include <torch", "#include <ATen", "#include <c10", '#include "torch', '#include "ATen'):
@@ -109,7 +110,8 @@ def _cuda_include_dir():
 def test_binding_cuda_build_passes_a_syntax_check_against_the_installed_torch_headers(tmp_path):
     """torch_binding.cpp as the CUDA extension compiles it (not the emulation branch), type-checked with g++
     -fsyntax-only against the installed torch headers. A CPU torch wheel lacks only the generated
-    c10/cuda/impl/cuda_cmake_macros.h (ENVIRONMENT.md 5.2), which is stubbed here; nothing is linked or run."""
+    c10/cuda/impl/cuda_cmake_macros.h (docs/environment.md#cuda-extension), which is stubbed here; nothing is linked
+    or run."""
     from torch.utils.cpp_extension import include_paths
 
     stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
@@ -597,7 +599,8 @@ int main() {
                 EXPECT(std::fabs(direct - poly) < 1e-12);
             }
     }
-    // the store-side channel map inverts ShuffleNet's shuffle (EMCAD.md 2.2), with and without a concat offset
+    // the store-side channel map inverts ShuffleNet's shuffle (docs/models.md#channel-shuffle), with and without a
+    // concat offset
     for (int c = 1; c <= 24; ++c)
         for (int g = 1; g <= c; ++g) {
             if (c % g) continue;

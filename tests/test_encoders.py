@@ -28,7 +28,7 @@ from emcad.encoders import (
 from emcad.encoders.pvtv2 import DropPath
 
 # name: (parameters, state-dict entries). PVTv2 numbers (no head) are
-# EMCAD.md section 2.12; ResNet parameters include the unused fc, and its
+# docs/models.md#encoders; ResNet parameters include the unused fc, and its
 # state-dict entries include the BatchNorm buffers, as in torchvision.
 EXPECTED_COUNTS = {
     "pvt_v2_b0": (3_409_760, 176),

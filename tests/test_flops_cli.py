@@ -1,4 +1,4 @@
-"""Paper-convention MAC counts (EMCAD.md §6.2) and the `emcad` command line."""
+"""Paper-convention MAC counts (docs/models.md#measured-vs-paper) and the `emcad` command line."""
 
 import subprocess
 import sys

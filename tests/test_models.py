@@ -1,5 +1,6 @@
-"""EMCAD decoder and EMCADNet: state-dict layout (Appendix A), parameter counts (§5), shapes, input validation,
-fused vs ``backend="torch"`` for the whole decoder, the registry and save_pretrained / from_pretrained.
+"""EMCAD decoder and EMCADNet: state-dict layout (docs/state_dicts.md#emcad-decoder-pvtv2-b2-channels), parameter counts
+(docs/models.md#parameter-counts), shapes, input validation, fused vs ``backend="torch"`` for the whole decoder, the
+registry and save_pretrained / from_pretrained.
 
 Large models are built on the meta device where only parameters are counted.
 """
@@ -35,7 +36,8 @@ B2 = [512, 320, 128, 64]
 B0 = [256, 160, 64, 32]
 RESNET18 = [512, 256, 128, 64]
 
-# EMCAD.md Appendix A: the complete decoder state dict for PVTv2-B2 channels, ef = 2 (216 entries, in order).
+# docs/state_dicts.md#emcad-decoder-pvtv2-b2-channels: the complete decoder state dict for PVTv2-B2 channels, ef = 2
+# (216 entries, in order).
 APPENDIX_A = """
 mscb4.0.pconv1.0.weight                       [1024, 512, 1, 1]
 mscb4.0.pconv1.1.weight                       [1024]
@@ -268,7 +270,7 @@ BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tra
 
 
 def decoder_layout(channels, ef=2, kernel_sizes=(1, 3, 5)) -> list[tuple[str, tuple[int, ...]]]:
-    """The decoder key/shape pattern of EMCAD.md §4.1 for any channel list."""
+    """The decoder key/shape pattern of docs/models.md#decoder-keys for any channel list."""
     out = []
 
     def bn(prefix, n):
@@ -521,9 +523,9 @@ def _decoder_step(model, inputs, grads_seed):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_decoder_b0_fused_matches_torch(monkeypatch, train, dtype, channels_last):
-    """float64: fused == torch to ~1e-10. float32 (the rule of KERNELS.md §8.1): the fused error against a float64
-    oracle is at most twice the torch float32 error (plus a 1e-4 floor relative to the tensor's scale): max-pool
-    arg-max flips make a fixed float32 tolerance meaningless for gradients through four stages."""
+    """float64: fused == torch to ~1e-10. float32 (the rule of docs/numerics.md#tolerance-rule): the fused error against
+    a float64 oracle is at most twice the torch float32 error (plus a 1e-4 floor relative to the tensor's scale):
+    max-pool arg-max flips make a fixed float32 tolerance meaningless for gradients through four stages."""
     torch.manual_seed(0)
     ref = randomize(EMCAD(B0)).to(dtype)
     fused = copy.deepcopy(ref)
@@ -644,7 +646,7 @@ def test_public_api():
 
 
 # --------------------------------------------------------------------------------------------------
-# heads at inference (issue #8) and the folded eval path over the whole decoder
+# heads at inference and the folded eval path over the whole decoder
 # --------------------------------------------------------------------------------------------------
 def test_emcadnet_last_head_only(b0_net):
     x = torch.randn(2, 3, 64, 64)

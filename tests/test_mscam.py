@@ -1,4 +1,4 @@
-"""The ``mscam`` op (issue 8): EMCAD's CAB then SAB applied as ``d · ca · sa``, against the plain CAB / SAB
+"""The ``mscam`` op: EMCAD's CAB then SAB applied as ``d · ca · sa``, against the plain CAB / SAB
 modules: forward, every gradient, train and eval mode of the modules, float64 gradcheck, opcheck, FLOP counts,
 argument checking, and its use by the decoder's fused path."""
 

@@ -1,4 +1,4 @@
-"""The fused MUTATION loss (issue 8): ``emcad_kernels.mutation_stats`` / ``mutation_loss`` against the plain
+"""The fused MUTATION loss: ``emcad_kernels.mutation_stats`` / ``mutation_loss`` against the plain
 ``SegmentationLoss`` on upsampled heads (forward, every gradient, float64 gradcheck, opcheck, low precision, odd
 sizes, channels_last, determinism, bad inputs), EMCADNet's ``heads="lowres"``, ``SegmentationLoss(fused=...)``
 on a real model, and the trainer / CLI default."""

@@ -30,7 +30,7 @@ def _randomise_bn(bn: nn.BatchNorm2d, gen: torch.Generator):
 
 
 class PlainMSDC(nn.Module):
-    """The unfused composition, written with nn modules (EMCAD.md §2.3–2.4)."""
+    """The unfused composition, written with nn modules (docs/models.md#msdc, docs/models.md#mscb)."""
 
     def __init__(self, c, kernel_sizes, activation, combine, shuffle_groups, stride, gen):
         super().__init__()

@@ -1,5 +1,5 @@
 """Training: calibrated synthetic convergence, exact resume, DDP (gloo, SyncBatchNorm) against one process,
-checkpoint files, and the train-mode fix (quirk #1)."""
+checkpoint files, and the train-mode fix (quirk 1 in docs/models.md#original-code-quirks)."""
 
 import math
 import os
@@ -108,7 +108,8 @@ def test_model_is_in_train_mode_after_every_validation(tmp_path):
         modes.append(trainer.model.training)
 
     train(TrainConfig(**TINY, steps=5, output=str(tmp_path / "a"), deterministic=True), callback=record)
-    assert modes == [True] * 5  # validations after steps 2 and 4 switched it back (quirk #1 fixed)
+    # validations after steps 2 and 4 switched it back (quirk 1 in docs/models.md#original-code-quirks, fixed)
+    assert modes == [True] * 5
     assert not torch.are_deterministic_algorithms_enabled()  # the deterministic mode is restored afterwards
 
     modes.clear()

@@ -5,7 +5,7 @@ before anything imports ``emcad_kernels``). The interpreter is about 1000× slow
 tiny odd shapes (ragged spatial tiles and a channel count that is not a multiple of the channel block) and a
 selected matrix of dtype × memory format × train/eval rather than the full product.
 
-Tolerance (KERNELS.md §8.1): for every output and every gradient,
+Tolerance (docs/numerics.md#tolerance-rule): for every output and every gradient,
 ``max|triton − ref64| <= 2·max|ref_same_dtype − ref64| + floor(dtype)·max(1, max|ref64|)``, where ``ref64`` is the
 reference in float64 and ``ref_same_dtype`` the reference in the tested dtype.
 
@@ -472,7 +472,7 @@ def test_kernels_compile_for_sm90_without_spills():
 # --------------------------------------------------------------------------------------------------
 # GPU only
 # --------------------------------------------------------------------------------------------------
-# EMCAD-B2 decoder stages at 224 px, batch 6 (EMCAD.md §2.10; channels 512/320/128/64 at 7/14/28/56 px):
+# EMCAD-B2 decoder stages at 224 px, batch 6 (docs/models.md#emcad-decoder; channels 512/320/128/64 at 7/14/28/56 px):
 # MSDC runs on 2C channels, EUCB upsamples stage S to stage S+1, LGAG works on C channels with groups C/2.
 B2_STAGES = [(512, 7), (320, 14), (128, 28), (64, 56)]
 

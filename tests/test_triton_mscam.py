@@ -1,4 +1,4 @@
-"""Tests of the Triton kernels of the ``mscam`` op (EMCAD's CAB · SAB attention, issue 8) against the reference
+"""Tests of the Triton kernels of the ``mscam`` op (EMCAD's CAB · SAB attention) against the reference
 backend.
 
 Without a GPU the kernels run in Triton's CPU interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``), so
@@ -7,7 +7,7 @@ multiple of the 4-channel block, several partial-row blocks, 1×1 images, SAB wi
 triton backend is requested explicitly (``auto`` skips the interpreter). Every unmasked load / store is checked
 against the kernel's tensor arguments (``interpreter_bounds_check``, shared with the other triton tests).
 
-Tolerance (KERNELS.md §8.1), for the output and every gradient:
+Tolerance (docs/numerics.md#tolerance-rule), for the output and every gradient:
 ``max|triton − ref64| <= 2·max|ref_same_dtype − ref64| + floor(dtype)·max(1, max|ref64|)``.
 
 GPU-only tests (marker ``gpu``) run the EMCAD-B2 decoder shapes in all dtypes and layouts, determinism,

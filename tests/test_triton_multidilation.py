@@ -6,7 +6,7 @@ the CPU tests use tiny odd shapes: ragged tiles, several tiles and chunks per im
 group, dilations larger than the image. The triton backend is requested explicitly (``auto`` skips the
 interpreter).
 
-Tolerance (KERNELS.md §8.1), for the output and every gradient:
+Tolerance (docs/numerics.md#tolerance-rule), for the output and every gradient:
 ``max|triton − ref64| <= 2·max|ref_same_dtype − ref64| + floor(dtype)·max(1, max|ref64|)``.
 
 A ``slow`` test (``--run-slow``) runs whole EGE-UNet / MALUNet forward + backward passes on the triton backend.
@@ -337,11 +337,11 @@ def test_kernels_compile_for_sm90_without_spills():
 # GPU only
 # --------------------------------------------------------------------------------------------------
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# EGE-UNet at 256 px, batch 8 (EGE-UNet_MALUNet.md §2.3): GAB1..GAB5 groups (g channels at H/2..H/32) and the
+# EGE-UNet at 256 px, batch 8 (docs/models.md#gab): GAB1..GAB5 groups (g channels at H/2..H/32) and the
 # GHPA norm2 + ldw single groups (dim_in channels)
 EGE_GAB = [(5, 128), (9, 64), (13, 32), (17, 16), (25, 8)]
 EGE_GHPA = [(24, 32), (32, 16), (48, 8), (64, 8), (48, 8), (32, 16)]
-# MALUNet at 256 px (§3.2): DGA / GAU channels and resolutions
+# MALUNet at 256 px (docs/models.md#malunet-blocks): DGA / GAU channels and resolutions
 MAL_DGA = [(24, 32), (32, 16), (48, 8), (64, 8), (48, 8), (32, 16)]
 
 

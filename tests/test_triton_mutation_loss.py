@@ -6,8 +6,8 @@ The oracle is written here in plain PyTorch: every head upsampled with ``F.inter
 align_corners=False)``, the subset sums, ``log_softmax`` and the four sums; its gradients are torch.autograd of
 that oracle with the given upstream ``grad_*``. Under the interpreter (no GPU) the shapes are tiny: B = 2, K = 3,
 full resolution 8..13 with heads of 1..13 pixels per side, sizes that do not divide the target's, both memory
-formats, every head count 1..4. Tolerance: the rule of KERNELS.md §8.1 (``op_cases.assert_matches``) against the
-oracle in float64, with the oracle in the kernel's dtype as the PyTorch error scale.
+formats, every head count 1..4. Tolerance: the rule of docs/numerics.md#tolerance-rule (``op_cases.assert_matches``)
+against the oracle in float64, with the oracle in the kernel's dtype as the PyTorch error scale.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 // conversions). Compiled once per instruction set inside namespace emcad_cpu::isa_<name> with kPixelBlock
 // defined (isa_target.h). No torch headers; everything is raw pointers.
 //
-// Design (KERNELS.md §6, §7; EMCAD.md §11):
+// Design (docs/kernels.md#training-mode-batchnorm, docs/kernels.md#deterministic-reductions,
+// docs/kernels.md#cpu-backend):
 // * Every stencil runs on thread-local, zero-padded row buffers in "pixel-major, channel-block" layout
 //   [column][slot][CB], CB = 64 bytes of the accumulation type (16 floats / 8 doubles). Loading a row
 //   converts the storage dtype (fp32 / fp64 / bf16) and any layout or strides (NCHW, channels_last,

@@ -4,10 +4,10 @@
 #pragma once
 #include "cpu/stencil_common.h"
 
-// Nearest (any integer scale S): polyphase stencils on the low-resolution rows (EMCAD.md §11.3).
-// Bilinear x2: upsampled rows are produced on the fly into a small ring (never the whole tensor), then the
-// k x k stencil runs on them; the backward applies the transposed interpolation row by row.
-// Items are (n, group of channel blocks), rows outer and blocks inner, as for MSDC.
+// Nearest (any integer scale S): polyphase stencils on the low-resolution rows
+// (docs/kernels.md#eucb-upsample-and-depthwise-conv). Bilinear x2: upsampled rows are produced on the fly into a small
+// ring (never the whole tensor), then the k x k stencil runs on them; the backward applies the transposed interpolation
+// row by row. Items are (n, group of channel blocks), rows outer and blocks inner, as for MSDC.
 template <typename S>
 struct UpdwCtx {
   using A = typename emcad::AccType<S>::type;

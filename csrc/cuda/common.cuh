@@ -186,8 +186,8 @@ EMCAD_CU_HD Welford<A> welford_merge(Welford<A> a, Welford<A> b) {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// channel shuffle (EMCAD.md 2.2): output channel o takes source channel (o mod g) * n + o / g, n = C / g;
-// the inverse map sends source channel s to o = (s mod n) * g + s / n.
+// channel shuffle (docs/models.md#channel-shuffle): output channel o takes source channel (o mod g) * n + o / g,
+// n = C / g; the inverse map sends source channel s to o = (s mod n) * g + s / n.
 // ------------------------------------------------------------------------------------------------------------
 struct ChannelMap {
     int64_t offset;  // added to the source channel first (the branch's slot with concat)
@@ -209,7 +209,7 @@ EMCAD_CU_HD ChannelMap make_channel_map(int64_t offset, int64_t groups, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// nearest x2 + 3x3 as four 2x2 polyphase stencils (EMCAD.md 11.3):
+// nearest x2 + 3x3 as four 2x2 polyphase stencils (docs/kernels.md#eucb-upsample-and-depthwise-conv):
 // O[2i+p][2j+q] = sum_{r,s in {0,1}} K[p][q][r][s] * X[i+p-1+r][j+q-1+s],
 // K[p][q][r][s] = sum_{a in A_p(r)} sum_{b in A_q(s)} w[a][b], A_0 = ({0}, {1,2}), A_1 = ({0,1}, {2}).
 // ------------------------------------------------------------------------------------------------------------

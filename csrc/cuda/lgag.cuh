@@ -1,4 +1,4 @@
-// grouped_attention_gate (LGAG, EMCAD.md 2.8 / 11.9): kernels and host-side launch sequences.
+// grouped_attention_gate (LGAG, docs/models.md#lgag, docs/kernels.md#lgag): kernels and host-side launch sequences.
 //
 // Supported: k = 3, one output channel per group (f_int == groups), at most 4 input channels per group (EMCAD: 2).
 // Per pixel: zg_j = bg_j + gconv(g)_j, zx_j = bx_j + gconv(x)_j, s_j = BN_g(zg_j) + BN_x(zx_j), h_j = act(s_j),

@@ -5,8 +5,9 @@
 // Forward, training:  stats (per-block Welford partials, nothing written) -> welford_reduce -> apply (recompute)
 // Backward:           bn_fold (saved stats) -> pass A (per-block sums of g_a and g_a*zhat) -> sum_reduce
 //                     -> pass B (recompute, grad_x, per-block weight-grad partials) -> sum_reduce
-// (KERNELS.md 6.2-6.3, 7). Every kernel works on a shared-memory halo tile that holds all branches' windows; each
-// thread computes kV adjacent outputs along W for all branches (register blocking) from one halo.
+// (docs/kernels.md#training-mode-batchnorm, docs/kernels.md#deterministic-reductions). Every kernel works on a
+// shared-memory halo tile that holds all branches' windows; each thread computes kV adjacent outputs along W for all
+// branches (register blocking) from one halo.
 #pragma once
 
 #include "common.cuh"

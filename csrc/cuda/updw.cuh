@@ -1,6 +1,7 @@
 // upsample_dwconv (EUCB front): nearest x2 upsample + depthwise 3x3 + BatchNorm + activation as four 2x2 polyphase
-// stencils on the low-resolution input (EMCAD.md 11.3). The upsampled tensor is never built: each thread reads a
-// low-resolution halo tile from shared memory and writes the 2x2 output phases of kV adjacent input pixels.
+// stencils on the low-resolution input (docs/kernels.md#eucb-upsample-and-depthwise-conv). The upsampled tensor is
+// never built: each thread reads a low-resolution halo tile from shared memory and writes the 2x2 output phases of kV
+// adjacent input pixels.
 //
 // Forward, eval:      bn_fold -> apply
 // Forward, training:  stats -> welford_reduce -> apply

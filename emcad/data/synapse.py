@@ -1,4 +1,4 @@
-"""Synapse multi-organ CT in the TransUNet layout (EMCAD.md §8.1).
+"""Synapse multi-organ CT in the TransUNet layout (docs/models.md#synapse-data-and-evaluation).
 
 * Training slices: ``train_npz/caseXXXX_sliceYYY.npz`` with arrays ``image`` (H, W, float in [0, 1] after the HU
   clip) and ``label`` (H, W, class indices), optionally listed in ``lists_Synapse/train.txt`` (names without
@@ -32,7 +32,8 @@ SYNAPSE_CLASSES = ("background", "spleen", "right kidney", "left kidney", "gallb
 
 
 def remap_synapse_labels(label: np.ndarray) -> np.ndarray:
-    """The 14-label BTCV annotation → 9 classes: labels {5, 9, 10, 12, 13} → 0 and 11 → 5 (EMCAD.md §8.1)."""
+    """The 14-label BTCV annotation → 9 classes: labels {5, 9, 10, 12, 13} → 0 and 11 → 5
+    (docs/models.md#synapse-data-and-evaluation)."""
     out = np.asarray(label).astype(np.int64).copy()
     out[np.isin(out, (5, 9, 10, 12, 13))] = 0
     out[out == 11] = 5

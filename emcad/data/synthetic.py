@@ -1,4 +1,4 @@
-"""The built-in synthetic segmentation dataset (ENVIRONMENT.md §7.3).
+"""The built-in synthetic segmentation dataset (docs/environment.md#synthetic-data).
 
 Each image is generated from its own seed (``seed``, ``index``), so a dataset is the same on every machine, in every
 process and for every ``DataLoader`` worker count, and any sample can be regenerated alone.

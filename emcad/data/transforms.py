@@ -16,7 +16,7 @@ __all__ = ["Augmented", "flip_rot90"]
 def flip_rot90(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """A random element of the dihedral group: rotation by a multiple of 90° (180° only for non-square images)
-    and an optional horizontal flip (EMCAD.md §8.1 step 1)."""
+    and an optional horizontal flip (docs/models.md#training-recipe)."""
     r = torch.randint(0, 8, (1,), generator=generator).item()
     k, flip = r % 4, r >= 4
     if image.shape[-1] != image.shape[-2]:

@@ -1,4 +1,4 @@
-"""EMCAD decoder building blocks (EMCAD.md §2), re-implemented from the specification.
+"""EMCAD decoder building blocks (docs/models.md), re-implemented from the specification.
 
 Every block keeps its parameters as standard ``nn.Conv2d`` / ``nn.BatchNorm2d`` submodules under the original
 names and indices, so that state dicts (and original checkpoints) match key for key.
@@ -20,7 +20,7 @@ Fused paths:
 * :class:`LGAG`: one ``grouped_attention_gate`` call (``aggregate=True`` returns ``g + x·ψ``).
 * :class:`CAB`, :class:`SAB`: plain PyTorch when called alone (they return attention maps); the decoder's MSCAM
   stage applies both as one ``emcad_kernels.mscam`` call (``d · ca · sa``), see :func:`apply_mscam_attention`.
-* Eval mode (issue 8): :class:`MSCB` folds BN into ``pconv1`` / ``pconv2`` and the shuffle into ``pconv2``'s
+* Eval mode: :class:`MSCB` folds BN into ``pconv1`` / ``pconv2`` and the shuffle into ``pconv2``'s
   input columns (cached folded weights, :class:`_FoldedPointwise`); EUCB's ``pwc`` uses the same GEMM dispatch.
 
 Not fused (the torch composition runs instead, whatever ``backend`` says): MSDC series mode
@@ -50,8 +50,8 @@ __all__ = [
     "init_decoder_weights", "make_activation", "set_backend", "valid_backends",
 ]
 
-# Parameter-free activations by name (EMCAD.md §2.1). "prelu" of the original code is not supported: it would
-# add a learnable parameter that no EMCAD checkpoint has.
+# Parameter-free activations by name (docs/models.md#activations). "prelu" of the original code is not supported: it
+# would add a learnable parameter that no EMCAD checkpoint has.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=False),
     "relu6": lambda: nn.ReLU6(inplace=False),
@@ -72,8 +72,8 @@ def make_activation(name: str) -> nn.Module:
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
-    """ShuffleNet channel shuffle (EMCAD.md §2.2): output channel ``o`` takes input ``(o mod g)·n + o div g``
-    with ``n = C / g`` channels per group. ``groups == C`` is the identity."""
+    """ShuffleNet channel shuffle (docs/models.md#channel-shuffle): output channel ``o`` takes input
+    ``(o mod g)·n + o div g`` with ``n = C / g`` channels per group. ``groups == C`` is the identity."""
     b, c, h, w = x.shape
     if c % groups:
         raise ValueError(f"channel_shuffle: groups={groups} does not divide {c} channels")
@@ -128,7 +128,7 @@ def set_backend(module: nn.Module, name: str) -> nn.Module:
 # initialisation and BatchNorm bookkeeping
 # --------------------------------------------------------------------------------------------------
 def init_decoder_weights(module: nn.Module) -> None:
-    """EMCAD.md §2.1: conv weights ~ N(0, 0.02²), conv biases 0, BN weight 1 and bias 0."""
+    """docs/models.md#initialisation: conv weights ~ N(0, 0.02²), conv biases 0, BN weight 1 and bias 0."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -200,9 +200,9 @@ def _like(w: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------
-# eval-mode pointwise folding (issue #8)
+# eval-mode pointwise folding
 # --------------------------------------------------------------------------------------------------
-# Module-level switch (benchmarks compare before/after in one run; False = the PR-7 fused path).
+# Module-level switch (benchmarks compare before/after in one run; False = the fused path without folding).
 FOLD_EVAL_POINTWISE = True
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -324,7 +324,7 @@ def shuffle_permutation(channels: int, groups: int) -> Tensor:
 # MSDC / MSCB / MSCBLayer
 # --------------------------------------------------------------------------------------------------
 class MSDC(BackendMixin, nn.Module):
-    """Multi-scale depthwise convolution (EMCAD.md §2.3): one ``Conv2d(k, groups=C, no bias) → BN → act``
+    """Multi-scale depthwise convolution (docs/models.md#msdc): one ``Conv2d(k, groups=C, no bias) → BN → act``
     branch per kernel size in ``dwconvs``. ``forward`` returns the list of branch outputs.
 
     Series mode (``dw_parallel=False``, ablation only) always runs the torch composition."""
@@ -400,7 +400,7 @@ class MSDC(BackendMixin, nn.Module):
 
 
 class MSCB(BackendMixin, nn.Module):
-    """Multi-scale convolution block (EMCAD.md §2.4):
+    """Multi-scale convolution block (docs/models.md#mscb):
     ``pconv1 (1×1 + BN + act) → MSDC → sum/concat → shuffle(gcd(combined, out_c)) → pconv2 (1×1 + BN)``,
     plus the residual when ``stride == 1`` (through ``conv1x1`` when ``in_c != out_c``)."""
 
@@ -518,7 +518,7 @@ class MSCBLayer(BackendMixin, nn.Sequential):
 # CAB / SAB
 # --------------------------------------------------------------------------------------------------
 class CAB(BackendMixin, nn.Module):
-    """Channel attention (EMCAD.md §2.5). Returns the map ``sigmoid(mlp(avg) + mlp(max))`` of shape
+    """Channel attention (docs/models.md#cab). Returns the map ``sigmoid(mlp(avg) + mlp(max))`` of shape
     ``(B, out_channels, 1, 1)``; the caller multiplies. Plain PyTorch in every backend."""
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, ratio: int = 16,
@@ -546,7 +546,7 @@ class CAB(BackendMixin, nn.Module):
 
 
 class SAB(BackendMixin, nn.Module):
-    """Spatial attention (EMCAD.md §2.6): ``sigmoid(conv([mean_c(x), max_c(x)]))``, a ``(B, 1, H, W)`` map.
+    """Spatial attention (docs/models.md#sab): ``sigmoid(conv([mean_c(x), max_c(x)]))``, a ``(B, 1, H, W)`` map.
     Plain PyTorch in every backend."""
 
     def __init__(self, kernel_size: int = 7):
@@ -589,7 +589,7 @@ def apply_mscam_attention(d: Tensor, cab: CAB, sab: SAB) -> Tensor:
 # LGAG / EUCB
 # --------------------------------------------------------------------------------------------------
 class LGAG(BackendMixin, nn.Module):
-    """Large-kernel grouped attention gate (EMCAD.md §2.8).
+    """Large-kernel grouped attention gate (docs/models.md#lgag).
 
     ``forward(g, x)`` returns ``x · ψ`` with ``ψ = psi(act(W_g(g) + W_x(x)))`` (the original return value);
     ``forward(g, x, aggregate=True)`` returns EMCAD's aggregation ``g + x · ψ`` (fused: ``add_gate_input``)."""
@@ -641,7 +641,7 @@ class LGAG(BackendMixin, nn.Module):
 
 
 class EUCB(BackendMixin, nn.Module):
-    """Efficient up-convolution block (EMCAD.md §2.9):
+    """Efficient up-convolution block (docs/models.md#eucb):
     ``up_dwc = [Upsample(×2, nearest), depthwise k×k (no bias), BN, act]`` → identity shuffle →
     ``pwc = [1×1 + bias]``.
 

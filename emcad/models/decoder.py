@@ -1,4 +1,4 @@
-"""The EMCAD decoder (EMCAD.md §2.10)."""
+"""The EMCAD decoder (docs/models.md#emcad-decoder)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ class EMCAD(BackendMixin, nn.Module):
         channels: decoder widths deep → shallow ``[C0, C1, C2, C3]`` (strides 32, 16, 8, 4).
         kernel_sizes: MSDC kernel sizes.
         expansion_factor: MSCB expansion. Defaults to the paper's 2 (the original class default of 6 is not the
-            paper configuration, EMCAD.md §2.10).
+            paper configuration, docs/models.md#emcad-decoder).
         dw_parallel, add: MSDC parallel branches, summed (paper) or concatenated.
         lgag_ks: LGAG kernel size (groups = C/2).
-        activation: MSCB activation (paper: ``relu6``). EUCB and LGAG always use ReLU (EMCAD.md §2.9).
+        activation: MSCB activation (paper: ``relu6``). EUCB and LGAG always use ReLU (docs/models.md#eucb).
         backend: ``"torch"``, ``"auto"`` or an ``emcad_kernels`` backend name, set on every block.
 
     ``forward(x, skips)`` takes the stride-32 feature ``x`` (C0 channels) and ``skips = [x3, x2, x1]`` (C1, C2, C3
@@ -55,7 +55,8 @@ class EMCAD(BackendMixin, nn.Module):
         def lgag(c: int) -> LGAG:
             return LGAG(F_g=c, F_l=c, F_int=c // 2, kernel_size=lgag_ks, groups=c // 2)
 
-        # Registration order = state-dict order (EMCAD.md §2.10, Appendix A).
+        # Registration order = state-dict order (docs/models.md#emcad-decoder,
+        # docs/state_dicts.md#emcad-decoder-pvtv2-b2-channels).
         self.mscb4 = mscb(c0)
         self.eucb3 = EUCB(c0, c1, kernel_size=3, stride=1)
         self.lgag3 = lgag(c1)
@@ -87,7 +88,8 @@ class EMCAD(BackendMixin, nn.Module):
                                  f"feature's {h}×{w}), got {tuple(t.shape[-2:])}")
 
     def _stage(self, d: Tensor, cab: CAB, mscb: MSCBLayer) -> Tensor:
-        """MSCAM (EMCAD.md §2.7): CAB, the shared SAB, then MSCB (fused backends: one ``mscam`` op for CAB·SAB)."""
+        """MSCAM (docs/models.md#mscam): CAB, the shared SAB, then MSCB (fused backends: one ``mscam`` op for
+        CAB·SAB)."""
         return mscb(apply_mscam_attention(d, cab, self.sab))
 
     def forward(self, x: Tensor, skips: Sequence[Tensor]) -> list[Tensor]:

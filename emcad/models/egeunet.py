@@ -1,4 +1,4 @@
-"""EGE-UNet (Ruan et al., MICCAI 2023), re-implemented from ``EGE-UNet_MALUNet.md`` §1–2 (no code of the original
+"""EGE-UNet (Ruan et al., MICCAI 2023), re-implemented from docs/models.md#ege-unet-and-malunet (no code of the original
 repository is used).
 
 Structure, state-dict keys (314 tensors, all parameters, no buffers) and shapes are those of the original default
@@ -15,7 +15,7 @@ deep-supervision heads (H/32 … H/2, upsampled bilinearly to the input size), `
 
 **Input scaling.** The network itself does no normalisation. The original data pipeline feeds each image
 min-max rescaled **to [0, 255]** (its ``myNormalize`` standardises and then min-max rescales each image, which
-cancels the standardisation; EGE-UNet_MALUNet.md §5). Weights trained by the original code therefore expect
+cancels the standardisation; docs/models.md#shared-skeleton). Weights trained by the original code therefore expect
 ``minmax_scale_255(image)`` inputs; see :func:`minmax_scale_255`. Models trained here may use any consistent
 scaling. H and W must be multiples of 32.
 
@@ -30,7 +30,7 @@ hooks; the channels-first LayerNorm is built from elementwise ops as in the orig
 * GHPA's input-independent axis attention maps (xy, zx, zy branches) are **cached per resolution in eval mode**
   (see :meth:`GHPA.attention_maps`).
 
-**Differences from the original code** (deliberate; documented in EGE-UNet_MALUNet.md §2.8):
+**Differences from the original code** (deliberate; documented in docs/models.md#gab):
 
 * ``gt_ds=False`` works: the GABs are then built without the mask channel (groups of ``dim_xl/2`` channels, tail
   over ``2·dim_xl``) and no deep-supervision heads exist (the original crashes with a TypeError). The default
@@ -77,7 +77,7 @@ def minmax_scale_255(x: Tensor, eps: float = 0.0) -> Tensor:
 
 
 def init_skin_weights(module: nn.Module) -> None:
-    """The initialisation of both originals (EGE-UNet_MALUNet.md §1): Conv2d ~ N(0, 2/fan_out) with
+    """The initialisation of both originals (docs/models.md#initialisation): Conv2d ~ N(0, 2/fan_out) with
     ``fan_out = kH·kW·C_out/groups`` and bias 0; Conv1d ~ N(0, 2/(k·C_out)) with PyTorch's default bias;
     Linear ~ truncated normal (std 0.02) with bias 0; GroupNorm / LayerNorm weight 1, bias 0."""
     for m in module.modules():
@@ -153,8 +153,8 @@ def check_c_list(c_list: Sequence[int]) -> list[int]:
 # channels-first LayerNorm
 # --------------------------------------------------------------------------------------------------
 class LayerNorm2d(BackendMixin, nn.Module):
-    """Channels-first LayerNorm (EGE-UNet_MALUNet.md §2.1): per pixel over the C channels, biased variance, ``eps``
-    (default 1e-6) inside the root, affine ``weight``/``bias`` of shape ``[C]``.
+    """Channels-first LayerNorm (docs/models.md#channels-first-layernorm): per pixel over the C channels, biased
+    variance, ``eps`` (default 1e-6) inside the root, affine ``weight``/``bias`` of shape ``[C]``.
 
     ``backend="torch"`` computes it from elementwise ops as the original does; other backends call one
     ``layer_norm`` on a channels-last view (same math)."""
@@ -182,7 +182,7 @@ class LayerNorm2d(BackendMixin, nn.Module):
 # GHPA
 # --------------------------------------------------------------------------------------------------
 class GHPA(BackendMixin, nn.Module):
-    """Grouped multi-axis Hadamard product attention (EGE-UNet_MALUNet.md §2.2).
+    """Grouped multi-axis Hadamard product attention (docs/models.md#ghpa).
 
     ``out = ldw(norm2(cat(x1·A_xy, x2·A_zx, x3·A_zy, dw(x4))))`` with ``x1..x4`` the four channel chunks of
     ``norm1(x)``. The maps ``A_xy (1, c, H, W)``, ``A_zx (1, c, H, 1)`` and ``A_zy (1, c, 1, W)`` depend only on
@@ -287,7 +287,7 @@ class GHPA(BackendMixin, nn.Module):
 # GAB
 # --------------------------------------------------------------------------------------------------
 class GAB(BackendMixin, nn.Module):
-    """Group aggregation bridge (EGE-UNet_MALUNet.md §2.3), called as ``GAB(xh, xl, mask)``.
+    """Group aggregation bridge (docs/models.md#gab), called as ``GAB(xh, xl, mask)``.
 
     ``h = resize(pre_project(xh), size of xl)``; group ``i`` (i = 0..3) is ``cat(h_i, xl_i, mask)`` (the one-channel
     mask copied into every group), normalised by its own channels-first LayerNorm and convolved by a depthwise
@@ -349,8 +349,8 @@ class GAB(BackendMixin, nn.Module):
 # EGE-UNet
 # --------------------------------------------------------------------------------------------------
 class EGEUNet(BackendMixin, nn.Module):
-    """EGE-UNet (EGE-UNet_MALUNet.md §2); see the module docstring for outputs, input scaling, backends and the
-    differences from the original code.
+    """EGE-UNet (docs/models.md#ege-unet-forward-and-heads); see the module docstring for outputs, input scaling,
+    backends and the differences from the original code.
 
     Args:
         num_classes: channels of the final prediction (the deep-supervision heads always have one channel: their

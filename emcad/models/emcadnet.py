@@ -1,4 +1,4 @@
-"""EMCADNet: encoder + EMCAD decoder + four prediction heads (EMCAD.md §2.11)."""
+"""EMCADNet: encoder + EMCAD decoder + four prediction heads (docs/models.md#emcadnet)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ class EMCADNet(BackendMixin, nn.Module):
     Args:
         num_classes: output channels of the heads.
         kernel_sizes, expansion_factor, dw_parallel, add, lgag_ks, activation: decoder settings. Defaults are the
-            paper configuration (ef=2, [1, 3, 5], parallel, summed, LGAG 3×3, ReLU6 in MSCB; EMCAD.md §3), not
-            the original class defaults.
+            paper configuration (ef=2, [1, 3, 5], parallel, summed, LGAG 3×3, ReLU6 in MSCB;
+            docs/models.md#paper-configuration), not the original class defaults.
         encoder: an :data:`emcad.encoders.ENCODERS` name (``pvt_v2_b0`` … ``pvt_v2_b5``, ``resnet18`` …
             ``resnet152``). Unknown names raise ``ValueError``.
         encoder_weights: optional local file with pretrained encoder weights (loaded strictly).

@@ -1,4 +1,4 @@
-"""MALUNet (Ruan et al., BIBM 2022), re-implemented from ``EGE-UNet_MALUNet.md`` §1, §3 (the original repository
+"""MALUNet (Ruan et al., BIBM 2022), re-implemented from docs/models.md#ege-unet-and-malunet (the original repository
 has no licence; none of its code is used).
 
 Structure, state-dict keys (279 tensors, all parameters, no buffers) and shapes are those of the original default
@@ -22,7 +22,7 @@ the dilation groups) as one :func:`emcad_kernels.dilated_dwconv_groupnorm` call,
 with ``backend="auto"`` on CPU, where the plain depthwise conv + GroupNorm is faster for these uniform groups.
 EAblock and the bridges run plain PyTorch in every mode.
 
-**Differences from the original code** (deliberate; EGE-UNet_MALUNet.md §3.11):
+**Differences from the original code** (deliberate; docs/models.md#malunet-blocks):
 
 * EAblock's ``linear_0`` / ``linear_1``: the original makes ``linear_1.weight`` a permuted view of ``linear_0``'s
   storage at construction and then initialises both in place (they stay tied until ``.to()``/``.cuda()`` gives
@@ -57,7 +57,7 @@ GN_GROUPS = 4
 
 class DepthWiseConv2d(BackendMixin, nn.Module):
     """``conv1`` (depthwise k×k, bias) → ``norm_layer`` (GroupNorm(4)) → ``conv2`` (1×1, bias)
-    (EGE-UNet_MALUNet.md §3.1). Fused backends run ``conv1`` + ``norm_layer`` as one
+    (docs/models.md#malunet-blocks). Fused backends run ``conv1`` + ``norm_layer`` as one
     ``dilated_dwconv_groupnorm`` call (4 channel groups, all with this conv's dilation)."""
 
     def __init__(self, dim_in: int, dim_out: int, kernel_size: int = 3, padding: int = 1, stride: int = 1,
@@ -92,7 +92,7 @@ class DepthWiseConv2d(BackendMixin, nn.Module):
 class GAU(nn.Module):
     """Gated attention unit: ``wo(w1(x) · w2(x)) + cw(x)``, ``w1`` = 3×3 depthwise-separable + sigmoid, ``w2`` =
     5×5 depthwise-separable + GELU, ``wo`` = 3×3 depthwise-separable (to ``out_c``) + GELU, ``cw`` = 1×1
-    (EGE-UNet_MALUNet.md §3.2)."""
+    (docs/models.md#malunet-blocks)."""
 
     def __init__(self, in_c: int, out_c: int, kernel_size: int = 3):
         super().__init__()
@@ -107,7 +107,7 @@ class GAU(nn.Module):
 
 
 class DGA(BackendMixin, nn.Module):
-    """Dilated gated attention (EGE-UNet_MALUNet.md §3.2): the four channel chunks of ``x`` through depthwise 3×3
+    """Dilated gated attention (docs/models.md#malunet-blocks): the four channel chunks of ``x`` through depthwise 3×3
     convs ``mda0..3`` with dilations ``dilated_ratio`` (7, 5, 2, 1), concatenated, ``norm_layer`` (GroupNorm(4):
     its groups are the dilation groups), ``conv`` (1×1), GELU, then :class:`GAU`. No residual."""
 
@@ -149,7 +149,7 @@ class DGA(BackendMixin, nn.Module):
 
 
 class EAblock(nn.Module):
-    """Inverted external attention (EGE-UNet_MALUNet.md §3.3) with memory ``4C``:
+    """Inverted external attention (docs/models.md#malunet-blocks) with memory ``4C``:
     ``conv1`` (1×1) → ``linear_0`` (Conv1d C→4C, no bias) → softmax over pixels → normalise over the 4C axis
     (``/(1e-9 + Σ)``) → ``linear_1`` (Conv1d 4C→C, no bias) → ``conv2`` (1×1, no bias) → GroupNorm(4) → + input →
     GELU. ``linear_0`` and ``linear_1`` are independent parameters (see the module docstring)."""
@@ -185,7 +185,7 @@ class EAblock(nn.Module):
 
 
 class CABridge(nn.Module):
-    """Channel attention bridge (``scab.catt``, EGE-UNet_MALUNet.md §3.4): global average pools of the five stages
+    """Channel attention bridge (``scab.catt``, docs/models.md#malunet-blocks): global average pools of the five stages
     concatenated (``S = Σ c_i`` values), ECA-style ``get_all_att`` (Conv1d 1→1, k 3, no bias), then per stage
     ``sigmoid(att_i(·))`` with ``att_i`` a Linear ``S → c_i`` (``split_att="fc"``) or a Conv1d ``S → c_i``, k 1
     (``"conv"``). Returns the five ``(B, c_i, 1, 1)`` attention vectors."""
@@ -197,7 +197,7 @@ class CABridge(nn.Module):
         self.c_list = list(c_list)
         self.split_att = split_att
         total = sum(self.c_list)
-        # a module (not torch.mean) as in the original: thop counts its MACs (EGE-UNet_MALUNet.md §4.1)
+        # a module (not torch.mean) as in the original: thop counts its MACs (docs/models.md#counting-conventions)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.get_all_att = nn.Conv1d(1, 1, kernel_size=3, padding=1, bias=False)
         for i, ch in enumerate(self.c_list, start=1):
@@ -217,7 +217,7 @@ class CABridge(nn.Module):
 
 
 class SABridge(nn.Module):
-    """Spatial attention bridge (``scab.satt``, EGE-UNet_MALUNet.md §3.5): one ``shared_conv2d`` (Conv2d 2→1, 7×7,
+    """Spatial attention bridge (``scab.satt``, docs/models.md#malunet-blocks): one ``shared_conv2d`` (Conv2d 2→1, 7×7,
     dilation 3, padding 9, bias; sigmoid) applied to ``cat(mean_c(t), max_c(t))`` of every stage."""
 
     def __init__(self):
@@ -230,7 +230,7 @@ class SABridge(nn.Module):
 
 
 class SCAttBridge(nn.Module):
-    """``scab`` (EGE-UNet_MALUNet.md §3.6): ``s_i = SAB(t_i)·t_i``, ``u_i = s_i + t_i``,
+    """``scab`` (docs/models.md#malunet-blocks): ``s_i = SAB(t_i)·t_i``, ``u_i = s_i + t_i``,
     ``t_i' = CAB(u)_i · u_i + s_i``."""
 
     def __init__(self, c_list: Sequence[int], split_att: str = "fc"):
@@ -246,7 +246,7 @@ class SCAttBridge(nn.Module):
 
 
 class MALUNet(BackendMixin, nn.Module):
-    """MALUNet (EGE-UNet_MALUNet.md §3); see the module docstring for outputs, input scaling, backends and the
+    """MALUNet (docs/models.md#malunet-forward); see the module docstring for outputs, input scaling, backends and the
     differences from the original code.
 
     Args:

@@ -35,7 +35,8 @@ MODELS: dict[str, str] = {
 }
 # create_model overrides (EMCADNet arguments other than the explicit create_model ones)
 OVERRIDES = ("kernel_sizes", "expansion_factor", "dw_parallel", "add", "lgag_ks", "activation")
-# encoder-free lightweight skin-lesion U-Nets (EGE-UNet_MALUNet.md): name -> (class, create_model overrides)
+# encoder-free lightweight skin-lesion U-Nets (docs/models.md#ege-unet-and-malunet): name -> (class, create_model
+# overrides)
 LIGHTWEIGHT_MODELS: dict[str, tuple[type, tuple[str, ...]]] = {
     "egeunet": (EGEUNet, ("c_list", "bridge", "gt_ds", "output")),
     "malunet": (MALUNet, ("c_list", "split_att", "bridge", "output")),

@@ -32,8 +32,8 @@ MULTIPLE = 32
 
 
 def forward_head(model: torch.nn.Module, x: Tensor, head: str = "last") -> Tensor:
-    """The prediction logits: ``p1`` (the last output, EMCAD.md §8.2) or the sum of all heads (CASCADE). Models
-    whose forward takes ``heads`` (EMCADNet) then compute and upsample p1 only."""
+    """The prediction logits: ``p1`` (the last output, docs/models.md#synapse-data-and-evaluation) or the sum of all
+    heads (CASCADE). Models whose forward takes ``heads`` (EMCADNet) then compute and upsample p1 only."""
     from emcad.losses import flatten_outputs
 
     if head == "last" and "heads" in inspect.signature(model.forward).parameters:
@@ -152,7 +152,7 @@ def evaluate_volumes(model: torch.nn.Module, volumes, num_classes: int, size: Se
                      device: str | torch.device = "cpu", head: str = "last", convention: str = "standard",
                      batch_size: int = 16, spacing: Optional[Sequence[float]] = None,
                      progress: Optional[Callable] = None) -> tuple[dict, list[CaseMetrics]]:
-    """Per-volume 3-D metrics for :class:`emcad.data.SynapseVolumes` (EMCAD.md §8.2)."""
+    """Per-volume 3-D metrics for :class:`emcad.data.SynapseVolumes` (docs/models.md#synapse-data-and-evaluation)."""
     from emcad.data.synapse import zoom_slice
 
     model.eval()

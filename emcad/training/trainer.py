@@ -9,7 +9,8 @@ Behaviour worth knowing:
   ``lr_schedule`` is ``poly`` (power 0.9) or ``cosine``, both with optional linear warm-up; optional gradient
   clipping by norm or by value (CASCADE's ±0.5 clamp).
 * ``model.train()`` at the start of every epoch and after every validation (the original code trained in eval
-  mode after epoch 1, quirk #1; ``reproduce_eval_mode_quirk=True`` brings that back for comparison studies).
+  mode after epoch 1, quirk 1 in docs/models.md#original-code-quirks; ``reproduce_eval_mode_quirk=True`` brings that
+  back for comparison studies).
 * The best checkpoint is chosen by the mean foreground Dice on a **validation split** (the synthetic ``val`` split,
   ``val_dir``, or a seeded fraction of the training data, by case for Synapse), never on test data. A split whose
   masks hold no foreground at all (Dice undefined) is reported in a warning and selects on the validation loss.

@@ -1,4 +1,5 @@
-"""Deterministic reductions of per-program partials (KERNELS.md §6.2, §7).
+"""Deterministic reductions of per-program partials (docs/kernels.md#training-mode-batchnorm,
+docs/kernels.md#deterministic-reductions).
 
 Kernels that need a sum over (N, H, W) write one row of partial results per spatial tile into an fp32 scratch
 buffer ``[T, R]`` (T tiles, R reduced quantities); the kernels here combine the T rows in a fixed order:

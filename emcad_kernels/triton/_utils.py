@@ -80,7 +80,7 @@ _LEAKYRELU = tl.constexpr(ACTIVATION_CODES["leakyrelu"])
 _HSWISH = tl.constexpr(ACTIVATION_CODES["hswish"])
 _GELU = tl.constexpr(ACTIVATION_CODES["gelu"])
 
-LEAKY_SLOPE = tl.constexpr(0.2)  # EMCAD.md §2.1; EMCAD_LEAKY_SLOPE of csrc/common/codes.h
+LEAKY_SLOPE = tl.constexpr(0.2)  # docs/models.md#activations; EMCAD_LEAKY_SLOPE of csrc/common/codes.h
 
 
 def next_pow2(n: int) -> int:

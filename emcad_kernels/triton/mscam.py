@@ -1,4 +1,4 @@
-"""MSCAM attention ``y = x · ca · sa`` (EMCAD's CAB then SAB, the ``mscam`` op of issue 8): Triton kernels and
+"""MSCAM attention ``y = x · ca · sa`` (EMCAD's CAB then SAB, the ``mscam`` op): Triton kernels and
 launchers.
 
 Semantics (``reference.mscam_forward``): ``ca = σ(fc2(act(fc1(avgpool(x)))) + fc2(act(fc1(maxpool(x)))))``

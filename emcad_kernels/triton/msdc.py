@@ -105,7 +105,7 @@ def _bn_params(gamma, beta, mean, var, b, c, cmask, C, eps):
 @triton.jit
 def _out_channel(cc, shuffle_n, shuffle_g, SHUFFLE: tl.constexpr):
     """Where combined channel ``cc`` is stored: ShuffleNet shuffle with g groups of n channels is
-    ``src(o) = (o mod g)·n + o div g``, so ``dst(cc) = (cc mod n)·g + cc div n`` (EMCAD.md §2.2)."""
+    ``src(o) = (o mod g)·n + o div g``, so ``dst(cc) = (cc mod n)·g + cc div n`` (docs/models.md#channel-shuffle)."""
     if SHUFFLE:
         out = (cc % shuffle_n) * shuffle_g + cc // shuffle_n
     else:

@@ -1,4 +1,4 @@
-"""Fused MUTATION deep-supervision loss statistics (issue 8): Triton kernels and launchers of the op
+"""Fused MUTATION deep-supervision loss statistics: Triton kernels and launchers of the op
 ``mutation_stats`` (the ``mutation_stats`` op of ``emcad_kernels.library``; semantics below).
 
 Semantics: heads ``z_1..z_n`` (n = 1..4, ``(B, K, h_i, w_i)`` logits, any h_i, w_i >= 1) are bilinearly upsampled

@@ -7,9 +7,9 @@ tile of *low-resolution* pixels ``(i, j)`` and produces the four outputs ``(2i +
 Output row ``2i + p`` with tap ``a`` reads upsampled row ``2i + o``, ``o = p + a − k//2``, i.e. source row
 ``m = i + o // 2`` with parity ``o % 2`` (constants per phase and tap).
 
-* **nearest** (EMCAD.md §11.3): upsampled row ``2m + e`` is ``x[m]``, so the taps of one phase that read the same
-  source offset ``(r, s)`` fold into one polyphase weight ``K_pq[r][s] = Σ w[a][b]`` over those taps: for k = 3
-  four 2×2 stencils (16 FMAs per four outputs instead of 36), reading a 3×3 low-resolution neighbourhood once.
+* **nearest** (docs/kernels.md#eucb-upsample-and-depthwise-conv): upsampled row ``2m + e`` is ``x[m]``, so the taps of
+  one phase that read the same source offset ``(r, s)`` fold into one polyphase weight ``K_pq[r][s] = Σ w[a][b]``
+  over those taps: for k = 3 four 2×2 stencils (16 FMAs per four outputs instead of 36), reading a 3×3 low-resolution neighbourhood once.
   Zero padding of the upsampled map is zero padding of ``x``.
 * **bilinear**: ``U[2m] = ¼·x[m−1] + ¾·x[m]``, ``U[2m+1] = ¾·x[m] + ¼·x[m+1]`` with edge-clamped source indices
   (PyTorch's ``align_corners=False`` rule at scale 2), and ``U`` zero outside ``[0, 2h)``: each tap's upsampled
