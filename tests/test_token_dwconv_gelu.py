@@ -120,6 +120,15 @@ def test_cpu_matches_reference(shape, dtype):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype,channels", [(torch.float64, 300), (torch.float32, 600), (torch.bfloat16, 776)],
+                         ids=["f64", "f32", "bf16"])
+def test_cpu_wide_channels(dtype, channels):
+    """Channel counts whose 3x3 window and weights exceed the kernels' L1 budget take the strip traversal (the
+    window slid along the row in registers) instead of the pixel-major one; with a scalar channel tail."""
+    check_backend(make_inputs(2, 3, 10, channels, seed=8), "cpu", dtype)
+
+
+@needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_cpu_strided_tokens(dtype):
     inputs = make_inputs(2, 5, 3, 21, seed=2)
@@ -158,7 +167,7 @@ def test_cpu_every_isa_build():
     """The kernels compiled per instruction set (default, avx2, avx512) all match the reference."""
     from emcad_kernels import _ext
 
-    inputs = make_inputs(2, 5, 6, 40, seed=5)
+    cases = [make_inputs(2, 5, 6, 40, seed=5), make_inputs(1, 3, 5, 600, seed=9)]  # pixel-major, strips
     before = _ext.cpu_isa()
     try:
         for isa in ("default", "avx2", "avx512"):
@@ -166,7 +175,8 @@ def test_cpu_every_isa_build():
                 _ext.set_cpu_isa(isa)
             except (ValueError, RuntimeError):
                 continue  # not supported by this CPU
-            check_backend(inputs, "cpu", torch.float32)
+            for inputs in cases:
+                check_backend(inputs, "cpu", torch.float32)
     finally:
         _ext.set_cpu_isa(before)
 

@@ -3,12 +3,12 @@
 // emcad_cpu::tdg_<isa> (under `#pragma GCC target(...)` for avx2 / avx512) after defining kTdgVecBytes, the
 // vector width of that build. No torch headers: raw pointers into contiguous tokens (an NHWC map).
 //
-// Vectorisation: one vector holds consecutive channels of one pixel (GCC vector types of kTdgVecBytes). For each
-// row and channel vector the kernels slide the 3x3 window along the row with the nine taps and the nine weights in
-// registers, so each step loads the window's new column (three vectors) and nothing else; the weight-gradient
-// sums of the row stay in registers too. Channels past the last full vector take a scalar path. GELU and its
-// derivative are branch-free vector code (erf as a rational function, exp by range reduction); fp64 storage uses
-// std::erf / std::exp per lane (the gradcheck path).
+// Vectorisation: one vector holds consecutive channels of one pixel (GCC vector types of kTdgVecBytes). Two
+// traversal orders (see tdg_pixel_major): pixel-major, the nine taps of a pixel's channel block loaded from L1; or
+// strips, each channel vector sliding the 3x3 window along a few pixels in registers (three loads per pixel, the
+// weights and the weight-gradient sums in registers). Channels past the last full vector take a scalar path. GELU
+// and its derivative are branch-free vector code (erf as a rational function, exp by range reduction); fp64
+// storage uses std::erf / std::exp per lane (the gradcheck path).
 //
 // Items: (n, band of rows), item = n * nbands + band; the split depends on the shape only. The backward streams
 // over the rows of its band plus one halo row on each side: dz = g * GELU'(z) of three consecutive rows lives in a
@@ -178,15 +178,45 @@ EMCAD_INLINE TdgW<S> tdg_weights(const typename TdgT<S>::A* w, int64_t C, int64_
 }
 
 // ------------------------------------------------------------------------------------------------------
-// scalar path: the channels past the last full vector
+// traversal orders
 // ------------------------------------------------------------------------------------------------------
-// tap t = 3 * i + j reads pixel (h + i - 1, w + j - 1); nullptr where that lies in the zero padding
+// Pixel-major: for each pixel, all its channel vectors in blocks of kTdgBlock, the nine taps and weights loaded
+// from L1 (a pixel's 3x3 window and the weights stay there while the row is swept). Strips: for kTdgStrip pixels
+// at a time, each channel vector slides the window along the strip in registers (three loads per pixel), the
+// weights and the weight-gradient sums in registers too. Pixel-major is faster while the window and the weights
+// fit in L1 (measured: up to C = 512 fp32 at PVTv2's shapes), strips beyond that; the choice depends on the
+// shape only, so results stay bitwise reproducible.
+constexpr int kTdgBlock = 4;
+constexpr int64_t kTdgStrip = 8;
+constexpr int64_t kTdgL1Budget = 40 * 1024;
+
+template <typename S>
+EMCAD_INLINE bool tdg_pixel_major(int64_t C) {
+  return 9 * C * static_cast<int64_t>(sizeof(S) + sizeof(typename TdgT<S>::A)) <= kTdgL1Budget;
+}
+
+// the window column at pixel xx of the three rows up / mid / dn (nullptr: a padding row), zero outside the image
+template <typename T, typename P>
+EMCAD_INLINE void tdg_column(const P* up, const P* mid, const P* dn, int64_t xx, int64_t W, int64_t C, int64_t c0,
+                             typename T::V& v0, typename T::V& v1, typename T::V& v2) {
+  const typename T::V zero = {};
+  if (xx < 0 || xx >= W) {
+    v0 = v1 = v2 = zero;
+    return;
+  }
+  const int64_t o = xx * C + c0;
+  v0 = up ? T::load(up + o) : zero;
+  v1 = T::load(mid + o);
+  v2 = dn ? T::load(dn + o) : zero;
+}
+
+// tap t = 3 * i + j of pixel xw reads pixel (row i of up / mid / dn, xw + j - 1); nullptr in the zero padding
 template <typename P>
-EMCAD_INLINE void tdg_window(P* img, int64_t h, int64_t w, int64_t H, int64_t W, int64_t C, P* src[9]) {
+EMCAD_INLINE void tdg_window(const P* const rows[3], int64_t xw, int64_t W, int64_t C, const P* src[9]) {
   for (int i = 0; i < 3; ++i)
     for (int j = 0; j < 3; ++j) {
-      const int64_t hh = h + i - 1, ww = w + j - 1;
-      src[3 * i + j] = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? img + (hh * W + ww) * C : nullptr;
+      const int64_t ww = xw + j - 1;
+      src[3 * i + j] = (rows[i] && ww >= 0 && ww < W) ? rows[i] + ww * C : nullptr;
     }
 }
 
@@ -199,66 +229,82 @@ EMCAD_INLINE A tdg_conv_scalar(const S* const src[9], const A* w, const A* bias,
 }
 
 // ------------------------------------------------------------------------------------------------------
-// forward: y = GELU(z)
+// forward: y = GELU(z) of one image row; rows = x rows h - 1, h, h + 1 (nullptr: padding)
 // ------------------------------------------------------------------------------------------------------
-// one image row, the channel vector at c0; up / dn: the rows above and below (TOP / BOT: they exist)
-template <typename S, bool TOP, bool BOT>
-void tdg_fwd_row_vec(const S* up, const S* mid, const S* dn, int64_t W, int64_t C, int64_t c0,
-                     const typename TdgT<S>::A* w, const typename TdgT<S>::A* bias, S* out) {
+template <typename S, int NB>
+EMCAD_INLINE void tdg_fwd_block(const S* const src[9], const typename TdgT<S>::A* w, const typename TdgT<S>::A* bias,
+                                int64_t C, int64_t c0, S* out) {
   using T = TdgT<S>;
+  using TA = TdgT<typename T::A>;
   using V = typename T::V;
-  const TdgW<S> k = tdg_weights<S>(w, C, c0);
-  const V b = TdgT<typename T::A>::load(bias + c0);
-  const V zero = {};
-  V l0 = zero, l1 = zero, l2 = zero;  // window columns: left, middle, right; rows up, mid, down
-  V m0 = TOP ? T::load(up + c0) : zero, m1 = T::load(mid + c0), m2 = BOT ? T::load(dn + c0) : zero;
-  for (int64_t xw = 0; xw < W; ++xw) {
-    V r0 = zero, r1 = zero, r2 = zero;
-    if (xw + 1 < W) {
-      const int64_t o = (xw + 1) * C + c0;
-      r0 = TOP ? T::load(up + o) : zero;
-      r1 = T::load(mid + o);
-      r2 = BOT ? T::load(dn + o) : zero;
-    }
-    const V z = b + k.t[0] * l0 + k.t[1] * m0 + k.t[2] * r0 + k.t[3] * l1 + k.t[4] * m1 + k.t[5] * r1 +
-                k.t[6] * l2 + k.t[7] * m2 + k.t[8] * r2;
-    T::store(out + xw * C + c0, T::gelu(z));
-    l0 = m0, l1 = m1, l2 = m2;
-    m0 = r0, m1 = r1, m2 = r2;
+  constexpr int64_t L = tdg_lanes<S>();
+  V z[NB];
+  for (int v = 0; v < NB; ++v) z[v] = TA::load(bias + c0 + v * L);
+  for (int t = 0; t < 9; ++t) {
+    if (!src[t]) continue;
+    for (int v = 0; v < NB; ++v) z[v] += T::load(src[t] + c0 + v * L) * TA::load(w + t * C + c0 + v * L);
   }
+  for (int v = 0; v < NB; ++v) T::store(out + c0 + v * L, T::gelu(z[v]));
+}
+
+template <typename S>
+void tdg_fwd_row(const S* const rows[3], int64_t W, int64_t C, const typename TdgT<S>::A* w,
+                 const typename TdgT<S>::A* bias, S* out) {
+  using T = TdgT<S>;
+  using TA = TdgT<typename T::A>;
+  using V = typename T::V;
+  constexpr int64_t L = tdg_lanes<S>();
+  const int64_t Cv = C - C % L;
+  if (tdg_pixel_major<S>(C)) {
+    for (int64_t xw = 0; xw < W; ++xw) {
+      const S* src[9];
+      tdg_window(rows, xw, W, C, src);
+      int64_t c0 = 0;
+      for (; c0 + kTdgBlock * L <= Cv; c0 += kTdgBlock * L) tdg_fwd_block<S, kTdgBlock>(src, w, bias, C, c0, out + xw * C);
+      for (; c0 < Cv; c0 += L) tdg_fwd_block<S, 1>(src, w, bias, C, c0, out + xw * C);
+    }
+  } else {
+    for (int64_t x0 = 0; x0 < W; x0 += kTdgStrip) {
+      const int64_t x1 = std::min(W, x0 + kTdgStrip);
+      for (int64_t c0 = 0; c0 < Cv; c0 += L) {
+        const TdgW<S> k = tdg_weights<S>(w, C, c0);
+        const V b = TA::load(bias + c0);
+        V l0, l1, l2, m0, m1, m2, r0, r1, r2;  // window columns left / middle / right of the rows up / mid / dn
+        tdg_column<T>(rows[0], rows[1], rows[2], x0 - 1, W, C, c0, l0, l1, l2);
+        tdg_column<T>(rows[0], rows[1], rows[2], x0, W, C, c0, m0, m1, m2);
+        for (int64_t xw = x0; xw < x1; ++xw) {
+          tdg_column<T>(rows[0], rows[1], rows[2], xw + 1, W, C, c0, r0, r1, r2);
+          const V z = b + k.t[0] * l0 + k.t[1] * m0 + k.t[2] * r0 + k.t[3] * l1 + k.t[4] * m1 + k.t[5] * r1 +
+                      k.t[6] * l2 + k.t[7] * m2 + k.t[8] * r2;
+          T::store(out + xw * C + c0, T::gelu(z));
+          l0 = m0, l1 = m1, l2 = m2;
+          m0 = r0, m1 = r1, m2 = r2;
+        }
+      }
+    }
+  }
+  if (Cv < C)  // channels past the last full vector
+    for (int64_t xw = 0; xw < W; ++xw) {
+      const S* src[9];
+      tdg_window(rows, xw, W, C, src);
+      for (int64_t c = Cv; c < C; ++c) emcad::store_val(out + xw * C + c, tdg_gelu(tdg_conv_scalar(src, w, bias, C, c)));
+    }
 }
 
 template <typename S>
 void tdg_fwd_items(const TdgArgs& a, int64_t b, int64_t e) {
   using A = typename TdgT<S>::A;
-  constexpr int64_t L = tdg_lanes<S>();
-  const int64_t C = a.C, H = a.H, W = a.W, Cv = C - C % L;
+  const int64_t C = a.C, H = a.H, W = a.W;
   const S* x = static_cast<const S*>(a.x);
   S* y = static_cast<S*>(a.y);
-  const A* w = static_cast<const A*>(a.w);
-  const A* bias = static_cast<const A*>(a.bias);
   for (int64_t it = b; it < e; ++it) {
     const int64_t n = it / a.nbands, h0 = (it % a.nbands) * a.band, h1 = std::min(H, h0 + a.band);
     const S* img = x + n * H * W * C;
     for (int64_t h = h0; h < h1; ++h) {
-      const S* mid = img + h * W * C;
-      const S* up = mid - W * C;
-      const S* dn = mid + W * C;
-      S* out = y + (n * H + h) * W * C;
-      const bool top = h > 0, bot = h + 1 < H;
-      for (int64_t c0 = 0; c0 < Cv; c0 += L) {
-        if (top && bot) tdg_fwd_row_vec<S, true, true>(up, mid, dn, W, C, c0, w, bias, out);
-        else if (top) tdg_fwd_row_vec<S, true, false>(up, mid, dn, W, C, c0, w, bias, out);
-        else if (bot) tdg_fwd_row_vec<S, false, true>(up, mid, dn, W, C, c0, w, bias, out);
-        else tdg_fwd_row_vec<S, false, false>(up, mid, dn, W, C, c0, w, bias, out);
-      }
-      if (Cv < C)
-        for (int64_t xw = 0; xw < W; ++xw) {
-          const S* src[9];
-          tdg_window(img, h, xw, H, W, C, src);
-          for (int64_t c = Cv; c < C; ++c)
-            emcad::store_val(out + xw * C + c, tdg_gelu(tdg_conv_scalar(src, w, bias, C, c)));
-        }
+      const S* rows[3] = {h > 0 ? img + (h - 1) * W * C : nullptr, img + h * W * C,
+                          h + 1 < H ? img + (h + 1) * W * C : nullptr};
+      tdg_fwd_row<S>(rows, W, C, static_cast<const A*>(a.w), static_cast<const A*>(a.bias),
+                     y + (n * H + h) * W * C);
     }
   }
 }
@@ -266,72 +312,119 @@ void tdg_fwd_items(const TdgArgs& a, int64_t b, int64_t e) {
 // ------------------------------------------------------------------------------------------------------
 // backward
 // ------------------------------------------------------------------------------------------------------
-// dz = g * GELU'(z) of one image row, the channel vector at c0, into drow; with OWN also the row's terms of the
-// weight and bias gradients (gw[t] += dz * x(tap t), gb += dz), summed in registers and added to gw / gb once
-template <typename S, bool TOP, bool BOT, bool OWN>
-void tdg_dz_row_vec(const S* up, const S* mid, const S* dn, const S* grow, int64_t W, int64_t C, int64_t c0,
-                    const typename TdgT<S>::A* w, const typename TdgT<S>::A* bias, typename TdgT<S>::A* drow,
-                    typename TdgT<S>::A* gw, typename TdgT<S>::A* gb) {
+// dz = g * GELU'(z) of NB channel vectors of one pixel into d
+template <typename S, int NB>
+EMCAD_INLINE void tdg_dz_block(const S* const src[9], const typename TdgT<S>::A* w,
+                               const typename TdgT<S>::A* bias, int64_t C, int64_t c0, const S* g,
+                               typename TdgT<S>::A* d) {
   using T = TdgT<S>;
   using TA = TdgT<typename T::A>;
   using V = typename T::V;
-  const TdgW<S> k = tdg_weights<S>(w, C, c0);
-  const V b = TA::load(bias + c0);
-  const V zero = {};
-  V sw[9], sb = zero;
-  for (int t = 0; t < 9; ++t) sw[t] = zero;
-  V l0 = zero, l1 = zero, l2 = zero;
-  V m0 = TOP ? T::load(up + c0) : zero, m1 = T::load(mid + c0), m2 = BOT ? T::load(dn + c0) : zero;
-  for (int64_t xw = 0; xw < W; ++xw) {
-    V r0 = zero, r1 = zero, r2 = zero;
-    if (xw + 1 < W) {
-      const int64_t o = (xw + 1) * C + c0;
-      r0 = TOP ? T::load(up + o) : zero;
-      r1 = T::load(mid + o);
-      r2 = BOT ? T::load(dn + o) : zero;
-    }
-    const V z = b + k.t[0] * l0 + k.t[1] * m0 + k.t[2] * r0 + k.t[3] * l1 + k.t[4] * m1 + k.t[5] * r1 +
-                k.t[6] * l2 + k.t[7] * m2 + k.t[8] * r2;
-    const V d = T::load(grow + xw * C + c0) * T::gelu_grad(z);
-    TA::store(drow + xw * C + c0, d);
-    if (OWN) {
-      sb += d;
-      sw[0] += d * l0, sw[1] += d * m0, sw[2] += d * r0;
-      sw[3] += d * l1, sw[4] += d * m1, sw[5] += d * r1;
-      sw[6] += d * l2, sw[7] += d * m2, sw[8] += d * r2;
-    }
-    l0 = m0, l1 = m1, l2 = m2;
-    m0 = r0, m1 = r1, m2 = r2;
+  constexpr int64_t L = tdg_lanes<S>();
+  V z[NB];
+  for (int v = 0; v < NB; ++v) z[v] = TA::load(bias + c0 + v * L);
+  for (int t = 0; t < 9; ++t) {
+    if (!src[t]) continue;
+    for (int v = 0; v < NB; ++v) z[v] += T::load(src[t] + c0 + v * L) * TA::load(w + t * C + c0 + v * L);
   }
-  if (OWN) {
-    TA::store(gb + c0, TA::load(gb + c0) + sb);
-    for (int t = 0; t < 9; ++t) TA::store(gw + t * C + c0, TA::load(gw + t * C + c0) + sw[t]);
+  for (int v = 0; v < NB; ++v) TA::store(d + c0 + v * L, T::load(g + c0 + v * L) * T::gelu_grad(z[v]));
+}
+
+// the weight- and bias-gradient terms of one image row (vector channels) from its dz (drow) and the x rows
+// h - 1, h, h + 1: per channel vector the x window slides along a strip with the ten sums in registers
+template <typename S>
+void tdg_gw_row(const S* const rows[3], const typename TdgT<S>::A* drow, int64_t W, int64_t C,
+                typename TdgT<S>::A* gw, typename TdgT<S>::A* gb) {
+  using T = TdgT<S>;
+  using TA = TdgT<typename T::A>;
+  using V = typename T::V;
+  constexpr int64_t L = tdg_lanes<S>();
+  const int64_t Cv = C - C % L;
+  const V zero = {};
+  for (int64_t x0 = 0; x0 < W; x0 += kTdgStrip) {
+    const int64_t x1 = std::min(W, x0 + kTdgStrip);
+    for (int64_t c0 = 0; c0 < Cv; c0 += L) {
+      V sw[9], sb = zero;
+      for (int t = 0; t < 9; ++t) sw[t] = zero;
+      V l0, l1, l2, m0, m1, m2, r0, r1, r2;
+      tdg_column<T>(rows[0], rows[1], rows[2], x0 - 1, W, C, c0, l0, l1, l2);
+      tdg_column<T>(rows[0], rows[1], rows[2], x0, W, C, c0, m0, m1, m2);
+      for (int64_t xw = x0; xw < x1; ++xw) {
+        tdg_column<T>(rows[0], rows[1], rows[2], xw + 1, W, C, c0, r0, r1, r2);
+        const V d = TA::load(drow + xw * C + c0);
+        sb += d;
+        sw[0] += d * l0, sw[1] += d * m0, sw[2] += d * r0;
+        sw[3] += d * l1, sw[4] += d * m1, sw[5] += d * r1;
+        sw[6] += d * l2, sw[7] += d * m2, sw[8] += d * r2;
+        l0 = m0, l1 = m1, l2 = m2;
+        m0 = r0, m1 = r1, m2 = r2;
+      }
+      TA::store(gb + c0, TA::load(gb + c0) + sb);
+      for (int t = 0; t < 9; ++t) TA::store(gw + t * C + c0, TA::load(gw + t * C + c0) + sw[t]);
+    }
   }
 }
 
+// dz of one image row (rows = x rows h - 1, h, h + 1; grow = g of row h) into drow
 template <typename S, bool OWN>
-void tdg_dz_row(const TdgArgs& a, const S* img, const S* gimg, int64_t h, typename TdgT<S>::A* drow,
-                typename TdgT<S>::A* gw, typename TdgT<S>::A* gb) {
+void tdg_dz_row(const S* const rows[3], const S* grow, int64_t W, int64_t C, const typename TdgT<S>::A* w,
+                const typename TdgT<S>::A* bias, typename TdgT<S>::A* drow, typename TdgT<S>::A* gw,
+                typename TdgT<S>::A* gb) {
   using A = typename TdgT<S>::A;
+  using T = TdgT<S>;
+  using TA = TdgT<A>;
+  using V = typename T::V;
   constexpr int64_t L = tdg_lanes<S>();
-  const int64_t C = a.C, H = a.H, W = a.W, Cv = C - C % L;
-  const A* w = static_cast<const A*>(a.w);
-  const A* bias = static_cast<const A*>(a.bias);
-  const S* mid = img + h * W * C;
-  const S* up = mid - W * C;
-  const S* dn = mid + W * C;
-  const S* grow = gimg + h * W * C;
-  const bool top = h > 0, bot = h + 1 < H;
-  for (int64_t c0 = 0; c0 < Cv; c0 += L) {
-    if (top && bot) tdg_dz_row_vec<S, true, true, OWN>(up, mid, dn, grow, W, C, c0, w, bias, drow, gw, gb);
-    else if (top) tdg_dz_row_vec<S, true, false, OWN>(up, mid, dn, grow, W, C, c0, w, bias, drow, gw, gb);
-    else if (bot) tdg_dz_row_vec<S, false, true, OWN>(up, mid, dn, grow, W, C, c0, w, bias, drow, gw, gb);
-    else tdg_dz_row_vec<S, false, false, OWN>(up, mid, dn, grow, W, C, c0, w, bias, drow, gw, gb);
+  const int64_t Cv = C - C % L;
+  if (tdg_pixel_major<S>(C)) {
+    for (int64_t xw = 0; xw < W; ++xw) {
+      const S* src[9];
+      tdg_window(rows, xw, W, C, src);
+      const S* g = grow + xw * C;
+      A* d = drow + xw * C;
+      int64_t c0 = 0;
+      for (; c0 + kTdgBlock * L <= Cv; c0 += kTdgBlock * L) tdg_dz_block<S, kTdgBlock>(src, w, bias, C, c0, g, d);
+      for (; c0 < Cv; c0 += L) tdg_dz_block<S, 1>(src, w, bias, C, c0, g, d);
+    }
+    if (OWN) tdg_gw_row<S>(rows, drow, W, C, gw, gb);  // a second sweep: measured faster than sums in memory
+  } else {
+    const V zero = {};
+    for (int64_t x0 = 0; x0 < W; x0 += kTdgStrip) {
+      const int64_t x1 = std::min(W, x0 + kTdgStrip);
+      for (int64_t c0 = 0; c0 < Cv; c0 += L) {
+        const TdgW<S> k = tdg_weights<S>(w, C, c0);
+        const V b = TA::load(bias + c0);
+        V sw[9], sb = zero;
+        for (int t = 0; t < 9; ++t) sw[t] = zero;
+        V l0, l1, l2, m0, m1, m2, r0, r1, r2;
+        tdg_column<T>(rows[0], rows[1], rows[2], x0 - 1, W, C, c0, l0, l1, l2);
+        tdg_column<T>(rows[0], rows[1], rows[2], x0, W, C, c0, m0, m1, m2);
+        for (int64_t xw = x0; xw < x1; ++xw) {
+          tdg_column<T>(rows[0], rows[1], rows[2], xw + 1, W, C, c0, r0, r1, r2);
+          const V z = b + k.t[0] * l0 + k.t[1] * m0 + k.t[2] * r0 + k.t[3] * l1 + k.t[4] * m1 + k.t[5] * r1 +
+                      k.t[6] * l2 + k.t[7] * m2 + k.t[8] * r2;
+          const V d = T::load(grow + xw * C + c0) * T::gelu_grad(z);
+          TA::store(drow + xw * C + c0, d);
+          if (OWN) {
+            sb += d;
+            sw[0] += d * l0, sw[1] += d * m0, sw[2] += d * r0;
+            sw[3] += d * l1, sw[4] += d * m1, sw[5] += d * r1;
+            sw[6] += d * l2, sw[7] += d * m2, sw[8] += d * r2;
+          }
+          l0 = m0, l1 = m1, l2 = m2;
+          m0 = r0, m1 = r1, m2 = r2;
+        }
+        if (OWN) {
+          TA::store(gb + c0, TA::load(gb + c0) + sb);
+          for (int t = 0; t < 9; ++t) TA::store(gw + t * C + c0, TA::load(gw + t * C + c0) + sw[t]);
+        }
+      }
+    }
   }
   if (Cv < C)
     for (int64_t xw = 0; xw < W; ++xw) {
       const S* src[9];
-      tdg_window(img, h, xw, H, W, C, src);
+      tdg_window(rows, xw, W, C, src);
       for (int64_t c = Cv; c < C; ++c) {
         const A d = emcad::load_val(grow + xw * C + c) * tdg_gelu_grad(tdg_conv_scalar(src, w, bias, C, c));
         drow[xw * C + c] = d;
@@ -344,59 +437,71 @@ void tdg_dz_row(const TdgArgs& a, const S* img, const S* gimg, int64_t h, typena
     }
 }
 
-// dx of one image row, the channel vector at c0: sum over taps t = 3 i + j of w[t] * dz(h - i + 1, x - j + 1);
-// up / mid / dn: dz of the rows h - 1, h, h + 1 (TOP / BOT: they exist)
-template <typename S, bool TOP, bool BOT>
-void tdg_dx_row_vec(const typename TdgT<S>::A* up, const typename TdgT<S>::A* mid, const typename TdgT<S>::A* dn,
-                    int64_t W, int64_t C, int64_t c0, const typename TdgT<S>::A* w, S* out) {
+// dx of one image row: sum over taps t = 3 i + j of w[t] * dz(h - i + 1, x - j + 1), i.e. the window of the dz
+// rows (h - 1, h, h + 1) read in reverse tap order; rows = dz rows h - 1, h, h + 1 (nullptr: padding)
+template <typename S, int NB>
+EMCAD_INLINE void tdg_dx_block(const typename TdgT<S>::A* const src[9], const typename TdgT<S>::A* w, int64_t C,
+                               int64_t c0, S* out) {
   using T = TdgT<S>;
   using TA = TdgT<typename T::A>;
   using V = typename T::V;
-  const TdgW<S> k = tdg_weights<S>(w, C, c0);
-  const V zero = {};
-  V l0 = zero, l1 = zero, l2 = zero;  // dz columns x - 1, x, x + 1 of the rows up, mid, dn
-  V m0 = TOP ? TA::load(up + c0) : zero, m1 = TA::load(mid + c0), m2 = BOT ? TA::load(dn + c0) : zero;
-  for (int64_t xw = 0; xw < W; ++xw) {
-    V r0 = zero, r1 = zero, r2 = zero;
-    if (xw + 1 < W) {
-      const int64_t o = (xw + 1) * C + c0;
-      r0 = TOP ? TA::load(up + o) : zero;
-      r1 = TA::load(mid + o);
-      r2 = BOT ? TA::load(dn + o) : zero;
-    }
-    const V g = k.t[0] * r2 + k.t[1] * m2 + k.t[2] * l2 + k.t[3] * r1 + k.t[4] * m1 + k.t[5] * l1 + k.t[6] * r0 +
-                k.t[7] * m0 + k.t[8] * l0;
-    T::store(out + xw * C + c0, g);
-    l0 = m0, l1 = m1, l2 = m2;
-    m0 = r0, m1 = r1, m2 = r2;
+  constexpr int64_t L = tdg_lanes<S>();
+  V acc[NB];
+  for (int v = 0; v < NB; ++v) acc[v] = V{};
+  for (int t = 0; t < 9; ++t) {
+    if (!src[8 - t]) continue;
+    for (int v = 0; v < NB; ++v) acc[v] += TA::load(w + t * C + c0 + v * L) * TA::load(src[8 - t] + c0 + v * L);
   }
+  for (int v = 0; v < NB; ++v) T::store(out + c0 + v * L, acc[v]);
 }
 
 template <typename S>
-void tdg_dx_row(const TdgArgs& a, const typename TdgT<S>::A* const rows[3], S* out) {
+void tdg_dx_row(const typename TdgT<S>::A* const rows[3], int64_t W, int64_t C, const typename TdgT<S>::A* w,
+                S* out) {
   using A = typename TdgT<S>::A;
+  using T = TdgT<S>;
+  using TA = TdgT<A>;
+  using V = typename T::V;
   constexpr int64_t L = tdg_lanes<S>();
-  const int64_t C = a.C, W = a.W, Cv = C - C % L;
-  const A* w = static_cast<const A*>(a.w);
-  const A *up = rows[0], *mid = rows[1], *dn = rows[2];
-  for (int64_t c0 = 0; c0 < Cv; c0 += L) {
-    if (up && dn) tdg_dx_row_vec<S, true, true>(up, mid, dn, W, C, c0, w, out);
-    else if (up) tdg_dx_row_vec<S, true, false>(up, mid, dn, W, C, c0, w, out);
-    else if (dn) tdg_dx_row_vec<S, false, true>(up, mid, dn, W, C, c0, w, out);
-    else tdg_dx_row_vec<S, false, false>(up, mid, dn, W, C, c0, w, out);
+  const int64_t Cv = C - C % L;
+  if (tdg_pixel_major<S>(C)) {
+    for (int64_t xw = 0; xw < W; ++xw) {
+      const A* src[9];
+      tdg_window(rows, xw, W, C, src);
+      int64_t c0 = 0;
+      for (; c0 + kTdgBlock * L <= Cv; c0 += kTdgBlock * L) tdg_dx_block<S, kTdgBlock>(src, w, C, c0, out + xw * C);
+      for (; c0 < Cv; c0 += L) tdg_dx_block<S, 1>(src, w, C, c0, out + xw * C);
+    }
+  } else {
+    for (int64_t x0 = 0; x0 < W; x0 += kTdgStrip) {
+      const int64_t x1 = std::min(W, x0 + kTdgStrip);
+      for (int64_t c0 = 0; c0 < Cv; c0 += L) {
+        const TdgW<S> k = tdg_weights<S>(w, C, c0);
+        V l0, l1, l2, m0, m1, m2, r0, r1, r2;
+        tdg_column<TA>(rows[0], rows[1], rows[2], x0 - 1, W, C, c0, l0, l1, l2);
+        tdg_column<TA>(rows[0], rows[1], rows[2], x0, W, C, c0, m0, m1, m2);
+        for (int64_t xw = x0; xw < x1; ++xw) {
+          tdg_column<TA>(rows[0], rows[1], rows[2], xw + 1, W, C, c0, r0, r1, r2);
+          const V g = k.t[0] * r2 + k.t[1] * m2 + k.t[2] * l2 + k.t[3] * r1 + k.t[4] * m1 + k.t[5] * l1 +
+                      k.t[6] * r0 + k.t[7] * m0 + k.t[8] * l0;
+          T::store(out + xw * C + c0, g);
+          l0 = m0, l1 = m1, l2 = m2;
+          m0 = r0, m1 = r1, m2 = r2;
+        }
+      }
+    }
   }
   if (Cv < C)
-    for (int64_t xw = 0; xw < W; ++xw)
+    for (int64_t xw = 0; xw < W; ++xw) {
+      const A* src[9];
+      tdg_window(rows, xw, W, C, src);
       for (int64_t c = Cv; c < C; ++c) {
         A g = 0;
-        for (int i = 0; i < 3; ++i)
-          for (int j = 0; j < 3; ++j) {
-            const A* r = rows[2 - i];
-            const int64_t ww = xw - j + 1;
-            if (r && ww >= 0 && ww < W) g += w[(3 * i + j) * C + c] * r[ww * C + c];
-          }
+        for (int t = 0; t < 9; ++t)
+          if (src[8 - t]) g += w[t * C + c] * src[8 - t][c];
         emcad::store_val(out + xw * C + c, g);
       }
+    }
 }
 
 template <typename S>
@@ -406,6 +511,8 @@ void tdg_bwd_items(const TdgArgs& a, int64_t b, int64_t e) {
   const S* x = static_cast<const S*>(a.x);
   const S* g = static_cast<const S*>(a.g);
   S* gx = static_cast<S*>(a.gx);
+  const A* w = static_cast<const A*>(a.w);
+  const A* bias = static_cast<const A*>(a.bias);
   std::vector<A> ring((size_t)(3 * W * C)), gw((size_t)(9 * C)), gb((size_t)C);
   for (int64_t it = b; it < e; ++it) {
     const int64_t n = it / a.nbands, h0 = (it % a.nbands) * a.band, h1 = std::min(H, h0 + a.band);
@@ -417,14 +524,16 @@ void tdg_bwd_items(const TdgArgs& a, int64_t b, int64_t e) {
     auto slot = [&](int64_t h) { return ring.data() + (h % 3) * W * C; };
     auto dx_row = [&](int64_t h) {
       const A* rows[3] = {h > 0 ? slot(h - 1) : nullptr, slot(h), h + 1 < H ? slot(h + 1) : nullptr};
-      tdg_dx_row<S>(a, rows, out + h * W * C);
+      tdg_dx_row<S>(rows, W, C, w, out + h * W * C);
     };
     // rows h0 - 1 .. h1 (the halo rows: dz only); dx of row h - 1 as soon as dz of row h is there
     for (int64_t h = std::max<int64_t>(0, h0 - 1); h < std::min(H, h1 + 1); ++h) {
+      const S* rows[3] = {h > 0 ? img + (h - 1) * W * C : nullptr, img + h * W * C,
+                          h + 1 < H ? img + (h + 1) * W * C : nullptr};
       if (h >= h0 && h < h1)
-        tdg_dz_row<S, true>(a, img, gimg, h, slot(h), gw.data(), gb.data());
+        tdg_dz_row<S, true>(rows, gimg + h * W * C, W, C, w, bias, slot(h), gw.data(), gb.data());
       else
-        tdg_dz_row<S, false>(a, img, gimg, h, slot(h), nullptr, nullptr);
+        tdg_dz_row<S, false>(rows, gimg + h * W * C, W, C, w, bias, slot(h), nullptr, nullptr);
       if (h - 1 >= h0) dx_row(h - 1);
     }
     if (h1 == H) dx_row(H - 1);  // the last image row has no row below
