@@ -2,18 +2,25 @@
 
     emcad info                         versions, backends (and why one is unavailable), models
     emcad flops --model emcad_b2       parameters and MACs in the paper's convention (EMCAD.md §6)
-    emcad train                        train (default: EMCAD-B0 on the built-in synthetic data, ~1-2 min on CPU)
-    emcad evaluate --checkpoint DIR    Dice, IoU and HD95 per class and per case
-    emcad predict IMAGES --checkpoint DIR   masks and overlay PNGs
-    emcad bench --model emcad_b0       forward / training-step time and memory per backend and torch.compile
+    emcad train                        train (default: EMCAD-B0 on the built-in synthetic data, 2-3 min on CPU)
+    emcad evaluate --checkpoint DIR    Dice, IoU and HD95 per class and per case (test_metrics.json)
+    emcad predict IMAGES --checkpoint DIR   masks (class indices and colour) and overlay PNGs
+    emcad bench --model emcad_b0       forward / training-step time and memory per backend (--compile: also
+                                       torch.compile)
+
+Errors: one ``error:`` line on stderr; exit code 2 for a wrong command line, 1 for a failure at run time.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import Optional, Sequence
+
+EXIT_RUNTIME_ERROR = 1  # bad data, missing or unreadable files, ...: one `error:` line on stderr
+EXIT_USAGE_ERROR = 2    # the command line itself is wrong (argparse's code)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -28,10 +35,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"CUDA available: {torch.cuda.is_available()}, threads: {torch.get_num_threads()}")
     print("backends (highest priority first):")
     for name in backends.registered_backends():
-        reason = backends.get_backend(name).unavailable_reason()
-        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        print(f"  {name:<10} {_backend_status(name)}")
     print("models: " + ", ".join(emcad.list_models()))
     return 0
+
+
+def _backend_status(name: str) -> str:
+    """The backend's own availability, plus the remark that an installed triton cannot run without a GPU."""
+    import torch
+
+    from emcad_kernels import backends
+
+    reason = backends.get_backend(name).unavailable_reason()
+    if reason is not None:
+        return "unavailable: " + reason
+    if name == "triton" and not torch.cuda.is_available():
+        from importlib import metadata
+        try:
+            installed = f"triton {metadata.version('triton')}"
+        except metadata.PackageNotFoundError:  # importable without metadata (a source tree on sys.path)
+            installed = "triton"
+        return f"installed ({installed}), but no CUDA GPU: runs only under TRITON_INTERPRET=1 (tests)"
+    return "available"
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:
@@ -85,15 +110,35 @@ def _print_thop_flops(args: argparse.Namespace, model, height: int, width: int) 
     return 0
 
 
+def model_name(value: str) -> str:
+    """argparse type for ``--model``: a registered model name (a usage error otherwise)."""
+    from emcad.models import list_models
+
+    names = list_models()
+    if value in names:
+        return value
+    import difflib
+    close = difflib.get_close_matches(value, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise argparse.ArgumentTypeError(f"unknown model {value!r}{hint}; available: {', '.join(names)}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``error: emcad train: ... (see: emcad train --help)``, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE_ERROR, f"error: {self.prog}: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emcad", description="EMCAD models on fused multi-scale depthwise kernels")
+    parser = _Parser(prog="emcad", description="EMCAD models on fused multi-scale depthwise kernels")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="versions, available backends and models")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("flops", help="parameters and MACs of a model in the paper's convention")
-    p.add_argument("--model", default="emcad_b2",
+    p.add_argument("--model", default="emcad_b2", type=model_name,
                    help="a model name from `emcad info`, or egeunet / malunet (default: emcad_b2)")
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
                    help="input size, multiples of 32 (default: 224 224)")
@@ -108,9 +153,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a missing/unreadable file, not a bug: reported as one ``error:`` line."""
+    from emcad.checkpoint import CheckpointError
+    from emcad.data import DatasetError, ImageReadError
+    from emcad.encoders.weights import EncoderWeightsError
+    from emcad.io_safety import WriteError
+    from emcad.training.checkpoint import CheckpointReadError
+    from emcad.training.trainer import TrainError
+    from emcad_kernels import BackendUnavailableError
+
+    # ValueError: the library's argument checks (sizes, names, file formats) raise it with a full message
+    return (DatasetError, ImageReadError, CheckpointError, CheckpointReadError, EncoderWeightsError, TrainError,
+            WriteError, BackendUnavailableError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, ValueError)
+
+
+def debug_enabled() -> bool:
+    """EMCAD_DEBUG=1: show the traceback of expected errors too."""
+    return os.environ.get("EMCAD_DEBUG", "") not in ("", "0")
+
+
+def error_line(exc: BaseException) -> str:
+    """``error: <message>`` on one line (a multi-line message keeps its first line)."""
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"'{exc.filename}': {exc.strerror}"
+    return "error: " + (text.splitlines()[0] if text else type(exc).__name__)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 success, 1 a run-time failure, 2 a usage error, 130 interrupted (see also ``emcad train``).
+    Expected failures print one ``error:`` line; EMCAD_DEBUG=1 shows their traceback too. Anything else (a bug)
+    keeps its traceback."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = debug_enabled()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except expected_errors() as e:
+        if debug:
+            raise
+        print(error_line(e), file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 
 from . import _ext
-from .descriptor import NAMESPACE, Call, KernelOps, OpDescriptor, define_kernel_ops, define_python_kernel_ops
+from .descriptor import (AUTO_FALLBACK, NAMESPACE, Call, KernelOps, OpDescriptor, define_kernel_ops,
+                         define_python_kernel_ops, is_kernel_failure, warn_fallback)
 
 ENV_VAR = "EMCAD_KERNELS_BACKEND"
 
@@ -98,6 +99,9 @@ class Backend:
                            f"{_ext.BUILD_HINT}")
         if not covers_all:
             reasons += op.support[self.support_name].check(call)
+        failure = _failures.get((self.name, call.key))
+        if failure is not None:
+            reasons.append(f"its kernel failed on this call signature ({failure})")
         return reasons
 
     def kernel_ops(self, op: OpDescriptor) -> KernelOps:
@@ -111,6 +115,7 @@ _REGISTRY: dict[str, Backend] = {}
 _OPS: dict[str, OpDescriptor] = {}
 _forced: list[str] = []
 _decisions: dict[tuple, Backend] = {}
+_failures: dict[tuple, str] = {}  # (backend, call key) -> why its kernel failed under ``auto``
 
 
 def clear_decisions() -> None:
@@ -205,17 +210,53 @@ def _choose(call: Call, name: str) -> Backend:
 
 def select(call: Call, explicit: Optional[str] = None) -> Backend:
     """The backend that runs ``call``; raises BackendUnavailableError for an explicit request it cannot honour."""
+    return _REGISTRY[_selected_name(explicit, call.op.name, call.device, call.dtype, type(call.attrs),
+                                    tuple(call.attrs))]
+
+
+def _selected_name(explicit: Optional[str], op: str, device: str, dtype: torch.dtype, attrs_type: type,
+                   attr_values: tuple) -> str:
+    """The choice for one call signature, cached. Under ``torch.compile`` it is made once, while tracing, and the
+    compiled graph calls the chosen kernel op directly (no graph break; changing the requested backend later does not
+    recompile). The attributes travel as their type and values: Dynamo passes constants as plain tuples."""
+    attrs = attrs_type(*attr_values)
     name = requested_backend(explicit)
-    key = (name, call.key)
+    key = (name, op, device, dtype, attrs)
     backend = _decisions.get(key)
     if backend is None:
-        backend = _decisions[key] = _choose(call, name)
-    return backend
+        backend = _decisions[key] = _choose(Call(_OPS[op], (), device, dtype, attrs), name)
+    return backend.name
+
+
+# What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo at package import (3 s, and it
+# changes the exit status of a Ctrl-C'd script); tests/test_compile.py checks the marker still works.
+_selected_name._dynamo_marked_constant = True
 
 
 def run(call: Call, explicit: Optional[str] = None):
-    """Runs ``call`` on the selected backend; returns the public result (``call.finish`` of the op's results)."""
-    out = select(call, explicit).kernel_ops(call.op).forward(*call.args)
+    """Runs ``call`` on the selected backend; returns the public result (``call.finish`` of the op's results).
+
+    Safety net: when ``auto`` chose a fused backend and its kernel fails (a Triton compile error, an out-of-resources
+    launch, ...), the backend is refused for this call signature from then on, with one warning saying why, and the
+    call runs on the next backend. An explicitly requested backend raises. (Not while compiling: the compiled graph
+    calls the chosen kernel op directly.)"""
+    backend = select(call, explicit)
+    forward = backend.kernel_ops(call.op).forward
+    if torch.compiler.is_compiling() or backend.support_name == "reference" or requested_backend(explicit) != "auto":
+        out = forward(*call.args)
+    else:
+        token = AUTO_FALLBACK.set(True)
+        try:
+            out = forward(*call.args)
+        except Exception as e:  # noqa: BLE001 - classified by is_kernel_failure
+            if not is_kernel_failure(e):
+                raise
+            _failures[(backend.name, call.key)] = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0]
+            clear_decisions()
+            warn_fallback(f"the {backend.name} kernel of {call.op.name} on {call.device}/{dtype_name(call.dtype)}", e)
+            return run(call, explicit)
+        finally:
+            AUTO_FALLBACK.reset(token)
     return out if call.finish is None else call.finish(out)
 
 

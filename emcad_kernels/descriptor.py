@@ -17,7 +17,9 @@ the Python-implemented backends get ``emcad_kernels::<kernel>_fwd_<backend>``. R
 
 from __future__ import annotations
 
+import contextvars
 import importlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -96,6 +98,24 @@ class OpDescriptor:
         return self._ops[key]
 
 
+# True while ``auto`` runs a fused kernel (set by ``backends.run``): a failing kernel may then fall back to the reference
+# kernels, in the forward (``backends.run``) and in the backward (the autograd formula below). Explicit requests raise.
+AUTO_FALLBACK = contextvars.ContextVar("emcad_kernels_auto_fallback", default=False)
+_failed_backwards: set = set()  # (namespace, kernel op) whose backward failed once: go straight to the reference
+
+
+def is_kernel_failure(error: BaseException) -> bool:
+    """Whether an exception from a fused kernel means "this kernel cannot run here" (a compile error, a launch
+    failure) rather than something no other backend would fix."""
+    return isinstance(error, Exception) and not isinstance(error, torch.OutOfMemoryError)
+
+
+def warn_fallback(what: str, error: BaseException) -> None:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    warnings.warn(f"emcad_kernels: {what} failed ({type(error).__name__}: {first_line}); falling back to another "
+                  f"backend for this call signature", RuntimeWarning, stacklevel=4)
+
+
 # One FRAGMENT library per namespace for every definition; kept alive for the life of the process.
 _LIBRARIES: dict[str, torch.library.Library] = {}
 
@@ -140,10 +160,28 @@ def define_kernel_ops(op: OpDescriptor, suffix: str = "", kernels: Optional[tupl
     packets = getattr(torch.ops, namespace)
     forward, backward = getattr(packets, names[0]), getattr(packets, names[1])
 
-    def autograd_backward(ctx, *grads):
-        return op.backward(backward, ctx, *grads)
+    fallback_possible = suffix != "reference"
 
-    torch.library.register_autograd(qualified[0], autograd_backward, setup_context=op.setup_context, lib=lib)
+    def setup_context(ctx, inputs, output):
+        op.setup_context(ctx, inputs, output)
+        ctx.fallback = fallback_possible and AUTO_FALLBACK.get()
+
+    def autograd_backward(ctx, *grads):
+        if not ctx.fallback:
+            return op.backward(backward, ctx, *grads)
+        reference = define_kernel_ops(op, "reference", op.reference).backward
+        if qualified[1] in _failed_backwards:
+            return op.backward(reference, ctx, *grads)
+        try:
+            return op.backward(backward, ctx, *grads)
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not is_kernel_failure(e):
+                raise
+            _failed_backwards.add(qualified[1])
+            warn_fallback(f"the backward kernel {qualified[1]}", e)
+            return op.backward(reference, ctx, *grads)
+
+    torch.library.register_autograd(qualified[0], autograd_backward, setup_context=setup_context, lib=lib)
     register_flop_formula(forward)(op.flops_forward)
     register_flop_formula(backward)(op.flops_backward)
     op._ops[key] = KernelOps(forward, backward)

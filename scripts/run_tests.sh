@@ -23,8 +23,11 @@ if [ -n "$cuda_files" ]; then
     fi
 fi
 
+echo "run_tests.sh: running pytest $* (the default suite: about 10-25 minutes on 2 CPU cores, see README)"
+start=$(date +%s)
 "$PY" -m pytest "$@"
 rc=$?
+echo "run_tests.sh: pytest finished in $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s (exit code $rc)"
 if [ "$rc" -eq 5 ]; then
     echo "run_tests.sh: pytest collected no test; treating that as a failure"
     exit 1

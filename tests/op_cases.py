@@ -221,3 +221,12 @@ def detached(args, requires_grad=False):
 
     return [leaf(a) if isinstance(a, torch.Tensor) else [leaf(t) for t in a] if isinstance(a, list) else a
             for a in args]
+
+
+def failing_kernel(*args):
+    """A kernel that always fails, as a Triton compile error or a failed launch would (safety-net tests)."""
+    raise RuntimeError("injected kernel failure")
+
+
+def oom_kernel(*args):
+    raise torch.OutOfMemoryError("injected out of memory")

@@ -81,9 +81,10 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
                  "--threads", "1", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "hd95" in text and "lesion" in text and "ring" in text
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "test_metrics.json").read_text())
     assert set(summary["mean"]) == {"dice", "iou", "hd95"} and summary["cases"] == 6
-    assert len((out / "per_case.csv").read_text().strip().splitlines()) == 1 + 6 * 2
+    assert set(summary["per_class"]) == {"lesion", "ring"}
+    assert len((out / "test_per_case.csv").read_text().strip().splitlines()) == 1 + 6 * 2
     # a training checkpoint works as well, and the TransUNet convention is available by name
     assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--samples", "2",
                  "--convention", "transunet", "--threads", "1"]) == 0
@@ -100,13 +101,14 @@ def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
         mask = read_image(pred / "odd_mask.png")
         assert mask.shape == (45, 50) and mask.max() <= 2
         assert read_image(pred / "odd_overlay.png").shape == (45, 50, 3)
+        assert read_image(pred / "odd_mask_color.png").shape == (45, 50, 3)
         assert len([f for f in os.listdir(pred) if f.endswith("_mask.png")]) == 8 + 1
     capsys.readouterr()
 
 
 def test_bench_runs(capsys):
     assert main(["bench", "--model", "emcad_b0", "--size", "32", "32", "--batch-size", "1", "--iters", "1",
-                 "--warmup", "0", "--no-compile", "--backends", "torch", "reference", "--threads", "1"]) == 0
+                 "--warmup", "0", "--backends", "torch", "reference", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "reference" in out and "fwd ms" in out
 

@@ -10,7 +10,8 @@ Three groups of tests:
   launchers. Checks every op, forward and backward, train and eval, all dtypes, NCHW and channels_last, against
   the reference backend, plus determinism, guard zones around every output and the host-side math (geometry,
   shuffle maps, polyphase weights). This is what can be verified without a GPU.
-* **GPU** (marker ``gpu``; skipped without CUDA or without the built extension ``emcad_kernels._C_cuda``):
+* **GPU** (marker ``gpu``; skipped without CUDA; with a GPU, a missing ``emcad_kernels._C_cuda`` fails them unless
+  ``EMCAD_REQUIRE_CUDA_EXT=0``):
   parity with the reference at tiny odd shapes and at real EMCAD shapes in fp32/fp16/bf16/fp64, NCHW and
   channels_last, train and eval, all gradients and running statistics; float64 gradcheck; opcheck; bitwise
   determinism; ``torch.compile(fullgraph=True)`` and CUDA-graph replay.
@@ -1047,11 +1048,13 @@ def test_emulated_more_configurations(emu_backend, name, dtype, channels_last, t
     check_against_reference(EXTRA_CASES[name](), emu_backend, "cpu", dtype, channels_last, training)
 
 
-def test_emulated_lgag_uncovered_layout_falls_back_to_reference(emu_backend):
-    """Two gate channels per group are outside the CUDA kernels: the backend runs the reference composite, warns
-    once, and stays correct."""
+def test_emulated_lgag_uncovered_layout_is_refused_with_a_reason(emu_backend):
+    """Two gate channels per group are outside the CUDA kernels: the backend refuses the call with the reason (auto
+    then moves on to another backend)."""
+    import emcad_kernels as ek
+
     case = lgag_case(shape=(1, 4, 5, 5), groups=1, f_int=2)
-    with pytest.warns(RuntimeWarning, match="not covered by the CUDA kernels"):
+    with pytest.raises(ek.BackendUnavailableError, match="2 output and 4 input channels per group are not supported"):
         check_against_reference(case, emu_backend, "cpu", torch.float64, False, True)
 
 
@@ -1078,8 +1081,10 @@ def test_emulated_empty_batch(emu_backend):
 
     x = torch.zeros(0, 4, 5, 5, dtype=torch.float64)
     ws = [torch.zeros(4, 1, 3, 3, dtype=torch.float64)]
-    y = ek.multi_scale_dwconv(x, ws, [torch.nn.BatchNorm2d(4).double()], backend=emu_backend)
-    assert y.shape == (0, 4, 5, 5)
+    bns = [torch.nn.BatchNorm2d(4).double()]
+    with pytest.raises(ek.BackendUnavailableError, match="empty inputs are not supported"):
+        ek.multi_scale_dwconv(x, ws, bns, backend=emu_backend)
+    assert ek.multi_scale_dwconv(x, ws, bns).shape == (0, 4, 5, 5)  # auto: another backend
 
 
 @pytest.mark.parametrize("make_case", [msdc_case, updw_case, lgag_case], ids=["msdc", "updw", "lgag"])
@@ -1131,9 +1136,9 @@ def _opcheck_samples(device, dtype=torch.float64):
 
 
 def test_emulated_ops_pass_opcheck(emu_backend):
-    ops = torch.ops.emcad_kernels
+    ops = getattr(torch.ops, EMU_NAMESPACE)
     for name, args in _opcheck_samples("cpu"):
-        op = getattr(ops, f"{name}_{emu_backend}").default
+        op = getattr(ops, name).default
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                                     "test_aot_dispatch_dynamic"))
 
@@ -1275,8 +1280,14 @@ def test_cuda_backend_reasons():
     assert "kernel size 1" in lgag(k=1)
     assert "per group" in lgag(groups=1, f_int=2, cin=4)
     x = torch.zeros(1, 4, 5, 5)
-    assert "tensors are on cpu" in _cuda_line(ek.explain("upsample_dwconv", x, torch.zeros(4, 1, 3, 3),
-                                                         torch.nn.BatchNorm2d(4)))
+    line = _cuda_line(ek.explain("upsample_dwconv", x, torch.zeros(4, 1, 3, 3), torch.nn.BatchNorm2d(4)))
+    # the extension is loaded before the device is looked at: without it, the reason is the missing build
+    try:
+        ek.backends.get_backend("cuda").load()
+        expected = "tensors are on cpu"
+    except ImportError:
+        expected = "CUDA extension not built"
+    assert expected in line, line
 
 
 def test_unbuilt_extension_is_reported():
@@ -1295,10 +1306,16 @@ def test_unbuilt_extension_is_reported():
 
 
 # ==================================================================================================================
-# GPU tests (marker gpu; skipped without CUDA or without the built extension)
+# GPU tests (marker gpu; skipped without CUDA; with a GPU they need the built extension, see cuda_backend)
 # ==================================================================================================================
+REQUIRE_CUDA_EXT = "EMCAD_REQUIRE_CUDA_EXT"
+
+
 @pytest.fixture
 def cuda_backend():
+    """With a GPU, a missing or broken ``_C_cuda`` fails these tests: setup.py builds it wherever torch has CUDA,
+    a GPU is visible and a toolkit is found, so its absence is a broken install. ``EMCAD_REQUIRE_CUDA_EXT=0``
+    (e.g. a GPU machine without nvcc) turns the failure into a skip."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from emcad_kernels import _ext
@@ -1306,7 +1323,10 @@ def cuda_backend():
     try:
         _ext.require_cuda_ext()
     except ImportError as e:
-        pytest.skip(str(e))
+        if os.environ.get(REQUIRE_CUDA_EXT, "1") == "0":
+            pytest.skip(f"{e} ({REQUIRE_CUDA_EXT}=0)")
+        pytest.fail(f"{e}; a GPU is present, so the extension is required (rebuild with FORCE_CUDA=1 to see why it "
+                    f"was not built, or set {REQUIRE_CUDA_EXT}=0 to skip these tests)")
     return "cuda"
 
 

@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.7'); the triton "
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.6'); the triton "
                                               "backend tests need it")
 
 import emcad_kernels as ek  # noqa: E402
@@ -84,13 +84,14 @@ def interpreter_bounds_check(monkeypatch):
     masked_load = interp.InterpreterBuilder.create_masked_load
     masked_store = interp.InterpreterBuilder.create_masked_store
 
-    def load_checked(self, ptrs, mask, other, cache_policy, is_volatile):
+    # the arguments after the mask (cache and eviction hints) differ between Triton versions: passed on as given
+    def load_checked(self, ptrs, mask, *hints, **kw_hints):
         check(ptrs, mask, "load")
-        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return masked_load(self, ptrs, mask, *hints, **kw_hints)
 
-    def store_checked(self, ptrs, value, mask, cache_policy):
+    def store_checked(self, ptrs, value, mask, *hints, **kw_hints):
         check(ptrs, mask, "store")
-        return masked_store(self, ptrs, value, mask, cache_policy)
+        return masked_store(self, ptrs, value, mask, *hints, **kw_hints)
 
     monkeypatch.setattr(interp.GridExecutor, "_init_args_hst", init_args_checked)
     monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", load_checked)
@@ -106,6 +107,14 @@ if ek_triton.INTERPRET:
         offs = tl.arange(0, BLOCK)
         tl.store(y + offs, tl.load(x + offs, mask=offs < n + 1), mask=offs < n)
 
+    @triton.jit
+    def _sum_in_blocks(x, y, n, BLOCK: tl.constexpr):
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(x + offs, mask=offs < n, other=0.0)
+        tl.store(y, tl.sum(acc, 0))
+
 
 @pytest.mark.skipif(not ek_triton.INTERPRET, reason="the bounds check is for the interpreter")
 def test_interpreter_bounds_check_catches_out_of_bounds_reads():
@@ -114,6 +123,15 @@ def test_interpreter_bounds_check_catches_out_of_bounds_reads():
     _read_past_end[(1,)](x, y, 7, BLOCK=16)  # reads elements 0..7: inside the storage
     with pytest.raises(Exception, match="out-of-bounds load"):
         _read_past_end[(1,)](x, y, 8, BLOCK=16)  # reads element 8
+
+
+@pytest.mark.skipif(not ek_triton.INTERPRET, reason="checks the interpreter")
+def test_interpreter_loops_over_a_runtime_bound():
+    """``range(0, n, BLOCK)`` with a runtime ``n`` (the deterministic reductions loop this way); Triton 3.6's
+    interpreter needs the scalar-index fix of ``emcad_kernels.triton._utils`` for it with numpy >= 2.4."""
+    x, y = torch.arange(37, dtype=torch.float32), torch.zeros(1)
+    _sum_in_blocks[(1,)](x, y, 37, BLOCK=8)
+    assert y.item() == 666.0
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

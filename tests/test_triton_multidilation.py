@@ -21,7 +21,7 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.7'); the triton backend "
+pytest.importorskip("triton", reason="triton is not installed (pip install 'triton>=3.6'); the triton backend "
                                      "tests need it")
 
 import emcad_kernels as ek  # noqa: E402

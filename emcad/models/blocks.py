@@ -284,8 +284,9 @@ class _FoldedPointwise:
             # version bump, but every training-mode nn.BatchNorm2d forward (and the fused blocks) add_(1) to it
             sources += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
                         if t is not None]
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) \
-                or any(t.is_inference() for t in sources) or torch.compiler.is_compiling():
+        # compiling first: Dynamo cannot trace is_inference() (the compiled graph folds the weights itself)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) \
+                or any(t.is_inference() for t in sources):
             return self.compute(conv, bn, x.dtype, shuffle_groups)
         key = (x.dtype, torch.is_inference_mode_enabled(), None if bn is None else bn.eps, shuffle_groups,
                tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))

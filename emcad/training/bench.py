@@ -1,10 +1,16 @@
 """``emcad bench``: forward and training-step time and memory of one model per backend and with torch.compile.
 
-Rows: ``torch`` (plain module composition), each available ``emcad_kernels`` backend, ``auto`` and, unless
-disabled, ``torch+compile`` and ``auto+compile``. Times are medians over ``iters`` timed runs after ``warmup``
-runs (CUDA events synchronised on GPU). Memory is the peak CUDA allocation on GPU; on CPU it is the peak growth of
-the process's resident set size sampled during the runs (approximate). A backend that fails is reported with its
-error instead of stopping the table.
+Rows: ``torch`` (plain module composition), each kernel backend that can run on the device, ``auto`` and, with
+``compile=True`` (``--compile``), ``torch+compile`` and ``auto+compile``. Backends that cannot run here (not
+built, or a GPU backend on a machine without one) are skipped with the reason (:func:`plan_configs`); a backend
+that fails anyway is reported with its error instead of stopping the table.
+
+Times are medians over ``iters`` timed runs after ``warmup`` runs (CUDA events synchronised on GPU). Memory is
+measured on one further run: on GPU the peak CUDA allocation above what was allocated before it
+(``torch.cuda.max_memory_allocated``); on CPU (Linux) the growth of the process's peak resident set size (VmHWM,
+reset through ``/proc/self/clear_refs``) above the resident size before the run, after handing the allocator's
+free memory back to the system (glibc ``malloc_trim``), so that memory kept from earlier runs does not hide the
+run's own. Elsewhere the CPU memory is not measured (NaN).
 
 The training step is the trainer's (``emcad.training.trainer.training_loss`` / ``training_forward_kwargs``): with
 ``loss_impl="auto"`` (the trainer's default) EMCADNet returns its low-resolution heads and the MUTATION loss runs
@@ -14,6 +20,10 @@ upsampled heads and the plain loss, whatever ``loss_impl`` says.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import math
 import statistics
 import threading
 import time
@@ -21,7 +31,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["format_table", "run_bench"]
+__all__ = ["GPU_BACKENDS", "format_table", "plan_configs", "run_bench"]
+
+# kernel backends that run CUDA tensors only (triton runs CPU tensors only under its interpreter, for tests)
+GPU_BACKENDS = ("triton", "cuda")
 
 
 def _rss_bytes() -> int:
@@ -57,15 +70,67 @@ class _PeakRSS:
         return max(self.peak - self.base, 0)
 
 
-def _time(fn: Callable[[], None], iters: int, warmup: int, device: torch.device) -> tuple[float, int]:
-    """Median milliseconds and peak memory bytes."""
+def _status_bytes(field: str) -> Optional[int]:
+    """A ``/proc/self/status`` size field (VmRSS, VmHWM) in bytes; None where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident size (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_libc = None
+
+
+def _release_free_memory() -> None:
+    """Hand the C allocator's free memory back to the system (glibc), so the next run's RSS growth is its own."""
+    global _libc
+    gc.collect()
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018 (glibc only)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+def _cpu_peak_growth(fn: Callable[[], None]) -> float:
+    """Peak resident-set growth in bytes during one call of ``fn`` (see the module docstring); NaN if unknown."""
+    _release_free_memory()
+    base = _status_bytes("VmRSS")
+    if base is None:
+        return math.nan
+    if _reset_peak_rss():
+        fn()
+        peak = _status_bytes("VmHWM")
+        return float(max(peak - base, 0)) if peak is not None else math.nan
+    with _PeakRSS() as mem:  # no clear_refs: sample the resident size instead
+        fn()
+    return float(mem.growth)
+
+
+def _time(fn: Callable[[], None], iters: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """Median milliseconds over ``iters`` runs, and the peak memory growth in bytes of one more run."""
     for _ in range(warmup):
         fn()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -73,24 +138,53 @@ def _time(fn: Callable[[], None], iters: int, warmup: int, device: torch.device)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-        return statistics.median(times), torch.cuda.max_memory_allocated(device) - base
-    with _PeakRSS() as mem:
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), mem.growth
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return statistics.median(times), float(torch.cuda.max_memory_allocated(device) - base)
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), _cpu_peak_growth(fn)
+
+
+def plan_configs(backends: Optional[Sequence[str]], compile: bool, device: str | torch.device
+                 ) -> tuple[list[tuple[str, bool]], list[str]]:
+    """``(configs, skipped)``: the ``(backend, compiled)`` rows to run, and ``"what (why)"`` for each row left
+    out. ``backends=None`` means torch, every kernel backend and auto. Unknown names raise ValueError."""
+    from emcad_kernels import backends as registry
+
+    dev = torch.device(device)
+    names = list(backends) if backends is not None else ["torch", *registry.registered_backends(), "auto"]
+    configs, skipped = [], []
+    for name in names:
+        if name in ("torch", "auto"):
+            configs.append((name, False))
+            continue
+        reason = registry.get_backend(name).unavailable_reason()  # ValueError for an unknown name
+        if reason is None and name in GPU_BACKENDS and dev.type != "cuda":
+            reason = "no CUDA GPU" if not torch.cuda.is_available() else f"device is {dev.type}"
+        if reason is None:
+            configs.append((name, False))
+        else:
+            skipped.append(f"{name} ({reason})")
+    if compile:
+        configs += [("torch", True), ("auto", True)]
+    else:
+        skipped.insert(0, "torch.compile rows (use --compile)")
+    return configs, skipped
 
 
 def run_bench(model_name: str = "emcad_b0", *, size: Sequence[int] = (224, 224), batch_size: int = 4,
               num_classes: int = 9, in_channels: int = 3, backends: Optional[Sequence[str]] = None,
-              compile: bool = True, iters: int = 10, warmup: int = 2, device: str = "auto",
+              compile: bool = False, iters: int = 10, warmup: int = 2, device: str = "auto",
               train_step: bool = True, log: Optional[Callable[[str], None]] = None,
-              loss_impl: str = "auto") -> list[dict]:
+              loss_impl: str = "auto", configs: Optional[Sequence[tuple[str, bool]]] = None) -> list[dict]:
     """One row per configuration: ``{"config", "forward_ms", "forward_mem_mb", "train_step_ms",
-    "train_mem_mb", "speedup_fwd", "speedup_train", "error"}`` (speed-ups relative to ``torch``)."""
-    import emcad_kernels
-
+    "train_mem_mb", "speedup_fwd", "speedup_train", "error"}`` (speed-ups relative to ``torch``). ``configs``
+    (from :func:`plan_configs`) replaces ``backends`` / ``compile``."""
     from emcad.models import create_model, set_backend
     from emcad.training.trainer import LOSS_IMPLS, logits_kwargs, training_forward_kwargs, training_loss
 
@@ -102,11 +196,8 @@ def run_bench(model_name: str = "emcad_b0", *, size: Sequence[int] = (224, 224),
     dev = torch.device(device)
     if size[0] % 32 or size[1] % 32:
         raise ValueError(f"--size must be multiples of 32, got {size[0]}x{size[1]}")
-    if backends is None:
-        backends = ["torch", *emcad_kernels.available_backends(), "auto"]
-    configs = [(b, False) for b in backends]
-    if compile:
-        configs += [("torch", True), ("auto", True)]
+    if configs is None:
+        configs, _ = plan_configs(backends, compile, dev)
     torch.manual_seed(0)
     extra = logits_kwargs(model_name)
     base_model = create_model(model_name, num_classes=num_classes, in_channels=in_channels, backend="torch", **extra)
@@ -171,8 +262,9 @@ def format_table(rows: Sequence[dict]) -> str:
         return "(no rows)"
     head = (f"{'config':<16}{'fwd ms':>10}{'fwd MB':>10}{'x torch':>9}{'train ms':>11}{'train MB':>10}"
             f"{'x torch':>9}")
-    lines = [f"{rows[0]['shape']} on {rows[0]['device']} (memory: peak "
-             f"{'CUDA allocation' if rows[0]['device'].startswith('cuda') else 'RSS growth, approximate'})", head]
+    memory = ("peak CUDA allocation of one run" if rows[0]["device"].startswith("cuda") else
+              "peak resident-set growth of one run")
+    lines = [f"{rows[0]['shape']} on {rows[0]['device']} (memory: {memory})", head]
 
     def f(v, fmt):
         return format(v, fmt) if v == v else "-"

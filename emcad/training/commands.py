@@ -12,24 +12,80 @@ import signal
 import sys
 import time
 
+from emcad.cli import model_name
+
 __all__ = ["add_commands"]
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+def _error(problem) -> int:
+    """One ``error:`` line for a message or an exception; exit code 1. Called while an exception is handled and
+    with EMCAD_DEBUG=1, re-raises it instead (its traceback is then shown)."""
+    from emcad.cli import debug_enabled, error_line
+    if debug_enabled() and sys.exc_info()[1] is not None:
+        raise
+    print(error_line(problem) if isinstance(problem, BaseException) else f"error: {problem}", file=sys.stderr)
     return EXIT_ERROR
 
 
+def _usage_error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _known_errors():
-    from emcad.checkpoint import CheckpointError
-    from emcad.data import DatasetError, ImageReadError
-    from emcad.io_safety import WriteError
-    from emcad.training.checkpoint import CheckpointReadError
-    from emcad.training.trainer import TrainError
-    return (DatasetError, ImageReadError, CheckpointError, CheckpointReadError, TrainError, FileNotFoundError,
-            ValueError, WriteError)
+    from emcad.cli import expected_errors
+    return expected_errors()
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for on/off flags ("--no-overlay ... (default: True)" reads backwards: their help says
+    in words what happens without the flag) and for None (the help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+DATA_DIR_KINDS = ("folder", "synapse", "synapse_volumes")
+
+
+class _DataAction(argparse.Action):
+    """``--data KIND`` or the shorthand ``--data KIND:DIR`` (= ``--data KIND --data-dir DIR``)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        kind, sep, directory = value.partition(":")
+        if kind not in self.choices_:
+            parser.error(f"argument --data: invalid choice {kind!r} (choose from "
+                         f"{', '.join(self.choices_)}; a directory may follow as KIND:DIR)")
+        if sep:
+            if kind not in DATA_DIR_KINDS:
+                parser.error(f"argument --data: {kind} data takes no directory, got {value!r}")
+            if not directory:
+                parser.error(f"argument --data: no directory after '{kind}:'")
+            _set_data_dir(parser, namespace, directory)
+        setattr(namespace, self.dest, kind)
+
+    def __init__(self, option_strings, dest, choices=(), **kwargs):
+        self.choices_ = tuple(choices)
+        kwargs.setdefault("metavar", "{" + ",".join(self.choices_) + "}[:DIR]")
+        super().__init__(option_strings, dest, **kwargs)
+
+
+class _DataDirAction(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        _set_data_dir(parser, namespace, value)
+
+
+def _set_data_dir(parser, namespace, directory: str) -> None:
+    before = getattr(namespace, "data_dir", None)
+    if before is not None and before != directory:
+        parser.error(f"the data directory is given twice ('{before}' and '{directory}'): use either "
+                     f"--data KIND:DIR or --data KIND --data-dir DIR")
+    namespace.data_dir = directory
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,17 +132,20 @@ def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a model (default: EMCAD-B0 on the built-in synthetic data)",
         description="Train an EMCAD model. With no arguments: EMCAD-B0 on the built-in synthetic dataset (64x64, "
-                    "3 classes), 200 steps (1-2 minutes on 2 CPU cores); outputs (checkpoints, CSV/JSON metrics, PNG curves and overlays) go to "
-                    "runs/<model>-<data>-<time>/ (printed). Distributed: torchrun --nproc_per_node N -m emcad.cli "
-                    "train ...",
-        argument_default=S, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "3 classes), 200 steps (2-3 minutes on 2 CPU cores); outputs (checkpoints, CSV/JSON metrics, "
+                    "PNG curves and overlays) go to runs/<model>-<data>-<time>/ (printed). Distributed: torchrun "
+                    "--nproc_per_node N -m emcad.cli train ...",
+        argument_default=S, formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="a name from `emcad info` [emcad_b0]")
+    g.add_argument("--model", type=model_name, help="a name from `emcad info` [emcad_b0]")
     g.add_argument("--encoder-weights", metavar="FILE", help="local pretrained encoder weights")
     g.add_argument("--backend", help="torch, auto or an emcad_kernels backend for the decoder blocks [auto]")
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("synthetic", "folder", "synapse"), help="dataset kind [synthetic]")
-    g.add_argument("--data-dir", metavar="DIR", help="folder: DIR/images + DIR/masks; synapse: the .npz slices")
+    g.add_argument("--data", action=_DataAction, choices=("synthetic", "folder", "synapse"),
+                   help="dataset kind [synthetic]; folder:DIR and synapse:DIR are short for --data KIND --data-dir "
+                        "DIR")
+    g.add_argument("--data-dir", action=_DataDirAction, metavar="DIR",
+                   help="folder: DIR/images + DIR/masks; synapse: the .npz slices")
     g.add_argument("--val-dir", metavar="DIR", help="a separate validation set (default: a split of the training "
                                                     "data; never the test set)")
     g.add_argument("--list-file", metavar="FILE", help="synapse: names of the training slices (train.txt)")
@@ -161,6 +220,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from emcad.training.evaluation import evaluate_dataset, evaluate_volumes, format_summary
     from emcad.training.inference import load_for_inference
 
+    if args.data != "synthetic" and not args.data_dir:
+        return _usage_error(f"--data {args.data} needs a directory: --data {args.data}:DIR or --data-dir DIR")
     try:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         model, pre = load_for_inference(args.checkpoint, backend=args.backend, device=device,
@@ -185,8 +246,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 ds = SyntheticSegmentation(args.samples, size, seed=args.seed, split="test")
             elif args.data == "folder":
                 from emcad.data import ImageMaskFolder
-                if not args.data_dir:
-                    return _error("--data folder needs --data-dir")
                 ds = ImageMaskFolder(args.data_dir, size, mask_suffix=args.mask_suffix,
                                      num_classes=num_classes if num_classes > 1 else None,
                                      channels=int(pre.get("in_channels") or 1),
@@ -196,40 +255,67 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                     ds = _ValueRange(ds, pre["value_range"])
             else:
                 from emcad.data import SynapseSlices
-                if not args.data_dir:
-                    return _error("--data synapse needs --data-dir")
                 ds = SynapseSlices(args.data_dir, size, list_file=args.list_file, num_classes=num_classes)
             summary, cases, _ = evaluate_dataset(model, ds, num_classes, batch_size=args.batch_size, device=device,
                                                  head=head, convention=args.convention, spacing=args.spacing)
+            class_names = class_names or getattr(ds, "class_names", None)
             what = f"{len(ds)} images ({args.data})"
     except _known_errors() as e:
-        return _error(str(e))
+        return _error(e)
     print(f"evaluated {args.checkpoint} on {what} in {time.perf_counter() - t0:.1f} s "
           f"(convention: {args.convention}; HD95 in pixels{' x spacing' if args.spacing else ''})")
     print(format_summary(summary, class_names))
-    if args.output:
-        from emcad.training.trainer import _write_csv, _write_json
-        os.makedirs(args.output, exist_ok=True)
-        rows = [{"case": c.name, "class": k, **v} for c in cases for k, v in c.per_class.items()]
-        _write_csv(os.path.join(args.output, "per_case.csv"), rows)
-        _write_json(os.path.join(args.output, "summary.json"), {
-            "checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "convention": args.convention,
-            "class_names": class_names, **summary})
-        print(f"per-case metrics: {os.path.join(args.output, 'per_case.csv')}, summary: "
-              f"{os.path.join(args.output, 'summary.json')}")
+    out = args.output or _run_folder(args.checkpoint) or os.path.join(
+        "runs", f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
+    metrics_path, cases_path = _write_test_metrics(out, args, summary, cases, class_names, head)
+    print(f"test metrics: {metrics_path}; per case: {cases_path}")
     return 0
+
+
+def _run_folder(checkpoint: str):
+    """``RUN`` for a checkpoint inside ``RUN/checkpoints/`` (best/, final/, last.pt), else None."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
+def _write_test_metrics(out: str, args: argparse.Namespace, summary: dict, cases, class_names, head: str):
+    """``test_metrics.json`` (means per class, keyed by class name) and ``test_per_case.csv`` in ``out``."""
+    from emcad.training.evaluation import class_keys
+    from emcad.training.trainer import _write_csv, _write_json
+
+    keys = class_keys(sorted({c for case in cases for c in case.per_class} | set(summary["per_class"])),
+                      class_names)
+    os.makedirs(out, exist_ok=True)
+    rows = [{"case": case.name, "class": keys[c], "class_index": c, **v}
+            for case in cases for c, v in case.per_class.items()]
+    cases_path = os.path.join(out, "test_per_case.csv")
+    _write_csv(cases_path, rows)
+    metrics_path = os.path.join(out, "test_metrics.json")
+    _write_json(metrics_path, {
+        "checkpoint": os.path.abspath(args.checkpoint), "data": args.data,
+        "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None, "convention": args.convention,
+        "head": head, "hd95_unit": "pixels x spacing" if args.spacing else "pixels", "cases": summary["cases"],
+        "class_names": list(class_names) if class_names else None,
+        "class_index": {keys[c]: c for c in summary["per_class"]},
+        "mean": summary["mean"],  # over the foreground classes
+        "per_class": {keys[c]: v for c, v in summary["per_class"].items()},
+    })
+    return metrics_path, cases_path
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="Dice, IoU and HD95 per class and per case",
                        description="Evaluate a checkpoint (a checkpoints/best or final directory, a "
                                    "checkpoints/last.pt, or an original .pth) on test data.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="save_pretrained directory, last.pt or original .pth")
-    p.add_argument("--data", default="synthetic", choices=("synthetic", "folder", "synapse", "synapse_volumes"),
-                   help="test data kind (synthetic: its held-out test split)")
-    p.add_argument("--data-dir", help="folder: DIR/images + DIR/masks; synapse: .npz slices; synapse_volumes: "
-                                      ".npy.h5 (needs h5py) or .npz volumes")
+    p.add_argument("--data", default="synthetic", action=_DataAction,
+                   choices=("synthetic", "folder", "synapse", "synapse_volumes"),
+                   help="test data kind (synthetic: its held-out test split); KIND:DIR is short for --data KIND "
+                        "--data-dir DIR")
+    p.add_argument("--data-dir", action=_DataDirAction, metavar="DIR",
+                   help="folder: DIR/images + DIR/masks; synapse: .npz slices; synapse_volumes: .npy.h5 (needs "
+                        "h5py) or .npz volumes")
     p.add_argument("--list-file", help="synapse: list of names")
     p.add_argument("--mask-suffix", default="")
     p.add_argument("--samples", type=int, default=64, help="synthetic test images")
@@ -240,13 +326,16 @@ def _add_evaluate(sub) -> None:
                         "comparisons only")
     p.add_argument("--spacing", type=float, nargs="+", help="pixel/voxel spacing for HD95 (e.g. 1 1 or 3 1 1)")
     p.add_argument("--head", choices=("last", "sum"), help="prediction head (default: as trained)")
-    p.add_argument("--model", help="original .pth only: the model name if it cannot be inferred")
+    p.add_argument("--model", type=model_name,
+                   help="original .pth only: the model name if it cannot be inferred")
     p.add_argument("--num-classes", type=int, help="original .pth only: expected classes")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("-o", "--output", help="write per_case.csv and summary.json here")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="where test_metrics.json and test_per_case.csv go (default: the checkpoint's run folder "
+                        "when it is inside RUN/checkpoints/, else runs/evaluate-<time>)")
     p.set_defaults(func=_with_threads(_cmd_evaluate))
 
 
@@ -260,7 +349,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from emcad.data.io import IMAGE_EXTENSIONS, read_image, write_png
     from emcad.training.evaluation import labels_from_logits, predict_logits
     from emcad.training.inference import load_for_inference, prepare_image
-    from emcad.training.plotting import overlay
+    from emcad.training.plotting import colorize, overlay
 
     try:
         files = []
@@ -299,23 +388,31 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             stems.add(stem)
             mask = labels * 255 if num_classes == 1 else labels
             write_png(os.path.join(out, f"{stem}_mask.png"), mask.astype(np.uint8))
+            write_png(os.path.join(out, f"{stem}_mask_color.png"), colorize(labels))
             if args.overlay:
                 write_png(os.path.join(out, f"{stem}_overlay.png"), overlay(x[0].cpu(), labels))
             print(f"{path}: {arr.shape[1]}x{arr.shape[0]} -> {stem}_mask.png "
                   f"(classes present: {sorted(int(v) for v in np.unique(labels))})")
     except _known_errors() as e:
-        return _error(str(e))
-    print(f"{len(files)} image(s) -> {os.path.abspath(out)} (masks: "
-          f"{'0/255' if num_classes == 1 else 'class indices'}; overlays: *_overlay.png)")
+        return _error(e)
+    print(f"{len(files)} image(s) -> {os.path.abspath(out)}")
+    print("  NAME_mask.png: " + ("0/255 (foreground = 255)" if num_classes == 1 else
+                                 "class index per pixel (0 = background; for programs, looks black in a viewer)"))
+    print("  NAME_mask_color.png: the same mask in colour (one palette colour per class, background black)")
+    if args.overlay:
+        print("  NAME_overlay.png: the image with the predicted classes blended in")
     return 0
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="segment images or folders; write masks and overlay PNGs",
+    p = sub.add_parser("predict", help="segment images or folders; write masks (class indices and colour) and "
+                                       "overlay PNGs",
                        description="Segment images (PNG/JPG/TIFF) with a trained checkpoint. Sizes that are not "
                                    "multiples of 32 are handled by --mode: resize (to the training size and back), "
-                                   "pad (reflect-pad to a multiple of 32) or sliding (windows of the training size).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "pad (reflect-pad to a multiple of 32) or sliding (windows of the training size). "
+                                   "Per image NAME: NAME_mask.png (class indices; 0/255 for binary models), "
+                                   "NAME_mask_color.png (the mask in palette colours) and NAME_overlay.png.",
+                       formatter_class=_HelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files and/or directories")
     p.add_argument("--checkpoint", required=True, help="save_pretrained directory, last.pt or original .pth")
     p.add_argument("-o", "--output", help="output directory [runs/predict-<time>]")
@@ -324,7 +421,8 @@ def _add_predict(sub) -> None:
                                                                        "(default: the training size)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--head", choices=("last", "sum"))
-    p.add_argument("--no-overlay", dest="overlay", action="store_false", help="write masks only")
+    p.add_argument("--no-overlay", dest="overlay", action="store_false",
+                   help="do not write the NAME_overlay.png files (written by default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
@@ -335,16 +433,21 @@ def _add_predict(sub) -> None:
 # bench
 # --------------------------------------------------------------------------------------------------
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from emcad.training.bench import format_table, run_bench
+    from emcad.training.bench import format_table, plan_configs, run_bench
 
     try:
+        import torch
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        configs, skipped = plan_configs(args.backends, args.compile, device)
+        if skipped:
+            print("skipped: " + "; ".join(skipped), flush=True)
         rows = run_bench(args.model, size=tuple(args.size), batch_size=args.batch_size,
-                         num_classes=args.num_classes, in_channels=args.in_channels, backends=args.backends,
-                         compile=args.compile, iters=args.iters, warmup=args.warmup, device=args.device,
+                         num_classes=args.num_classes, in_channels=args.in_channels, configs=configs,
+                         iters=args.iters, warmup=args.warmup, device=device,
                          train_step=not args.forward_only, log=lambda s: print(s, file=sys.stderr, flush=True),
                          loss_impl=args.loss_impl)
     except _known_errors() as e:
-        return _error(str(e))
+        return _error(e)
     print(format_table(rows))
     if args.output:
         from emcad.training.trainer import _write_csv
@@ -354,15 +457,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="forward and training-step time/memory per backend and torch.compile",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="emcad_b0")
+    p = sub.add_parser("bench", help="forward and training-step time/memory per backend (and torch.compile)",
+                       description="Time the forward pass and the training step of one model with each backend "
+                                   "that can run here; backends that cannot (and, without --compile, the "
+                                   "torch.compile rows) are listed as skipped with the reason.",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--model", default="emcad_b0", type=model_name, help="a model name from `emcad info`")
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-classes", type=int, default=9)
     p.add_argument("--in-channels", type=int, default=3, choices=(1, 3))
-    p.add_argument("--backends", nargs="+", help="default: torch, every available kernel backend, auto")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    p.add_argument("--backends", nargs="+",
+                   help="torch, auto and kernel backend names (default: torch, every kernel backend that can run "
+                        "here, auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile rows (torch+compile, auto+compile); off by default: compiling "
+                        "takes minutes on CPU")
     p.add_argument("--forward-only", action="store_true", help="skip the training-step measurements")
     p.add_argument("--loss-impl", choices=("auto", "fused", "plain"), default="auto",
                    help="training-step loss of the kernel-backend rows, as in `emcad train` (the torch rows always "

@@ -24,9 +24,8 @@ from torch import Tensor
 
 from emcad.metrics import CaseMetrics, case_metrics, summarize
 
-__all__ = ["HEADS", "MULTIPLE", "evaluate_dataset", "evaluate_volumes", "format_summary", "forward_head",
-           "labels_from_logits",
-           "predict_logits"]
+__all__ = ["HEADS", "MULTIPLE", "class_keys", "evaluate_dataset", "evaluate_volumes", "format_summary",
+           "forward_head", "labels_from_logits", "per_class_values", "predict_logits"]
 
 HEADS = ("last", "sum")
 MULTIPLE = 32
@@ -185,3 +184,34 @@ def format_summary(summary: dict, class_names: Optional[Sequence[str]] = None) -
                                               for m in metrics))
     lines.append(f"{'mean':<16}" + "".join(f"{summary['mean'][m]:>10.4f}" for m in metrics))
     return "\n".join(lines)
+
+
+def class_keys(classes: Sequence[int], class_names: Optional[Sequence[str]] = None) -> dict[int, str]:
+    """The name under which each class index's metrics are stored (``dice_<key>`` columns, JSON keys): the class
+    name with spaces as ``_`` ("right kidney" -> "right_kidney"); the index itself where there is no usable name
+    (none given, empty, "mean", or the same name twice)."""
+    names = list(class_names or [])
+    keys = {}
+    for c in classes:
+        name = str(names[c]).strip().replace(" ", "_") if 0 <= c < len(names) else ""
+        keys[c] = name or str(c)
+    counts: dict[str, int] = {}
+    for k in keys.values():
+        counts[k] = counts.get(k, 0) + 1
+    return {c: (k if counts[k] == 1 and k != "mean" else str(c)) for c, k in keys.items()}
+
+
+def per_class_values(row: dict, metric: str, class_names: Optional[Sequence[str]] = None) -> dict[str, float]:
+    """``{class key: value}`` of ``metric`` from a validation row, whether it holds ``dice_<name>`` keys or the
+    index keys (``dice_1``) that earlier versions wrote (those are mapped to the class names)."""
+    prefix = metric + "_"
+    index_keys = class_keys(range(len(class_names or [])), class_names)
+    out = {}
+    for key, value in row.items():
+        if not key.startswith(prefix) or key == prefix + "mean":
+            continue
+        suffix = key[len(prefix):]
+        if suffix.isdigit():
+            suffix = index_keys.get(int(suffix), suffix)
+        out[suffix] = value
+    return out

@@ -1,13 +1,15 @@
 """PNG figures without a plotting library: training curves and image / ground truth / prediction overlays.
 
-Drawing uses Pillow's ``ImageDraw`` (with its built-in font) when Pillow is installed; without it the figures are
-drawn with numpy alone (the same plots, without text) and written by the package's pure-numpy PNG encoder.
+Text (titles, axes, legends, column headers) is drawn with Pillow's ``ImageDraw`` and its built-in font; Pillow is
+a dependency of the package. Should it be missing anyway, the figures are still drawn with numpy alone, without any
+text, and a warning on stderr says so.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,11 +27,19 @@ _LINE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (
                  (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
+_warned_no_text = False
+
+
 def _pil():
+    global _warned_no_text
     try:
         from PIL import Image, ImageDraw
         return Image, ImageDraw
     except ImportError:
+        if not _warned_no_text:
+            _warned_no_text = True
+            print("warning: Pillow is not installed, so the PNG figures have no text (titles, axes, legends, "
+                  "column headers); pip install pillow", file=sys.stderr)
         return None
 
 
@@ -70,8 +80,10 @@ def _upscale(a: np.ndarray, factor: int) -> np.ndarray:
 
 
 def save_overlay_grid(path: str | os.PathLike, images: Sequence, gts: Sequence, preds: Sequence, *,
-                      max_rows: int = 8, scale: Optional[int] = None) -> None:
-    """A PNG grid with one row per sample: image | ground truth overlay | prediction overlay."""
+                      max_rows: int = 8, scale: Optional[int] = None,
+                      class_names: Optional[Sequence[str]] = None) -> None:
+    """A PNG grid with one row per sample: image | ground truth overlay | prediction overlay; with
+    ``class_names``, a legend below says which colour is which class."""
     n = min(len(images), max_rows)
     if n == 0:
         raise ValueError("save_overlay_grid needs at least one sample")
@@ -83,8 +95,20 @@ def save_overlay_grid(path: str | os.PathLike, images: Sequence, gts: Sequence, 
     if scale is None:
         scale = max(1, 160 // max(h, w))
     h, w = h * scale, w * scale
-    pad, header = 4, 16
-    canvas = np.full((header + n * (h + pad) + pad, 3 * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    pad, header, char_w, line_h = 4, 16, 6, 14  # Pillow's built-in font: about 6 x 11 pixels a character
+    width = 3 * (w + pad) + pad
+    legend = []  # (x, line, name, colour): a colour swatch and the class name, wrapped to the width
+    x, line = pad, 0
+    for c, name in enumerate(class_names or []):
+        if c == 0:
+            continue  # background is not coloured
+        entry_w = char_w * (len(str(name)) + 2)
+        if x > pad and x + entry_w > width - pad:
+            x, line = pad, line + 1
+        legend.append((x, line, str(name), tuple(int(v) for v in PALETTE[c % len(PALETTE)])))
+        x += entry_w + 2 * char_w
+    footer = (line + 1) * line_h + pad if legend else 0
+    canvas = np.full((header + n * (h + pad) + pad + footer, width, 3), 255, dtype=np.uint8)
     for r, row in enumerate(tiles):
         for c, tile in enumerate(row):
             tile = _upscale(tile, scale)[:h, :w]
@@ -97,6 +121,11 @@ def save_overlay_grid(path: str | os.PathLike, images: Sequence, gts: Sequence, 
         draw = ImageDraw.Draw(im)
         for c, title in enumerate(("image", "ground truth", "prediction")):
             draw.text((pad + c * (w + pad) + 2, 2), title, fill=(0, 0, 0))
+        top = header + n * (h + pad) + pad
+        for x, line, name, colour in legend:
+            y = top + line * line_h
+            draw.rectangle((x, y + 2, x + 7, y + 9), fill=colour)
+            draw.text((x + char_w * 2, y), name, fill=(0, 0, 0))
         canvas = np.asarray(im)
     _save(path, canvas)
 
@@ -184,18 +213,16 @@ def plot_curves(path: str | os.PathLike, train_rows: Sequence[dict], val_rows: S
         ema = beta * ema + (1 - beta) * v
         smooth.append(ema / (1 - beta ** t))
     loss_series = [("loss", steps, losses, (170, 200, 230)), (f"loss (EMA {beta})", steps, smooth, _LINE_COLOURS[0])]
+    from emcad.training.evaluation import per_class_values
+
     val_steps = [r["step"] for r in val_rows]
-    dice_keys = sorted({k for r in val_rows for k in r if k.startswith("dice_")},
-                       key=lambda k: (k != "dice_mean", k))
-    val_series = []
-    for i, key in enumerate(dice_keys):
-        label = key
-        if class_names is not None and key != "dice_mean":
-            try:
-                label = f"dice {class_names[int(key.split('_')[1])]}"
-            except (ValueError, IndexError):
-                pass
-        val_series.append((label, val_steps, [float(r.get(key, math.nan)) for r in val_rows],
+    # rows name their classes (dice_lesion); rows of older runs hold indices (dice_1): both are read
+    per_row = [per_class_values(r, "dice", class_names) for r in val_rows]
+    classes = list(dict.fromkeys(k for values in per_row for k in values))
+    val_series = [("dice mean", val_steps, [float(r.get("dice_mean", math.nan)) for r in val_rows],
+                   _LINE_COLOURS[0])]
+    for i, key in enumerate(classes, 1):
+        val_series.append((f"dice {key}", val_steps, [float(v.get(key, math.nan)) for v in per_row],
                            _LINE_COLOURS[i % len(_LINE_COLOURS)]))
     if pil is not None:
         Image, ImageDraw = pil

@@ -56,7 +56,7 @@ from emcad.losses import SegmentationLoss
 from emcad.training import distributed as ddp
 from emcad.training.checkpoint import (FORMAT, capture_rng_state, load_training_checkpoint, restore_rng_state,
                                        save_training_checkpoint)
-from emcad.training.evaluation import HEADS, evaluate_dataset, forward_head
+from emcad.training.evaluation import HEADS, class_keys, evaluate_dataset, forward_head, per_class_values
 from emcad.training.sampler import ResumableBatchSampler
 
 __all__ = ["DATA_KINDS", "LR_SCHEDULES", "TrainConfig", "TrainError", "TrainResult", "Trainer", "build_datasets",
@@ -74,7 +74,8 @@ LOSS_IMPLS = ("auto", "fused", "plain")
 
 # files whose presence means a folder holds a run; with --overwrite these and RUN_FILES_EXTRA are removed
 RUN_FILES = ("checkpoints/last.pt", "checkpoints/best", "checkpoints/final", "train_log.csv", "metrics.json")
-RUN_FILES_EXTRA = ("val_log.csv", "config.json", "curves.png", "predictions.png", "samples")
+RUN_FILES_EXTRA = ("val_log.csv", "config.json", "curves.png", "predictions.png", "samples", "test_metrics.json",
+                   "test_per_case.csv")  # the last two: `emcad evaluate` of this run's checkpoints
 
 
 def run_files(folder: str) -> list[str]:
@@ -753,10 +754,11 @@ class Trainer:
                 autocast_dtype=torch.bfloat16 if self.amp else None)
             row = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                    "dice_mean": summary["mean"]["dice"], "iou_mean": summary["mean"]["iou"]}
+            keys = class_keys(list(summary["per_class"]), self.class_names)  # dice_lesion, not dice_1
             for c, vals in summary["per_class"].items():
-                row[f"dice_{c}"] = vals["dice"]
+                row[f"dice_{keys[c]}"] = vals["dice"]
             for c, vals in summary["per_class"].items():
-                row[f"iou_{c}"] = vals["iou"]
+                row[f"iou_{keys[c]}"] = vals["iou"]
         if not self.cfg.reproduce_eval_mode_quirk:
             self.model.train()
         if sync:
@@ -894,8 +896,7 @@ class Trainer:
             row["val_loss"] = self._validation_loss()
         self.val_rows.append(row)
         msg = (f"step {self.step}: val Dice {row['dice_mean']:.4f} ("
-               + ", ".join(f"{self.class_names[int(k.split('_')[1])] if int(k.split('_')[1]) < len(self.class_names) else k}"
-                           f" {v:.3f}" for k, v in row.items() if k.startswith("dice_") and k != "dice_mean")
+               + ", ".join(f"{k} {v:.3f}" for k, v in per_class_values(row, "dice", self.class_names).items())
                + ")")
         if self.select_on_loss:
             msg += f", val loss {row['val_loss']:.4f}"
@@ -960,7 +961,7 @@ class Trainer:
                 _, kept = self.validate(keep=8, sync=False)
                 if kept:
                     save_overlay_grid(os.path.join(self.out_dir, "predictions.png"), [k[0] for k in kept],
-                                      [k[1] for k in kept], [k[2] for k in kept])
+                                      [k[1] for k in kept], [k[2] for k in kept], class_names=self.class_names)
                     files.append("predictions.png")
         if self.cfg.data == "synthetic" and self._train_arg is None:
             from emcad.data import SyntheticSegmentation

@@ -27,6 +27,48 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+def _fix_interpreter_scalar_index() -> bool:
+    """Lets the interpreter use a runtime scalar as a Python index, as in ``for t0 in range(0, T, BLOCK)``.
+
+    The interpreter holds a scalar kernel argument as a one-element numpy array and converts it with
+    ``int(array)``, which numpy >= 2.4 refuses for arrays with a dimension ("only 0-dimensional arrays can be
+    converted to Python scalars"); Triton 3.7 squeezes the array first. Older Triton versions get the same
+    conversion here. Only the interpreter is touched, so compiled kernels are unchanged. Returns whether the fix
+    was installed (it is only where the probe below fails)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    scope_type = getattr(interpreter, "_LangPatchScope", None)
+    if original is None or scope_type is None or getattr(original, "squeezes_scalar_index", False):
+        return False
+    scope = scope_type()
+    try:
+        original(tl.tensor, scope)
+        probe = tl.tensor(interpreter.TensorHandle(np.array([3], dtype=np.int32), tl.int32), tl.int32)
+        range(probe)
+        return False
+    except TypeError:
+        pass
+    finally:
+        scope.restore()
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_scalar_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+if INTERPRET:
+    _fix_interpreter_scalar_index()
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # activation codes (constexpr inside kernels)

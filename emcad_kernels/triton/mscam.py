@@ -283,7 +283,7 @@ def _bwd_gq_kernel(x, g, ca, smap, wsab, sa_o, gq_o, part, C, H, W, TPI, sxn, sx
         for a in range(K):  # a loop (not unrolled): 2·K² unrolled taps spill on sm_90
             hi = hh + (a - R)
             mh = pm & (hi >= 0) & (hi < H)
-            for b in tl.static_range(K):
+            for b in range(K):  # also a loop: Triton 3.6 spills ~300 bytes with K unrolled tile sums per row
                 wi = ww + (b - R)
                 m = mh & (wi >= 0) & (wi < W)
                 sv = tl.load(base + j * HW + hi * W + wi, mask=m, other=0.0)
