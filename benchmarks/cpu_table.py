@@ -40,8 +40,10 @@ the fused MUTATION loss), every row against the best of ``backend="torch"`` in N
 torch.compile of it; bf16-autocast inference where the CPU has avx512_bf16, and the demo model's Dice in bf16 vs
 fp32. The command of the end-to-end results (``benchmarks/results/cpu_end_to_end.md``):
 
-    python benchmarks/cpu_table.py --res 224 --only msdc --only eucb --only lgag --only mscam --only mixffn \
-        --only e2e --rounds 3 --reps 1 --out benchmarks/results/cpu_end_to_end.md
+    python benchmarks/cpu_table.py --res 224 --only msdc --only eucb --only lgag --only mscam --only mixffn \\
+        --only e2e --rounds 3 --reps 2 --threads 1 --clock cpu --out benchmarks/results/cpu_end_to_end.md
+
+(one thread and CPU time because the machine was shared; on an idle machine drop ``--threads 1 --clock cpu``).
 
 Timing: every provider of a row is measured in interleaved rounds (round-robin, so a load change on a shared
 machine hits all of them alike); the reported time is the best over all rounds and repetitions.
