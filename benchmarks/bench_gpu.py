@@ -11,7 +11,10 @@ training forward; ``fwd_bwd``: training forward + backward) it times these provi
   with NCHW / channels_last inputs;
 * ``compiled``: ``torch.compile(mode=--compile-mode)`` (default ``max-autotune``) of that composition
   (channels_last inputs);
-* ``triton`` / ``triton_nchw``: the fused ops with ``backend="triton"``, channels_last (the fast path) / NCHW.
+* ``triton`` / ``triton_nchw``: the fused ops with ``backend="triton"``, channels_last (the fast path) / NCHW;
+* ``cuda`` / ``cuda_nchw``: the same with ``backend="cuda"`` (rows say ``skipped`` where the backend is unavailable
+  or does not implement the op);
+* ``auto`` (not by default): the fused ops with the automatic backend choice, channels_last.
 
 The device's copy bandwidth is measured in the same run (``dst.copy_(src)``, bytes read + written); forward rows
 carry the achieved bandwidth of the ideal traffic (MSDC: read x + write y; EUCB front: read x + write 4x; LGAG:
@@ -22,7 +25,9 @@ training-step time (forward, loss, backward, AdamW step), peak training memory a
 (``torch`` eager NCHW / channels_last, compiled, ``triton``).
 
 Results: ``<out>/bench_<gpu>_<utc-time>.json`` (environment + rows + target checks), the same rows as CSV, and a
-Markdown summary; each row carries GPU name, driver, torch / triton versions, git commit and date.
+Markdown summary (``--name`` fixes the file name, ``--formats`` picks the files); each row carries GPU name,
+driver, torch / triton versions, git commit and date. The files are rewritten after every op and network, so an
+interrupted run keeps what it measured; ``--budget SECONDS`` stops starting new measurements after that time.
 
 ``--dry-run`` runs the same code on CPU through Triton's interpreter with tiny shapes and scaled-down channels, to
 check that the script works on a machine without a GPU (timings there mean nothing).
@@ -39,16 +44,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import csv
+import functools
 import json
+import math
 import os
 import sys
+import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PROVIDERS = ("eager_nchw", "eager_cl", "compiled", "triton", "triton_nchw")
+PROVIDERS = ("eager_nchw", "eager_cl", "compiled", "triton", "triton_nchw", "cuda", "cuda_nchw", "auto")
+CHANNELS_LAST_PROVIDERS = ("eager_cl", "compiled", "triton", "cuda", "auto")
 MODES = ("fwd_eval", "fwd_train", "fwd_bwd")
 NETS = ("decoder", "model", "egeunet", "malunet")
 
@@ -60,7 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default=None, help="comma list of bf16, fp16, fp32 (default: bf16,fp32; dry run: fp32)")
     p.add_argument("--ops", default="msdc,updw,lgag,lndw,dwgn,mscam,mutation_loss,mixffn")
     p.add_argument("--stages", default="0,1,2,3", help="decoder stages (0 = deepest, stride 32)")
-    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--providers", default=",".join(p for p in PROVIDERS if p != "auto"))
+    p.add_argument("--net-providers", default=None,
+                   help="providers of the network rows (default: --providers without the fused *_nchw ones)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--compile-mode", default="max-autotune")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run: "
@@ -73,6 +83,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--dry-run", action="store_true", help="CPU smoke test through the Triton interpreter")
+    p.add_argument("--name", default=None, help="base name of the result files (default: bench_<gpu>_<utc-time>)")
+    p.add_argument("--formats", default="json,csv,md", help="result files to write: comma list of json, csv, md")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds after which no new op or network measurement is started (default: no limit)")
+    p.add_argument("--order", default="ops,decoder,model,egeunet,malunet",
+                   help="order of the measurements: 'ops' (all op rows) and network names (default: ops first)")
     return p.parse_args(argv)
 
 
@@ -121,11 +137,11 @@ class LNDWRef(nn.Module):
     def forward(self, x):
         return torch.cat([grp(xi) for grp, xi in zip(self.groups, x.split(self.g, 1))], 1)
 
-    def fused(self, x):
+    def fused(self, x, backend="triton"):
         return ek.layernorm_dilated_dwconv(x, [grp[0].weight for grp in self.groups],
                                            [grp[0].bias for grp in self.groups],
                                            [grp[1].weight for grp in self.groups], [grp[1].bias for grp in self.groups],
-                                           dilations=self.DILATIONS, eps=1e-6, backend="triton")
+                                           dilations=self.DILATIONS, eps=1e-6, backend=backend)
 
 
 class DWGNRef(nn.Module):
@@ -144,10 +160,10 @@ class DWGNRef(nn.Module):
     def forward(self, x):
         return self.gn(torch.cat([conv(xi) for conv, xi in zip(self.convs, x.split(self.q, 1))], 1))
 
-    def fused(self, x):
+    def fused(self, x, backend="triton"):
         return ek.dilated_dwconv_groupnorm(x, [c.weight for c in self.convs], [c.bias for c in self.convs],
                                            self.gn.weight, self.gn.bias, dilations=self.DILATIONS, eps=self.gn.eps,
-                                           backend="triton")
+                                           backend=backend)
 
 
 class MSCAMRef(nn.Module):
@@ -171,8 +187,8 @@ class MSCAMRef(nn.Module):
         s = torch.cat([d.mean(1, keepdim=True), d.amax(1, keepdim=True)], 1)
         return torch.sigmoid(self.sab(s)) * d
 
-    def fused(self, x):
-        return ek.mscam(x, self.fc1.weight, self.fc2.weight, self.sab.weight, activation="relu", backend="triton")
+    def fused(self, x, backend="triton"):
+        return ek.mscam(x, self.fc1.weight, self.fc2.weight, self.sab.weight, activation="relu", backend=backend)
 
 
 class MutationLossRef(nn.Module):
@@ -191,8 +207,8 @@ class MutationLossRef(nn.Module):
         return self.plain([nn.functional.interpolate(z, size=size, mode="bilinear", align_corners=False)
                            for z in heads], self.target)
 
-    def fused(self, *heads):
-        return ek.mutation_loss(list(heads), self.target, backend="triton")
+    def fused(self, *heads, backend="triton"):
+        return ek.mutation_loss(list(heads), self.target, backend=backend)
 
 
 class MixFFNMidRef(nn.Module):
@@ -262,20 +278,26 @@ def bench_op(op, stage, size, batch, dtype_name, providers, modes, timer, args, 
     base = base.to(device=device, dtype=dtype)
     rows = []
     for provider in providers:
-        cl = provider in ("eager_cl", "compiled", "triton")
+        cl = provider in CHANNELS_LAST_PROVIDERS
         module = copy.deepcopy(base)  # Module.to(memory_format=...) converts in place
         if cl:
             module = module.to(memory_format=torch.channels_last)
+        fused = fused_backend(provider)
         if provider == "compiled":
             fn = torch.compile(module, mode=None if args.compile_backend else args.compile_mode,
                                backend=args.compile_backend or "inductor")
-        elif provider.startswith("triton"):
-            fn = module.fused
+        elif fused is not None:
+            fn = functools.partial(module.fused, backend=fused)
         else:
             fn = module
+        unavailable = fused and ek.backends.get_backend(fused).unavailable_reason()
         for mode in modes:
             row = dict(env_row(env), kind="op", op=op, image_size=size, batch=batch, stage=stage,
                        shape="x".join(map(str, shapes[0])), dtype=dtype_name, provider=provider, mode=mode)
+            if unavailable:
+                row.update(skipped=unavailable)
+                rows.append(row)
+                continue
             try:
                 module.train(mode != "fwd_eval")
                 inputs = make_inputs(shapes, dtype, device, cl, mode == "fwd_bwd")
@@ -297,12 +319,20 @@ def bench_op(op, stage, size, batch, dtype_name, providers, modes, timer, args, 
                 if mode != "fwd_bwd":
                     gbps = ideal_elems * torch.finfo(dtype).bits / 8 / (ms[0] * 1e-3) / 1e9
                     row.update(ideal_gbps=gbps, frac_copy_bw=gbps / copy_bw)
+            except ek.BackendUnavailableError as e:  # the backend does not implement this op or configuration
+                row.update(skipped=str(e).splitlines()[0])
             except Exception as e:  # keep going: a failing provider must not lose the other measurements
                 row.update(error=f"{type(e).__name__}: {e}")
                 traceback.print_exc()
             rows.append(row)
             print(_fmt(row), flush=True)
     return rows
+
+
+def fused_backend(provider: str):
+    """The emcad_kernels backend a fused provider runs (``triton_nchw`` -> ``triton``), None for the baselines."""
+    name = provider.split("_")[0]
+    return name if name in ("triton", "cuda", "auto") else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,12 +368,18 @@ def bench_network(kind, size, batch, dtype_name, providers, timer, args, channel
     net = net.to(device=device, dtype=dtype)
     rows = []
     for provider in providers:
-        cl = provider in ("eager_cl", "compiled", "triton")
+        cl = provider in CHANNELS_LAST_PROVIDERS
+        fused = fused_backend(provider)
+        unavailable = fused and fused != "auto" and ek.backends.get_backend(fused).unavailable_reason()
+        if unavailable:
+            rows.append(dict(env_row(env), kind=kind, image_size=size, batch=batch, dtype=dtype_name,
+                             provider=provider, skipped=unavailable))
+            continue
         model = copy.deepcopy(net)  # Module.to(memory_format=...) converts in place
         if cl:
             model = model.to(memory_format=torch.channels_last)
         from emcad.models import set_backend
-        set_backend(model, "triton" if provider.startswith("triton") else "torch")
+        set_backend(model, fused or "torch")
         fn = (torch.compile(model, mode=None if args.compile_backend else args.compile_mode,
                             backend=args.compile_backend or "inductor") if provider == "compiled" else model)
         args_in = inputs(cl)
@@ -397,7 +433,7 @@ def _fmt(row):
 
 def _find(rows, **match):
     for r in rows:
-        if all(r.get(k) == v for k, v in match.items()) and "error" not in r:
+        if all(r.get(k) == v for k, v in match.items()) and "error" not in r and "skipped" not in r:
             return r
     return None
 
@@ -411,7 +447,7 @@ def check_targets(rows, sizes):
     out.append({"target": f"MSDC forward >= 70% of copy bandwidth ({big[0]}/batch {big[1]}, bf16, stage 3)",
                 "value": r and r.get("frac_copy_bw"), "pass": r is not None and r["frac_copy_bw"] >= 0.7})
     for r in rows:
-        if r.get("kind") != "op" or r.get("provider") != "triton" or r.get("mode") != "fwd_bwd" or "error" in r:
+        if r.get("kind") != "op" or r.get("provider") != "triton" or r.get("mode") != "fwd_bwd" or "ms_p50" not in r:
             continue
         if r["op"] in ("mscam", "mutation_loss", "mixffn"):  # their issues set CPU / network targets: reported only
             continue
@@ -426,7 +462,7 @@ def check_targets(rows, sizes):
             s = comp["ms_p50"] / r["ms_p50"]
             out.append({"target": f"{label}: >= 1.5x compiled", "value": s, "pass": s >= 1.5})
     for r in rows:
-        if r.get("kind") != "decoder" or r.get("provider") != "triton" or "error" in r:
+        if r.get("kind") != "decoder" or r.get("provider") != "triton" or "train_ms_p50" not in r:
             continue
         key = {k: r[k] for k in ("image_size", "dtype")}
         eager = _find(rows, kind="decoder", provider="eager_nchw", **key)
@@ -445,32 +481,48 @@ def check_targets(rows, sizes):
     return out
 
 
-def write_results(out_dir, env, copy_bw, rows, targets):
+def write_results(out_dir, env, copy_bw, rows, targets, name=None, formats=("json", "csv", "md"), extra=None):
+    """Writes the result files (each replaced atomically: they are rewritten while the run goes on)."""
     os.makedirs(out_dir, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in str(env["gpu_name"]).lower()).strip("-") or "device"
-    stamp = env["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    base = os.path.join(out_dir, f"bench_{slug}_{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump({"environment": env, "copy_bandwidth_gbps": copy_bw, "rows": rows, "targets": targets}, f,
-                  indent=1, default=str)
-    columns = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    with open(base + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-    with open(base + ".md", "w") as f:
-        f.write(summary_markdown(env, copy_bw, rows, targets))
+    if name is None:
+        slug = "".join(ch if ch.isalnum() else "-" for ch in str(env["gpu_name"]).lower()).strip("-") or "device"
+        stamp = env["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+        name = f"bench_{slug}_{stamp}"
+    base = os.path.join(out_dir, name)
+
+    def write(suffix, fill):
+        tmp = f"{base}.{suffix}.tmp"
+        with open(tmp, "w", newline="") as f:
+            fill(f)
+        os.replace(tmp, f"{base}.{suffix}")
+
+    if "json" in formats:
+        write("json", lambda f: json.dump({"environment": env, "copy_bandwidth_gbps": copy_bw, "rows": rows,
+                                           "targets": targets, **(extra or {})}, f, indent=1, default=str))
+    if "csv" in formats:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+
+        def fill_csv(f):
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
+        write("csv", fill_csv)
+    if "md" in formats:
+        write("md", lambda f: f.write(summary_markdown(env, copy_bw, rows, targets)))
     return base
 
 
-def summary_markdown(env, copy_bw, rows, targets):
-    lines = [f"# triton backend benchmark: {env['gpu_name']}", "",
-             f"driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit'][:10]}, "
-             f"{env['date']}; measured copy bandwidth {copy_bw:.0f} GB/s", "",
-             "| op | px/batch | stage | dtype | mode | " + " | ".join(PROVIDERS) + " |",
-             "|---|---|---|---|---|" + "---|" * len(PROVIDERS)]
+def summary_markdown(env, copy_bw, rows, targets, title=True):
+    """Median times per op (one column per provider that has a measurement) and per network, and the targets."""
+    providers = [p for p in PROVIDERS if any(r.get("provider") == p and "ms_p50" in r for r in rows)] or ["–"]
+    lines = [f"# GPU benchmark: {env['gpu_name']}", ""] if title else []
+    lines += [f"driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, "
+              f"commit {(env['git_commit'] or 'unknown')[:10]}, {env['date']}; measured copy bandwidth "
+              f"{copy_bw:.0f} GB/s", "",
+              "| op | px/batch | stage | dtype | mode | " + " | ".join(providers) + " |",
+              "|---|---|---|---|---|" + "---|" * len(providers)]
     keys = []
     for r in rows:
         if r.get("kind") == "op":
@@ -479,11 +531,11 @@ def summary_markdown(env, copy_bw, rows, targets):
                 keys.append(k)
     for op, size, batch, stage, dtype, mode in keys:
         cells = []
-        for p in PROVIDERS:
+        for p in providers:
             r = _find(rows, kind="op", op=op, image_size=size, stage=stage, dtype=dtype, mode=mode, provider=p)
             cells.append(f"{r['ms_p50'] * 1e3:.0f} µs" if r else "–")
         lines.append(f"| {op} | {size}/{batch} | {stage} | {dtype} | {mode} | " + " | ".join(cells) + " |")
-    nets = [r for r in rows if r.get("kind") in NETS and "error" not in r]
+    nets = [r for r in rows if r.get("kind") in NETS and "error" not in r and "skipped" not in r]
     if nets:
         lines += ["", "| network | px/batch | dtype | provider | train step | peak train MiB | inference |",
                   "|---|---|---|---|---|---|---|"]
@@ -496,6 +548,14 @@ def summary_markdown(env, copy_bw, rows, targets):
         for t in targets:
             v = "–" if t["value"] is None else f"{t['value']:.2f}"
             lines.append(f"| {t['target']} | {v} | {'yes' if t['pass'] else 'no'} |")
+    failed = [r for r in rows if "error" in r]
+    skipped = sorted({f"{r['provider']}: {r['skipped']}" for r in rows if "skipped" in r})
+    if failed:
+        lines += ["", f"{len(failed)} measurements failed:"]
+        lines += [f"* {r.get('kind')} {r.get('op', '')} {r.get('provider')} {r.get('mode', '')}: "
+                  f"{str(r['error']).splitlines()[0][:200]}" for r in failed]
+    if skipped:
+        lines += ["", "not measured:"] + [f"* {s}" for s in skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -516,13 +576,28 @@ def main(args):
     dtypes = (args.dtypes or ("fp32" if args.dry_run else "bf16,fp32")).split(",")
     providers = args.providers.split(",")
     modes = args.modes.split(",")
+    unknown = [p for p in providers + (args.net_providers or "").split(",") if p and p not in PROVIDERS]
+    if unknown:
+        sys.exit(f"unknown --providers {unknown}; choose from {PROVIDERS}")
+    nets = [] if args.no_model else [n for n in args.nets.split(",") if n]
+    unknown = [n for n in nets if n not in NETS]
+    if unknown:
+        sys.exit(f"unknown --nets {unknown}; choose from {NETS}")
+    if args.dry_run:  # whole networks other than the decoder are far too slow for the interpreter smoke test
+        nets = [n for n in nets if n == "decoder"]
+    formats = args.formats.split(",")
+    start = time.monotonic()
     env = environment(device)
     timer = Timer(device, args.warmup_ms, args.rep_ms)
     copy_bw = copy_bandwidth(timer, device)
     print(f"{env['gpu_name']}: copy bandwidth {copy_bw:.1f} GB/s", flush=True)
     rows = []
+    state = {"complete": False}
     torch.manual_seed(0)
-    if not args.no_ops:
+
+    def op_jobs():
+        if args.no_ops:
+            return
         for size, batch in sizes:
             for dtype_name in dtypes:
                 for op in args.ops.split(","):
@@ -533,24 +608,46 @@ def main(args):
                             continue
                         if op == "mutation_loss" and stage != stages[0]:
                             continue  # one problem per image size: the loss covers all four heads
-                        rows += bench_op(op, stage, size, batch, dtype_name, providers, modes, timer, args,
-                                         channels, device, copy_bw, env)
-    if not args.no_model:
-        net_providers = [p for p in providers if p != "triton_nchw"]
-        nets = [n for n in args.nets.split(",") if n]
-        unknown = [n for n in nets if n not in NETS]
-        if unknown:
-            sys.exit(f"unknown --nets {unknown}; choose from {NETS}")
-        if args.dry_run:  # whole networks other than the decoder are far too slow for the interpreter smoke test
-            nets = [n for n in nets if n == "decoder"]
+                        yield f"{op} {size}px stage {stage} {dtype_name}", functools.partial(
+                            bench_op, op, stage, size, batch, dtype_name, providers, modes, timer, args, channels,
+                            device, copy_bw, env)
+
+    def net_jobs():
+        net_providers = args.net_providers.split(",") if args.net_providers else \
+            [p for p in providers if not p.endswith("_nchw") or p == "eager_nchw"]
         for size, batch in sizes:
             for dtype_name in dtypes:
                 for kind in nets:
-                    rows += bench_network(kind, size, batch, dtype_name, net_providers, timer, args, channels,
-                                          device, env)
-    targets = check_targets(rows, sizes)
-    base = write_results(args.out, env, copy_bw, rows, targets)
-    print(f"results: {base}.json / .csv / .md")
+                    yield kind, f"{kind} {size}px {dtype_name}", functools.partial(
+                        bench_network, kind, size, batch, dtype_name, net_providers, timer, args, channels, device,
+                        env)
+
+    def save():
+        return write_results(args.out, env, copy_bw, rows, check_targets(rows, sizes), args.name, formats,
+                             extra={"run": state})
+
+    save()
+    order = args.order.split(",")
+    unknown = [o for o in order if o != "ops" and o not in NETS]
+    if unknown:
+        sys.exit(f"unknown --order {unknown}; use 'ops' and {NETS}")
+    rank = {name: i for i, name in enumerate(order)}
+    jobs = sorted([(rank.get("ops", len(order)), *job) for job in op_jobs()] +
+                  [(rank.get(kind, len(order)), *job) for kind, *job in net_jobs()], key=lambda j: j[0])
+    jobs = [(label, job) for _, label, job in jobs]
+    for i, (label, job) in enumerate(jobs):
+        if args.budget is not None and time.monotonic() - start > args.budget:
+            state["not_run"] = [lbl for lbl, _ in jobs[i:]]
+            print(f"budget of {args.budget:.0f} s reached: not measured: {', '.join(state['not_run'])}", flush=True)
+            break
+        rows += job()
+        state["seconds"] = round(time.monotonic() - start, 1)
+        save()
+    else:
+        state["complete"] = True
+    state["seconds"] = round(time.monotonic() - start, 1)
+    base = save()
+    print(f"results: {base}.{{{','.join(formats)}}}")
     errors = [r for r in rows if "error" in r]
     if errors:
         print(f"{len(errors)} measurements failed (see 'error' in the results)")

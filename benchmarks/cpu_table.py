@@ -1039,7 +1039,7 @@ def main(argv=None):
                 print(lines[-1], flush=True)
         lines.append("")
     if "isa" in sections:
-        # the same kernels compiled per instruction set (csrc/cpu/isa_*.cpp): if the inner loops vectorise as
+        # the same kernels compiled per instruction set (csrc/cpu/isa_target.h): if the inner loops vectorise as
         # meant, AVX2 (8 lanes) and AVX-512 (16 lanes) beat the SSE2 baseline build by a wide margin
         isas = [i for i in ("default", "avx2", "avx512") if _isa_available(_ext, i)]
         ratios = " | ".join(f"{i} / default" for i in isas[1:])

@@ -56,7 +56,8 @@ def environment(device: str) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "git_commit": _cmd(["git", "rev-parse", "HEAD"]),
+        # a copy of the working tree without .git (a lent GPU machine) gets the commit from the environment
+        "git_commit": _cmd(["git", "rev-parse", "HEAD"]) or os.environ.get("EMCAD_GIT_COMMIT") or None,
         "backends_available": ek.available_backends(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }

@@ -7,6 +7,7 @@
     emcad predict IMAGES --checkpoint DIR   masks (class indices and colour) and overlay PNGs
     emcad bench --model emcad_b0       forward / training-step time and memory per backend (--compile: also
                                        torch.compile)
+    emcad selftest                     every fused op on every usable backend vs the reference (exit 1 on a failure)
 
 Errors: one ``error:`` line on stderr; exit code 2 for a wrong command line, 1 for a failure at run time.
 """
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=int, default=3, choices=(1, 3))
     p.add_argument("--decoder-only", action="store_true", help="count the EMCAD decoder alone (paper: 0.381 G)")
     p.set_defaults(func=_cmd_flops)
+
+    from emcad_kernels import selftest
+
+    p = sub.add_parser("selftest", help="check every fused op on every usable backend against the reference")
+    selftest.add_arguments(p)
+    p.set_defaults(func=selftest.main)
 
     from emcad.training.commands import add_commands  # train, evaluate, predict, bench (lazy heavy imports)
 

@@ -85,6 +85,9 @@ class OpDescriptor:
     reference: tuple[Callable, Callable]  # the pure-PyTorch kernels (oracle and fallback)
     support: dict[str, Support] = field(default_factory=dict)  # backend name -> what its kernels cover
     fvcore: Optional[Callable] = None  # fvcore handle (MACs) for the forward op
+    # small public-function calls for checks: (device, dtype) -> [(args, kwargs), ...], odd shapes, deterministic
+    # values (testing.ExampleInputs); the tensors whose gradients are checked require grad (emcad selftest, tests)
+    examples: Optional[Callable[[Any, torch.dtype], list[tuple[tuple, dict]]]] = None
     _ops: dict = field(default_factory=dict, repr=False)
 
     def op_name(self, direction: str, suffix: str = "") -> str:

@@ -1,8 +1,7 @@
 """Shared inputs and parity checks for the backend tests (triton, cuda): one functional call per ``Case``, run
 forward and backward on any backend, device, dtype and layout, and compared with the reference.
 
-Tolerance (KERNELS.md §8.1): for every output and gradient,
-``max|backend − ref64| <= 2·max|ref_same_dtype − ref64| + FLOOR[dtype]·max(1, max|ref64|)``.
+The tolerance rule and its table live in the package (``emcad_kernels.testing``), shared with ``emcad selftest``.
 """
 
 from __future__ import annotations
@@ -11,13 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def layout_strides(t: torch.Tensor) -> list[int]:
-    """The strides that define a tensor's memory layout: those of its dimensions of size > 1 (the others are
-    arbitrary, e.g. a ``(N, C, 1, 1)`` output may come with either layout's strides)."""
-    return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+from emcad_kernels.testing import FLOOR, assert_matches, layout_strides  # noqa: F401 (re-exported for the tests)
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:
@@ -121,22 +114,6 @@ def run(case: Case, backend: str, dtype, channels_last: bool, training: bool, de
         out[f"bn{i}.running_mean"] = bn.running_mean
         out[f"bn{i}.running_var"] = bn.running_var
     return out, y
-
-
-def assert_matches(actual: dict, same_dtype: dict, ref64: dict, dtype, label: str):
-    """Every entry of ``actual`` within the tolerance above of ``ref64`` (``same_dtype``: the reference in
-    ``dtype``)."""
-    assert actual.keys() == ref64.keys()
-    for name in ref64:
-        a = actual[name].detach().double().cpu()
-        lp = same_dtype[name].detach().double().cpu()
-        ref = ref64[name].detach().double().cpu()
-        assert a.shape == ref.shape, f"{label} {name}: shape {tuple(a.shape)} != {tuple(ref.shape)}"
-        assert torch.isfinite(a).all(), f"{label} {name}: non-finite values"
-        err = (a - ref).abs().max().item()
-        err_pt = (lp - ref).abs().max().item()
-        tol = 2 * err_pt + FLOOR[dtype] * max(1.0, ref.abs().max().item())
-        assert err <= tol, f"{label} {name}: max error {err:.3g} > {tol:.3g} (reference in {dtype}: {err_pt:.3g})"
 
 
 def assert_backend_matches_reference(run_call, backend, dtype, label, ref_device="cpu", check_dtypes=False):

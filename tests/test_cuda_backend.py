@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import native_codes
 from emcad_kernels import reference
 from op_cases import (assert_cuda_graph_replay_matches_eager, check_against_reference, lgag_case, msdc_case, run,
                       updw_case)
@@ -40,10 +41,13 @@ from op_cases import (assert_cuda_graph_replay_matches_eager, check_against_refe
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
-CUDA_SOURCES = sorted(list(CUDA_DIR.glob("*.cu")) + list(CUDA_DIR.glob("*.cuh")) + [CUDA_DIR / "launchers.h"])
+# the kernel sources and what they include from outside csrc/cuda (keys of the cached emulation build)
+CUDA_SOURCES = sorted(list(CUDA_DIR.glob("*.cu")) + list(CUDA_DIR.glob("*.cuh")) + [CUDA_DIR / "launchers.h"]
+                      + [native_codes.CODES_H])
 
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-ACT_CODE = {"relu": 0, "relu6": 1, "leakyrelu": 2, "gelu": 3, "hswish": 4, "identity": 5}
+# the codes of the launchers' dtype / act fields (csrc/common/codes.h)
+DTYPE_CODE = native_codes.dtype_codes()
+ACT_CODE = native_codes.activation_codes()
 
 
 # ==================================================================================================================

@@ -20,9 +20,13 @@ EMCAD_INLINE BnAffine bn_fold(double gamma, double beta, double mean, double var
 
 // (count, mean, M2) accumulator; merge() is Chan et al.'s pairwise update. The result depends on the merge
 // order, so callers merge partials in a fixed order.
+// merge() is always inlined: compiled into each caller for the caller's instruction set, so a kernel built for
+// AVX2/AVX-512 always contracts its multiply-adds into FMAs. Left to GCC's inliner, whether a call was inlined
+// (contracted) or not (a default-target copy, no FMA) depended on the size of the whole translation unit, and
+// so did the last bit of the statistics.
 struct Welford {
   double n = 0, mean = 0, m2 = 0;
-  EMCAD_HD void merge(double nb, double meanb, double m2b) {
+  EMCAD_INLINE void merge(double nb, double meanb, double m2b) {
     if (nb <= 0) return;
     if (n <= 0) {
       n = nb; mean = meanb; m2 = m2b;

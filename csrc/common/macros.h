@@ -1,4 +1,5 @@
-// Plain C++ helpers shared by the CPU kernels and (later) CUDA kernels. No torch headers here.
+// Function attributes of the torch-free helpers in csrc/common (used by the CPU kernels; under nvcc they would be
+// host-device functions).
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__)

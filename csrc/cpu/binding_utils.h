@@ -10,22 +10,18 @@
 #include <utility>
 #include <vector>
 
-#include "common/activations.h"
 #include "common/bn.h"
+#include "common/torch_codes.h"
 #include "cpu/kernels.h"
 
 namespace emcad_cpu {
 
+// the EmcadDType code of t (float32, float64 or bfloat16: the index of the kernel tables)
 inline int dtype_index(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kF32;
-    case at::kDouble: return kF64;
-    case at::kBFloat16: return kBF16;
-    default:
-      TORCH_CHECK(false, "emcad_kernels cpu: ", name, " has dtype ", t.scalar_type(),
-                  "; supported: float32, float64, bfloat16");
-  }
-  return kF32;
+  const int code = emcad::dtype_code(t.scalar_type());
+  TORCH_CHECK(code == EMCAD_DTYPE_F32 || code == EMCAD_DTYPE_F64 || code == EMCAD_DTYPE_BF16, "emcad_kernels cpu: ",
+              name, " has dtype ", t.scalar_type(), "; supported: float32, float64, bfloat16");
+  return code;
 }
 
 inline void check_cpu4(const at::Tensor& t, const char* name) {
@@ -58,14 +54,12 @@ inline at::ScalarType stats_dtype(at::ScalarType t) {
 
 inline at::Tensor f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
+// the EmcadActivation code of an activation the CPU kernels support (all but gelu)
 inline int act_id(c10::string_view s) {
-  if (s == "identity") return emcad::kIdentity;
-  if (s == "relu") return emcad::kRelu;
-  if (s == "relu6") return emcad::kRelu6;
-  if (s == "leakyrelu") return emcad::kLeakyRelu;
-  if (s == "hswish") return emcad::kHardswish;
-  TORCH_CHECK(false, "emcad_kernels cpu: activation ", std::string(s), " not supported");
-  return 0;
+  const int code = emcad::activation_code(s);
+  TORCH_CHECK(code >= 0 && code != EMCAD_ACT_GELU, "emcad_kernels cpu: activation ", std::string(s),
+              " not supported");
+  return code;
 }
 
 // number of output pixels of a conv with odd kernel, padding k/2

@@ -1,10 +1,10 @@
-// Run-time choice of the kernel build for this CPU (the extension is compiled without -march=native).
+// Run-time choice of the kernel build for this CPU (the extension is compiled without -march=native; the builds:
+// isa_<name>.cpp, isa_target.h); one choice for the kernels of all ops.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 
 #include "cpu/kernels.h"
-#include "cpu/multidilation.h"
 
 namespace emcad_cpu {
 namespace {
@@ -20,15 +20,38 @@ bool cpu_has(const char* isa) {
   return std::strcmp(isa, "default") == 0;
 }
 
+// the table of one instruction set
+KernelTable make_table(const char* name, void (*fill)(KernelTable&)) {
+  KernelTable t{};
+  t.name = name;
+  fill(t);
+  return t;
+}
+
+const KernelTable& default_table() {
+  static const KernelTable t = make_table("default", isa_default::fill_table);
+  return t;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+const KernelTable& avx2_table() {
+  static const KernelTable t = make_table("avx2", isa_avx2::fill_table);
+  return t;
+}
+
+const KernelTable& avx512_table() {
+  static const KernelTable t = make_table("avx512", isa_avx512::fill_table);
+  return t;
+}
+#endif
+
 const KernelTable* table_for(const char* isa) {
-  if (std::strcmp(isa, "avx512") == 0) return cpu_has("avx512") ? &isa_avx512::table() : nullptr;
-  if (std::strcmp(isa, "avx2") == 0) return cpu_has("avx2") ? &isa_avx2::table() : nullptr;
-  if (std::strcmp(isa, "default") == 0) return &isa_default::table();
-  if (std::strcmp(isa, "auto") == 0) {
-    if (cpu_has("avx512")) return &isa_avx512::table();
-    if (cpu_has("avx2")) return &isa_avx2::table();
-    return &isa_default::table();
-  }
+  if (std::strcmp(isa, "auto") == 0) isa = cpu_has("avx512") ? "avx512" : cpu_has("avx2") ? "avx2" : "default";
+  if (std::strcmp(isa, "default") == 0) return &default_table();
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (std::strcmp(isa, "avx2") == 0) return cpu_has("avx2") ? &avx2_table() : nullptr;
+  if (std::strcmp(isa, "avx512") == 0) return cpu_has("avx512") ? &avx512_table() : nullptr;
+#endif
   return nullptr;
 }
 
@@ -45,14 +68,6 @@ const KernelTable& active_table() {
     g_active.store(t, std::memory_order_release);
   }
   return *t;
-}
-
-const MdTable& active_md_table() {
-  // follows the choice of active_table(), so cpu_set_isa() switches both kernel families
-  const char* name = active_table().name;
-  if (std::strcmp(name, "avx512") == 0) return isa_avx512::md_table();
-  if (std::strcmp(name, "avx2") == 0) return isa_avx2::md_table();
-  return isa_default::md_table();
 }
 
 bool set_active_isa(const char* name) {

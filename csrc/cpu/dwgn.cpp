@@ -30,10 +30,11 @@ MdSetup setup_dwgn(const at::Tensor& x, at::TensorList weights, at::TensorList b
 // (n, group) in item order.
 DwgnStats dwgn_statistics(MdSetup& s, at::Tensor& zbuf) {
   const int64_t N = s.a.N, G = s.a.G;
-  zbuf = at::empty({N, s.a.C, s.a.H, s.a.W}, at::TensorOptions().dtype(s.dt == kF64 ? at::kDouble : at::kFloat));
+  const auto zdtype = s.dt == EMCAD_DTYPE_F64 ? at::kDouble : at::kFloat;
+  zbuf = at::empty({N, s.a.C, s.a.H, s.a.W}, at::TensorOptions().dtype(zdtype));
   s.a.zbuf = zbuf.data_ptr();
   md_partials(s, 3, std::vector<int64_t>((size_t)G, 0));
-  md_run(active_md_table().dwgn_stats[s.dt], s.a, s.nitems);
+  md_run(active_table().dwgn[s.dt].stats, s.a, s.nitems);
   std::vector<emcad::Welford> acc((size_t)(N * G));
   const double* p = s.part.data_ptr<double>();
   for (int64_t it = 0; it < s.nitems; ++it) {
@@ -59,7 +60,7 @@ at::Tensor dwgn_fwd(const at::Tensor& x, at::TensorList weights, at::TensorList 
   DwgnStats st = dwgn_statistics(s, zbuf);
   at::Tensor y = empty_out(x, x.sizes());
   s.a.y = view4(y);
-  md_run(active_md_table().dwgn_apply[s.dt], s.a, s.nitems);
+  md_run(active_table().dwgn[s.dt].apply, s.a, s.nitems);
   return y;
 }
 
@@ -75,7 +76,7 @@ std::vector<at::Tensor> dwgn_bwd(const at::Tensor& grad, const at::Tensor& x, at
   s.a.g = view4(grad);
   // pass 1: per (n, channel) sum(g) and sum(g*zhat)
   md_partials(s, 0, std::vector<int64_t>((size_t)G, 2));
-  md_run(active_md_table().dwgn_bwd_sums[s.dt], s.a, s.nitems);
+  md_run(active_table().dwgn[s.dt].bwd_sums, s.a, s.nitems);
   auto sg = at::zeros({N, C}, at::kDouble), sgz = at::zeros({N, C}, at::kDouble);
   {
     double* a0 = sg.data_ptr<double>();
@@ -118,7 +119,7 @@ std::vector<at::Tensor> dwgn_bwd(const at::Tensor& grad, const at::Tensor& x, at
   md_partials(s, 0, width);
   at::Tensor gx = empty_out(x, x.sizes());
   s.a.gx = view4(gx);
-  md_run(active_md_table().dwgn_bwd_grad[s.dt], s.a, s.nitems);
+  md_run(active_table().dwgn[s.dt].bwd_grad, s.a, s.nitems);
   std::vector<at::Tensor> out;
   out.push_back(gx);
   out.push_back(ggw.to(gn_weight.scalar_type(), false, true).contiguous());

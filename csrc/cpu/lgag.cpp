@@ -1,6 +1,6 @@
 // grouped_attention_gate on CPU: argument checks, allocation, pass orchestration and fixed-order reductions.
 //
-// Passes (kernels in kernels_impl.h):
+// Passes (kernels in lgag_impl.h, compiled once per instruction set by isa_<name>.cpp):
 //   eval forward:   one row pass (both grouped convs, BN, add, activation, 1x1 psi, BN, sigmoid, x*psi (+g)).
 //   train forward:  block pass (statistics of both grouped convs), row pass (psi logits and their statistics
 //                   into a one-channel scratch), row pass (x*psi (+g)).
@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t groups, c10::string_view activation, bool add_gate_input) {
   LgagSetup s = setup_lgag(g, x, wg, bg, wx, bx, wpsi, bpsi, groups, activation, add_gate_input);
   LgagArgs& a = s.a;
-  const KernelTable& kt = active_table();
+  const LgagKernels& kern = active_table().lgag[s.dt];
   const auto sd = stats_dtype(x.scalar_type());
   const int64_t Fi = a.Fi;
   at::Tensor out = empty_out(x, {s.N, a.Fl, a.H, a.W});
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.sg1 = sg1.data();
     a.sx0 = sx0.data();
     a.sx1 = sx1.data();
-    run_items(kt.lgag_stats[s.dt], a, s.block_items);
+    run_items(kern.stats, a, s.block_items);
     std::tie(mg, vg) = merge_stats(sg0, sg1, s.N, Fi, (double)a.H * a.W);
     std::tie(mx, vx) = merge_stats(sx0, sx1, s.N, Fi, (double)a.H * a.W);
   } else {
@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.sp0 = sp.data();
     a.sp1 = a.sp0 + std::max<int64_t>(s.row_items, 1);
     a.sp2 = a.sp1 + std::max<int64_t>(s.row_items, 1);
-    run_items(kt.lgag_psi[s.dt], a, s.row_items);
+    run_items(kern.psi, a, s.row_items);
     emcad::Welford acc;
     for (int64_t i = 0; i < s.row_items; ++i) acc.merge(a.sp0[i], a.sp1[i], a.sp2[i]);
     mean_p = acc.n > 0 ? acc.mean : std::numeric_limits<double>::quiet_NaN();
@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const emcad::BnAffine fp = emcad::bn_fold(scalar(bn_psi_weight), scalar(bn_psi_bias), mean_p, var_p, eps);
   a.sp = fp.scale;
   a.tp = fp.shift;
-  run_items(kt.lgag_apply[s.dt], a, s.row_items);
+  run_items(kern.apply, a, s.row_items);
   // eval: copies of the running statistics (custom-op outputs must not alias inputs)
   return {out, from_host(mg, {Fi}, sd), from_host(vg, {Fi}, sd), from_host(mx, {Fi}, sd), from_host(vx, {Fi}, sd),
           from_host(&mean_p, {1}, sd), from_host(&var_p, {1}, sd)};
@@ -172,7 +172,7 @@ std::vector<at::Tensor> lgag_bwd(const at::Tensor& grad, const at::Tensor& g, co
               x.sizes());
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "emcad_kernels cpu: grad dtype differs from x");
   TORCH_CHECK(save_stats.size() == 6, "emcad_kernels cpu: save_stats must hold 6 tensors");
-  const KernelTable& kt = active_table();
+  const LgagKernels& kern = active_table().lgag[s.dt];
   const int64_t Fi = a.Fi;
   const double M = (double)s.N * a.H * a.W;
   const HostBn fg = fold(bn_g_weight, bn_g_bias, host_f64(save_stats[0]), host_f64(save_stats[1]), eps);
@@ -194,7 +194,7 @@ std::vector<at::Tensor> lgag_bwd(const at::Tensor& grad, const at::Tensor& g, co
   Vec sp(2 * nsp, 0.0);
   a.sp0 = sp.data();
   a.sp1 = sp.data() + nsp;
-  run_items(kt.lgag_bwd_psi[s.dt], a, s.row_items);
+  run_items(kern.bwd_psi, a, s.row_items);
   double s1p = 0, s2p = 0;
   for (int64_t i = 0; i < s.row_items; ++i) {
     s1p += a.sp0[i];
@@ -220,7 +220,7 @@ std::vector<at::Tensor> lgag_bwd(const at::Tensor& grad, const at::Tensor& g, co
   Vec c2g(Fi), c3g(Fi), c2x(Fi), c3x(Fi);
   LgagArgs ga = a;
   if (training) {
-    run_items(kt.lgag_bwd_reduce[s.dt], a, s.block_items);
+    run_items(kern.bwd_reduce, a, s.block_items);
     red = reduce_sums();
     for (int64_t i = 0; i < Fi; ++i) {
       c2g[i] = -fg.scale[i] * red[1][i] / M;
@@ -243,7 +243,7 @@ std::vector<at::Tensor> lgag_bwd(const at::Tensor& grad, const at::Tensor& g, co
   ga.wxpart = wxpart.data();
   ga.bgpart = bpart.data();
   ga.bxpart = bpart.data() + NF;
-  run_items(kt.lgag_bwd_grad[s.dt], ga, s.block_items);
+  run_items(kern.bwd_grad, ga, s.block_items);
   if (!training) red = reduce_sums();
   auto as = [](const Vec& v, const at::Tensor& like) { return from_host(v, like.sizes(), like.scalar_type()); };
   const Vec ggp{s2p}, gbp{s1p};

@@ -31,7 +31,7 @@ at::Tensor lndw_fwd(const at::Tensor& x, at::TensorList ln_weights, at::TensorLi
   MdSetup s = setup_lndw(x, ln_weights, ln_biases, weights, biases, dilations, eps);
   at::Tensor y = empty_out(x, x.sizes());
   s.a.y = view4(y);
-  md_run(active_md_table().lndw_fwd[s.dt], s.a, s.nitems);
+  md_run(active_table().lndw[s.dt].fwd, s.a, s.nitems);
   return y;
 }
 
@@ -48,7 +48,7 @@ std::vector<at::Tensor> lndw_bwd(const at::Tensor& grad, const at::Tensor& x, at
   s.a.g = view4(grad);
   at::Tensor gx = empty_out(x, x.sizes());
   s.a.gx = view4(gx);
-  md_run(active_md_table().lndw_bwd[s.dt], s.a, s.nitems);
+  md_run(active_table().lndw[s.dt].bwd, s.a, s.nitems);
   std::vector<at::Tensor> glw, glb, gw, gb;
   for (int64_t i = 0; i < G; ++i) {
     const int64_t k = s.ks[i], kk = k * k;

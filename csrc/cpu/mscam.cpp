@@ -1,4 +1,4 @@
-// mscam on CPU (issue 8): EMCAD's CAB then SAB applied as y = x * ca * sa, forward and backward.
+// mscam on CPU: EMCAD's CAB then SAB applied as y = x * ca * sa, forward and backward.
 //
 // Forward, three passes over x: (1) global sum / max per channel (partials per item), then the tiny shared MLP +
 // sigmoid in double here -> ca; (2) per pixel mean_c and max_c of x * ca into a small zero-padded (N, 2, H, W)
@@ -10,66 +10,34 @@
 //
 // Layouts: channels_last x runs natively (the fast path: vectors over channels); every other layout is read as
 // NCHW (x.contiguous()) and runs natively too (vectors over columns). Outputs have reference.output_memory_format.
-// Kernels: mscam_impl.h, compiled below per instruction set; the choice follows active_table() (cpu_set_isa).
+// Kernels: mscam_impl.h, compiled once per instruction set with all other CPU kernels (isa_<name>.cpp).
 #include <torch/library.h>
 
 #include <limits>
 
+#include "common/activations.h"
 #include "cpu/binding_utils.h"
-#include "cpu/kernels_prelude.h"
-#include "cpu/mscam.h"
 
 namespace emcad_cpu {
 
-namespace mscam_default {
-#include "cpu/mscam_impl.h"
-const MscamTable& table() { return mscam_table_impl("default"); }
-}  // namespace mscam_default
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace mscam_avx2 {
-#include "cpu/mscam_impl.h"
-const MscamTable& table() { return mscam_table_impl("avx2"); }
-}  // namespace mscam_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
-namespace mscam_avx512 {
-#include "cpu/mscam_impl.h"
-const MscamTable& table() { return mscam_table_impl("avx512"); }
-}  // namespace mscam_avx512
-#pragma GCC pop_options
-#endif
-
 namespace {
-
-const MscamTable& active_mscam_table() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const char* name = active_table().name;
-  if (std::strcmp(name, "avx512") == 0) return mscam_avx512::table();
-  if (std::strcmp(name, "avx2") == 0) return mscam_avx2::table();
-#endif
-  return mscam_default::table();
-}
 
 double act_f(int act, double v) {
   switch (act) {
-    case emcad::kRelu: return emcad::act_fwd<emcad::kRelu>(v);
-    case emcad::kRelu6: return emcad::act_fwd<emcad::kRelu6>(v);
-    case emcad::kLeakyRelu: return emcad::act_fwd<emcad::kLeakyRelu>(v);
-    case emcad::kHardswish: return emcad::act_fwd<emcad::kHardswish>(v);
+    case EMCAD_ACT_RELU: return emcad::act_fwd<EMCAD_ACT_RELU>(v);
+    case EMCAD_ACT_RELU6: return emcad::act_fwd<EMCAD_ACT_RELU6>(v);
+    case EMCAD_ACT_LEAKYRELU: return emcad::act_fwd<EMCAD_ACT_LEAKYRELU>(v);
+    case EMCAD_ACT_HSWISH: return emcad::act_fwd<EMCAD_ACT_HSWISH>(v);
     default: return v;
   }
 }
 
 double act_b(int act, double a, double g) {
   switch (act) {
-    case emcad::kRelu: return emcad::act_bwd<emcad::kRelu>(a, g);
-    case emcad::kRelu6: return emcad::act_bwd<emcad::kRelu6>(a, g);
-    case emcad::kLeakyRelu: return emcad::act_bwd<emcad::kLeakyRelu>(a, g);
-    case emcad::kHardswish: return emcad::act_bwd<emcad::kHardswish>(a, g);
+    case EMCAD_ACT_RELU: return emcad::act_bwd<EMCAD_ACT_RELU>(a, g);
+    case EMCAD_ACT_RELU6: return emcad::act_bwd<EMCAD_ACT_RELU6>(a, g);
+    case EMCAD_ACT_LEAKYRELU: return emcad::act_bwd<EMCAD_ACT_LEAKYRELU>(a, g);
+    case EMCAD_ACT_HSWISH: return emcad::act_bwd<EMCAD_ACT_HSWISH>(a, g);
     default: return g;
   }
 }
@@ -108,7 +76,7 @@ Setup setup(const at::Tensor& x, const at::Tensor& fc1, const at::Tensor& fc2, c
   s.act = act_id(activation);
   s.fmt = out_format(x);
   s.x = x.contiguous(s.fmt);
-  s.acc = s.dt == kF64 ? at::kDouble : at::kFloat;
+  s.acc = s.dt == EMCAD_DTYPE_F64 ? at::kDouble : at::kFloat;
   s.w1 = host_f64(fc1);
   s.w2 = host_f64(fc2);
   s.ws = host_f64(sab_weight);
@@ -149,7 +117,7 @@ Pooled pool(Setup& s, bool with_idx) {
   s.a.psum = psum.data_ptr<double>();
   s.a.pmax = pmax.data_ptr();
   s.a.pidx = pidx.data_ptr<int64_t>();
-  const MscamFns& f = active_mscam_table().f[s.dt];
+  const MscamKernels& f = active_table().mscam[s.dt];
   run_items(with_idx ? f.pool_idx : f.pool, s.a, s.items);
   Pooled p{at::empty({N, C}, at::kDouble), at::empty({N, C}, at::kDouble), at::empty({N, C}, at::kLong)};
   const auto pm = pmax.to(at::kDouble);
@@ -254,7 +222,7 @@ at::Tensor mscam_fwd(const at::Tensor& x, const at::Tensor& fc1, const at::Tenso
   const int64_t hp = s.H + s.k - 1, wp = s.W + s.k - 1;
   at::Tensor map = at::zeros({s.N, 2, hp, wp}, at::TensorOptions().dtype(s.acc));
   s.a.map = map.data_ptr();
-  const MscamFns& f = active_mscam_table().f[s.dt];
+  const MscamKernels& f = active_table().mscam[s.dt];
   run_items(f.map, s.a, s.items);
   TORCH_CHECK(y.is_contiguous(s.fmt), "emcad_kernels cpu: mscam: internal layout error");
   s.a.y = y.data_ptr();
@@ -275,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscam_bwd(const at::T
     return {gx, at::zeros_like(fc1), at::zeros_like(fc2), at::zeros_like(sab_weight)};
   at::Tensor g = grad.contiguous(s.fmt);
   s.a.g = g.data_ptr();
-  const MscamFns& f = active_mscam_table().f[s.dt];
+  const MscamKernels& f = active_table().mscam[s.dt];
   Pooled p = pool(s, true);
   Cab cab = cab_mlp(s, p);
   s.a.ca = cab.ca.data_ptr();

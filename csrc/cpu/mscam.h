@@ -1,5 +1,5 @@
 // Interface between the torch binding of the mscam op (mscam.cpp) and its kernels (mscam_impl.h, compiled once
-// per instruction set inside mscam.cpp). Torch-free: raw pointers into dense tensors.
+// per instruction set by isa_<name>.cpp). Torch-free: raw pointers into dense tensors.
 //
 // Layout: x, y, g, gx are dense, either channels_last (cl = 1: element (n, c, h, w) at ((n*H + h)*W + w)*C + c)
 // or NCHW (cl = 0). Scratch maps use the accumulation type A (float; double for fp64 storage).
@@ -37,7 +37,8 @@ struct MscamArgs {
 
 using MscamFn = void (*)(const MscamArgs&, int64_t, int64_t);
 
-struct MscamFns {
+// the kernels of one storage dtype
+struct MscamKernels {
   MscamFn pool, pool_idx;  // items (n, band): psum / pmax (/ pidx)
   MscamFn map, map_idx;    // items (n, band): map (/ camax)
   MscamFn apply;           // items (n, band): y
@@ -45,12 +46,6 @@ struct MscamFns {
   MscamFn bwd_gs;          // items (n, band): gs, pz, pw
   MscamFn bwd_gx;          // items (n, band): gx without the max-pool gradient
   MscamFn fixup;           // items n: gx at the global arg-max pixels
-};
-
-// One entry per dtype (kF32, kF64, kBF16).
-struct MscamTable {
-  const char* name;
-  MscamFns f[3];
 };
 
 }  // namespace emcad_cpu

@@ -1,7 +1,8 @@
-// Kernels of the mscam op (EMCAD CAB then SAB applied as y = x * ca * sa), compiled once per instruction set:
-// mscam.cpp includes this file inside namespace emcad_cpu::mscam_<isa> (under `#pragma GCC target(...)` for
-// avx2 / avx512). No torch headers: raw pointers into dense tensors, either channels_last (NHWC in memory) or
-// NCHW. Storage S (float, double, bf16) is computed in A (float for fp32/bf16, double for fp64).
+// Kernels of the mscam op (EMCAD CAB then SAB applied as y = x * ca * sa), compiled once per instruction set
+// inside namespace emcad_cpu::isa_<name> (isa_target.h). Interface (MscamArgs,
+// MscamKernels): cpu/mscam.h; torch binding: cpu/mscam.cpp. No torch headers: raw pointers into dense tensors,
+// either channels_last (NHWC in memory) or NCHW. Storage S (float, double, bf16) is computed in A (float for
+// fp32/bf16, double for fp64).
 //
 // Items: (n, band of rows), item = n * nbands + band; the split depends on the shape only. Every item writes its
 // own rows of the outputs / scratch maps and its own slots of the partial buffers, which the binding reduces in
@@ -14,6 +15,9 @@
 //   wins); all -inf: pixel 0.
 // * channel max (torch.max(dim=1)): the first channel holding the maximum; the first NaN wins; all -inf:
 //   channel 0.
+#pragma once
+
+namespace mscam {
 
 using emcad::bf16;
 using emcad::load_val;
@@ -624,23 +628,21 @@ void fixup_items(const MscamArgs& a, int64_t b, int64_t e) {
   }
 }
 
-template <typename S, typename A>
-MscamFns mscam_fns() {
-  MscamFns f;
-  f.pool = pool_items<S, A, false>;
-  f.pool_idx = pool_items<S, A, true>;
-  f.map = map_items<S, A, false>;
-  f.map_idx = map_items<S, A, true>;
-  f.apply = apply_items<S, A>;
-  f.bwd_gq = bwd_gq_items<S, A>;
-  f.bwd_gs = bwd_gs_items<S, A>;
-  f.bwd_gx = bwd_gx_items<S, A>;
-  f.fixup = fixup_items<S, A>;
-  return f;
+// the kernels of storage type S (MscamKernels, mscam.h), computed in float (double for double)
+template <typename S>
+MscamKernels mscam_kernels() {
+  using A = typename emcad::AccType<S>::type;
+  MscamKernels k;
+  k.pool = pool_items<S, A, false>;
+  k.pool_idx = pool_items<S, A, true>;
+  k.map = map_items<S, A, false>;
+  k.map_idx = map_items<S, A, true>;
+  k.apply = apply_items<S, A>;
+  k.bwd_gq = bwd_gq_items<S, A>;
+  k.bwd_gs = bwd_gs_items<S, A>;
+  k.bwd_gx = bwd_gx_items<S, A>;
+  k.fixup = fixup_items<S, A>;
+  return k;
 }
 
-inline const MscamTable& mscam_table_impl(const char* name) {
-  static const MscamTable t = {name, {mscam_fns<float, float>(), mscam_fns<double, double>(),
-                                      mscam_fns<bf16, float>()}};
-  return t;
-}
+}  // namespace mscam

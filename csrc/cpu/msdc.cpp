@@ -1,5 +1,5 @@
 // multi_scale_dwconv on CPU: argument checks, allocation, pass orchestration and fixed-order reductions.
-// The kernels themselves are in kernels_impl.h (per-ISA builds).
+// The kernels themselves are in msdc_impl.h (compiled once per instruction set by isa_<name>.cpp).
 #include <torch/library.h>
 
 #include "cpu/binding_utils.h"
@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msdc_fwd(const at::Tensor& x, at:
                                                         int64_t shuffle_groups, int64_t stride) {
   MsdcSetup s = setup_msdc(x, weights, concat, shuffle_groups, stride, activation);
   MsdcArgs& a = s.a;
-  const KernelTable& kt = active_table();
+  const MsdcKernels& kern = active_table().msdc[s.dt];
   const int64_t nb = a.nb, C = a.C;
   const auto sd = stats_dtype(x.scalar_type());
   Vec m64, v64;
@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msdc_fwd(const at::Tensor& x, at:
     Vec p0(s.N * nb * C), p1(s.N * nb * C);
     a.p0 = p0.data();
     a.p1 = p1.data();
-    run_items(kt.msdc_stats[s.dt], a, s.items);
+    run_items(kern.stats, a, s.items);
     std::tie(m64, v64) = merge_stats(p0, p1, s.N, nb * C, (double)a.Ho * a.Wo);
   } else {
     m64 = host_f64(mean);
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> msdc_fwd(const at::Tensor& x, at:
   const int64_t cout = concat ? nb * C : C;
   at::Tensor y = empty_out(x, {s.N, cout, a.Ho, a.Wo});
   a.y = view4(y);
-  run_items(kt.msdc_apply[s.dt], a, s.items);
+  run_items(kern.apply, a, s.items);
   // eval: copies of the running statistics (custom-op outputs must not alias inputs)
   at::Tensor save_mean = from_host(m64, {nb, C}, sd), save_var = from_host(v64, {nb, C}, sd);
   return {y, save_mean, save_var};
@@ -108,7 +108,7 @@ std::vector<at::Tensor> msdc_bwd(const at::Tensor& grad, const at::Tensor& x, at
               a.Wo, "]");
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "emcad_kernels cpu: grad dtype ", grad.scalar_type(),
               " differs from x dtype ", x.scalar_type());
-  const KernelTable& kt = active_table();
+  const MsdcKernels& kern = active_table().msdc[s.dt];
   const HostBn bn = host_bn(host_f64(bn_weight), host_f64(bn_bias), host_f64(save_mean), host_f64(save_var), eps);
   a.scale = bn.scale.data();
   a.shift = bn.shift.data();
@@ -121,7 +121,7 @@ std::vector<at::Tensor> msdc_bwd(const at::Tensor& grad, const at::Tensor& x, at
   Vec s1, s2, c2(nb * C), c3(nb * C);
   const double count = (double)s.N * a.Ho * a.Wo;
   if (training) {
-    run_items(kt.msdc_bwd_reduce[s.dt], a, s.items);
+    run_items(kern.bwd_reduce, a, s.items);
     s1 = sum_items(p0.data(), s.N, nb * C);
     s2 = sum_items(p1.data(), s.N, nb * C);
     for (int64_t i = 0; i < nb * C; ++i) {
@@ -138,7 +138,7 @@ std::vector<at::Tensor> msdc_bwd(const at::Tensor& grad, const at::Tensor& x, at
   a.gx = view4(gx);
   Vec wpart(s.N * C * a.taps_total, 0.0);
   a.wpart = wpart.data();
-  run_items(kt.msdc_bwd_grad[s.dt], a, s.items);
+  run_items(kern.bwd_grad, a, s.items);
   if (!training) {
     s1 = sum_items(p0.data(), s.N, nb * C);
     s2 = sum_items(p1.data(), s.N, nb * C);

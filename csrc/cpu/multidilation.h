@@ -1,5 +1,6 @@
-// Interface between the torch bindings of the two multi-dilation ops (lndw.cpp, dwgn.cpp) and their per-ISA
-// kernel builds (multidilation_impl.h, compiled by each isa_*.cpp). Torch-free: raw pointers and strides.
+// Interface between the torch bindings of the two multi-dilation ops (lndw.cpp, dwgn.cpp) and their kernels
+// (multidilation_impl.h, compiled once per instruction set by isa_<name>.cpp). Torch-free: raw pointers and
+// strides.
 //
 // Both ops split the channels into G groups; group i has its own k_i x k_i depthwise kernel with dilation d_i
 // and "same" zero padding d_i * (k_i / 2). Work is split into items (n, group, band of output rows) by the
@@ -8,7 +9,7 @@
 #pragma once
 #include <cstdint>
 
-#include "cpu/kernels.h"
+#include "cpu/kernel_args.h"
 
 namespace emcad_cpu {
 
@@ -39,22 +40,17 @@ struct MdArgs {
 
 using MdFn = void (*)(const MdArgs&, int64_t, int64_t);
 
-// One entry per dtype (kF32, kF64, kBF16).
-struct MdTable {
-  const char* name;
-  MdFn lndw_fwd[3];     // y
-  MdFn lndw_bwd[3];     // gx; partials [gc][k*k + 3]: weight taps, conv bias, LN weight, LN bias
-  MdFn dwgn_stats[3];   // conv outputs into zbuf; partials [3]: count, mean, M2 of the item's conv outputs
-  MdFn dwgn_apply[3];   // y from zbuf
-  MdFn dwgn_bwd_sums[3];  // partials [gc][2]: sum(g), sum(g*zhat)
-  MdFn dwgn_bwd_grad[3];  // gx; partials [gc][k*k + 1]: weight taps, conv bias
+// the kernels of one storage dtype
+struct LndwKernels {
+  MdFn fwd;  // y
+  MdFn bwd;  // gx; partials [gc][k*k + 3]: weight taps, conv bias, LN weight, LN bias
 };
 
-namespace isa_default { const MdTable& md_table(); }
-namespace isa_avx2 { const MdTable& md_table(); }
-namespace isa_avx512 { const MdTable& md_table(); }
-
-// The multi-dilation kernels of the instruction set active_table() uses.
-const MdTable& active_md_table();
+struct DwgnKernels {
+  MdFn stats;     // conv outputs into zbuf; partials [3]: count, mean, M2 of the item's conv outputs
+  MdFn apply;     // y from zbuf
+  MdFn bwd_sums;  // partials [gc][2]: sum(g), sum(g*zhat)
+  MdFn bwd_grad;  // gx; partials [gc][k*k + 1]: weight taps, conv bias
+};
 
 }  // namespace emcad_cpu

@@ -1,13 +1,13 @@
 // CPU kernels of the two multi-dilation ops: layernorm_dilated_dwconv (EGE-UNet GAB, GHPA norm2 + ldw.0) and
-// dilated_dwconv_groupnorm (MALUNet DGA, GAU). Compiled once per instruction set: isa_<name>.cpp includes this
-// file inside namespace emcad_cpu::isa_<name>, after kernels_impl.h (Scratch, lanes_of, load_val/store_val).
-// No torch headers. Interface and item partition: multidilation.h.
+// dilated_dwconv_groupnorm (MALUNet DGA, GAU). Compiled once per instruction set inside namespace
+// emcad_cpu::isa_<name> (isa_target.h). Interface and item partition: cpu/multidilation.h; torch bindings:
+// cpu/lndw.cpp, cpu/dwgn.cpp. No torch headers.
 //
 // Design:
 // * An item (n, group, output rows [h0, h1)) loads its rows plus the dilation halo into thread-local *planar*
 //   buffers [channel][row][column] with zero padding columns, so every stencil tap is a unit-stride,
 //   branch-free loop along W. Planar (vectorised along W) rather than the channel-block layout of
-//   kernels_impl.h because these groups are thin (5 to 25 channels, often not a multiple of 8) while rows are
+//   stencil_common.h because these groups are thin (5 to 25 channels, often not a multiple of 8) while rows are
 //   8 to 256 pixels wide. Any input layout/strides (NCHW, channels_last, ...) is converted on load and store.
 // * lndw: the LayerNorm runs on the item's rows (halo included) just before the conv, so the normalised map
 //   is never written to memory; halo rows are normalised twice (by two neighbouring items), which is cheaper
@@ -20,6 +20,8 @@
 //   L2. Backward: statistics pass, a pass for the two GN-backward sums, then one pass for grad x / weights.
 // * Sums (weight gradients, norm statistics) accumulate per row in the accumulation type, then per item in
 //   double, into the item's own partial slots; the bindings reduce them in item order (no atomics).
+#pragma once
+#include "cpu/stencil_common.h"  // Scratch, load_val / store_val
 
 namespace md {
 
@@ -527,17 +529,23 @@ void dwgn_bwd_grad(const MdArgs& a, int64_t i0, int64_t i1) {
   }
 }
 
-}  // namespace md
-
-inline const MdTable& make_md_table(const char* name) {
-  static const MdTable t = {
-      name,
-      {md::lndw_fwd<float>, md::lndw_fwd<double>, md::lndw_fwd<bf16>},
-      {md::lndw_bwd<float>, md::lndw_bwd<double>, md::lndw_bwd<bf16>},
-      {md::dwgn_stats<float>, md::dwgn_stats<double>, md::dwgn_stats<bf16>},
-      {md::dwgn_apply<float>, md::dwgn_apply<double>, md::dwgn_apply<bf16>},
-      {md::dwgn_bwd_sums<float>, md::dwgn_bwd_sums<double>, md::dwgn_bwd_sums<bf16>},
-      {md::dwgn_bwd_grad<float>, md::dwgn_bwd_grad<double>, md::dwgn_bwd_grad<bf16>},
-  };
-  return t;
+// the kernels of storage type S (LndwKernels, DwgnKernels: multidilation.h)
+template <typename S>
+LndwKernels lndw_kernels() {
+  LndwKernels k;
+  k.fwd = lndw_fwd<S>;
+  k.bwd = lndw_bwd<S>;
+  return k;
 }
+
+template <typename S>
+DwgnKernels dwgn_kernels() {
+  DwgnKernels k;
+  k.stats = dwgn_stats<S>;
+  k.apply = dwgn_apply<S>;
+  k.bwd_sums = dwgn_bwd_sums<S>;
+  k.bwd_grad = dwgn_bwd_grad<S>;
+  return k;
+}
+
+}  // namespace md

@@ -1,7 +1,6 @@
-// Fused MUTATION loss statistics on CPU (issue 8): the op schemas, argument checks, bilinear tables, the fixed
+// Fused MUTATION loss statistics on CPU: the op schemas, argument checks, bilinear tables, the fixed
 // partition of the work and the fixed-order reductions. The per-row kernels are in mutation_loss_impl.h,
-// compiled here once per instruction set (default, AVX2+FMA, AVX-512) and chosen like the other kernels
-// (emcad_kernels.cpu_set_isa / EMCAD_CPU_ISA).
+// compiled once per instruction set with all other CPU kernels (isa_<name>.cpp, kernels.h).
 //
 // forward:  mutation_stats_fwd_cpu_kernel(logits[n], target) -> (ce[S], inter[S,K], psq[S,K], tcount[K])
 // backward: mutation_stats_bwd_cpu_kernel(grad_ce, grad_inter, grad_psq, logits[n], target) -> grads[n]
@@ -13,111 +12,20 @@
 // gradient to its own slot and then gathers over rows per source row (no atomics, no shared accumulators).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include "cpu/binding_utils.h"
-#include "cpu/kernels.h"
 
 namespace emcad_cpu {
 
-constexpr int kMlMaxHeads = 4;
 constexpr int64_t kRowsPerChunk = 4;
 
-struct MlHead {
-  const void* data = nullptr;
-  int64_t h = 0, w = 0, sn = 0, sc = 0, sh = 0, sw = 0;
-  const int64_t* y0 = nullptr;
-  const int64_t* y1 = nullptr;
-  const void* ly = nullptr;  // T[H]
-  const int64_t* x0 = nullptr;
-  const int64_t* x1 = nullptr;
-  const void* lx = nullptr;  // T[W]
-  // backward
-  void* hbuf = nullptr;  // T[B*H][K][w]
-  const int64_t* inv_start = nullptr;  // [h + 1]
-  const int64_t* inv_y = nullptr;
-  const void* inv_w = nullptr;  // T
-  void* grad = nullptr;
-  int64_t g_sn = 0, g_sc = 0, g_sh = 0, g_sw = 0;
-};
-
-struct MlArgs {
-  int n = 0;
-  int64_t K = 0, B = 0, H = 0, W = 0, nsub = 0;
-  int masks[15] = {};
-  MlHead head[kMlMaxHeads];
-  const int64_t* target = nullptr;
-  int64_t t_sn = 0, t_sh = 0, t_sw = 0;
-  const void* g_ce = nullptr;
-  const void* g_inter = nullptr;
-  const void* g_psq = nullptr;
-};
-
-using MlFwdFn = bool (*)(const MlArgs&, int64_t, int64_t, double*);
-using MlBwdFn = bool (*)(const MlArgs&, int64_t, int64_t);
-using MlGatherFn = void (*)(const MlArgs&, int, int64_t, int64_t);
-
-struct MlTable {
-  MlFwdFn fwd[3];
-  MlBwdFn bwd[3];
-  MlGatherFn gather[3];
-};
-
-#define EMCAD_ML_TABLE()                                                                                    \
-  const MlTable& ml_table() {                                                                              \
-    static const MlTable t = {                                                                             \
-        {&ml_forward_rows<float, float>, &ml_forward_rows<double, double>,                                 \
-         &ml_forward_rows<c10::BFloat16, float>},                                                          \
-        {&ml_backward_rows<float, float>, &ml_backward_rows<double, double>,                               \
-         &ml_backward_rows<c10::BFloat16, float>},                                                         \
-        {&ml_gather_rows<float, float>, &ml_gather_rows<double, double>,                                   \
-         &ml_gather_rows<c10::BFloat16, float>}};                                                          \
-    return t;                                                                                              \
-  }
-
-namespace ml_default {
-#include "cpu/mutation_loss_impl.h"
-EMCAD_ML_TABLE()
-}  // namespace ml_default
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace ml_avx2 {
-#include "cpu/mutation_loss_impl.h"
-EMCAD_ML_TABLE()
-}  // namespace ml_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-namespace ml_avx512 {
-#include "cpu/mutation_loss_impl.h"
-EMCAD_ML_TABLE()
-}  // namespace ml_avx512
-#pragma GCC pop_options
-#endif
-
 namespace {
-
-const MlTable& active_ml_table() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const char* name = active_table().name;  // follows cpu_set_isa / EMCAD_CPU_ISA (checked against the CPU there)
-  if (std::strcmp(name, "avx512") == 0) return ml_avx512::ml_table();
-  if (std::strcmp(name, "avx2") == 0) return ml_avx2::ml_table();
-#endif
-  return ml_default::ml_table();
-}
 
 // aten's upsample_bilinear2d (align_corners=False, no scale given) source indices and weights, in the compute
 // type: scale = in / out, src = max(scale * (dst + 0.5) - 0.5, 0)
@@ -243,7 +151,7 @@ void prepare(Prepared& p, at::TensorList logits, const at::Tensor& target, bool 
     h.sh = z.stride(2);
     h.sw = z.stride(3);
   }
-  if (p.dt == kF64) {
+  if (p.dt == EMCAD_DTYPE_F64) {
     p.td.resize(n);
     for (int64_t i = 0; i < n; ++i) {
       MlHead& h = a.head[i];
@@ -277,11 +185,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutation_stats_fwd(at
   const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   std::vector<double> partial((size_t)std::max<int64_t>(chunks, 1) * width, 0.0);
   std::vector<char> ok((size_t)std::max<int64_t>(chunks, 1), 1);
-  const MlFwdFn fn = active_ml_table().fwd[p.dt];
+  const MlKernels& kern = active_table().mutation_loss[p.dt];
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * kRowsPerChunk, r1 = std::min(rows, r0 + kRowsPerChunk);
-      ok[c] = fn(a, r0, r1, partial.data() + c * width) ? 1 : 0;
+      ok[c] = kern.fwd(a, r0, r1, partial.data() + c * width) ? 1 : 0;
     }
   });
   for (int64_t c = 0; c < chunks; ++c)
@@ -291,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutation_stats_fwd(at
     const double* src = partial.data() + c * width;
     for (int64_t j = 0; j < width; ++j) total[j] += src[j];
   }
-  const auto sdt = p.dt == kF64 ? at::kDouble : at::kFloat;
+  const auto sdt = p.dt == EMCAD_DTYPE_F64 ? at::kDouble : at::kFloat;
   const double* t = total.data();  // [ce (S) | inter (S*K) | psq (S*K) | tcount (K)]
   return {from_host(t, {S}, sdt), from_host(t + S, {S, K}, sdt), from_host(t + S + S * K, {S, K}, sdt),
           from_host(t + S + 2 * S * K, {K}, sdt)};
@@ -307,7 +215,7 @@ std::vector<at::Tensor> mutation_stats_bwd(const at::Tensor& grad_ce, const at::
   TORCH_CHECK(grad_ce.numel() == S && grad_inter.numel() == S * K && grad_psq.numel() == S * K,
               "emcad_kernels cpu: mutation_stats backward: gradients must have shapes (", S, ",), (", S, ", ", K,
               "), (", S, ", ", K, ")");
-  const auto cdt = p.dt == kF64 ? at::kDouble : at::kFloat;
+  const auto cdt = p.dt == EMCAD_DTYPE_F64 ? at::kDouble : at::kFloat;
   const at::Tensor gce = grad_ce.to(cdt).contiguous(), gin = grad_inter.to(cdt).contiguous(),
                    gps = grad_psq.to(cdt).contiguous();
   a.g_ce = gce.data_ptr();
@@ -325,15 +233,15 @@ std::vector<at::Tensor> mutation_stats_bwd(const at::Tensor& grad_ce, const at::
     h.g_sh = grads.back().stride(2);
     h.g_sw = grads.back().stride(3);
   }
-  const MlTable& tab = active_ml_table();
+  const MlKernels& kern = active_table().mutation_loss[p.dt];
   const int64_t rows = a.B * a.H;
   std::vector<char> ok((size_t)std::max<int64_t>(rows, 1), 1);
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) { ok[r0] = tab.bwd[p.dt](a, r0, r1) ? 1 : 0; });
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) { ok[r0] = kern.bwd(a, r0, r1) ? 1 : 0; });
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK(ok[r], "emcad_kernels cpu: mutation_stats: target has values outside [0, ", K, ")");
   for (int i = 0; i < a.n; ++i) {
     at::parallel_for(0, a.B * a.head[i].h, 1,
-                     [&](int64_t q0, int64_t q1) { tab.gather[p.dt](a, i, q0, q1); });
+                     [&](int64_t q0, int64_t q1) { kern.gather(a, i, q0, q1); });
   }
   return grads;
 }

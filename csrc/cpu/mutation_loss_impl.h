@@ -1,5 +1,6 @@
-// Fused MUTATION loss statistics: per-row kernels, compiled once per instruction set by mutation_loss.cpp
-// (included inside a namespace, after all standard and c10 headers). Torch-free: raw pointers and strides.
+// Fused MUTATION loss statistics, per-row kernels, compiled once per instruction set inside namespace
+// emcad_cpu::isa_<name> (isa_target.h). Interface (MlArgs, MlKernels):
+// cpu/mutation_loss.h; torch binding: cpu/mutation_loss.cpp. No torch headers: raw pointers and strides.
 //
 // One *row* is one output row (b, y) of the full-resolution target. For a row the kernels
 //   1. interpolate every low-res head vertically (two source rows) then horizontally into a (K, W) buffer;
@@ -9,6 +10,12 @@
 //   3. backward only: reduce each head's (K, W) gradient horizontally into (K, w_i) (bilinear adjoint along x,
 //      sequential over x, so deterministic); the vertical adjoint is a gather over rows done afterwards.
 // Nothing here depends on the thread count.
+#pragma once
+
+namespace ml {
+
+using emcad::load_val;
+using emcad::store_val;
 
 // ---- vectorisable exp / log (float); double uses libm --------------------------------------------------
 static inline float ml_exp(float x) {
@@ -114,7 +121,7 @@ struct RowWork {
         const S* r1 = base + c * h.sc + y1 * h.sh;
         T* vr = vrow.data() + c * h.w;
         for (int64_t xs = 0; xs < h.w; ++xs)
-          vr[xs] = hy * static_cast<T>(r0[xs * h.sw]) + ly * static_cast<T>(r1[xs * h.sw]);
+          vr[xs] = hy * static_cast<T>(load_val(r0 + xs * h.sw)) + ly * static_cast<T>(load_val(r1 + xs * h.sw));
       }
       const int64_t* x0 = h.x0;
       const int64_t* x1 = h.x1;
@@ -191,7 +198,7 @@ struct RowWork {
 
 // Forward over rows [r0, r1) of the B*H rows; adds into out[S + 2*S*K + K] (double, this chunk's partial):
 // ce[S], inter[S][K], psq[S][K], tcount[K]. Returns false if a target value was out of range.
-template <typename S, typename T>
+template <typename S, typename T = typename emcad::AccType<S>::type>
 bool ml_forward_rows(const MlArgs& a, int64_t r0, int64_t r1, double* out) {
   RowWork<S, T> w(a, false);
   const int64_t K = a.K, W = a.W, NS = a.nsub;
@@ -231,7 +238,7 @@ bool ml_forward_rows(const MlArgs& a, int64_t r0, int64_t r1, double* out) {
 
 // Backward over rows [r0, r1): writes, per head i and row (b, y), the horizontally reduced gradient
 // hbuf_i[(b * H + y) * K * w_i + c * w_i + xs].
-template <typename S, typename T>
+template <typename S, typename T = typename emcad::AccType<S>::type>
 bool ml_backward_rows(const MlArgs& a, int64_t r0, int64_t r1) {
   RowWork<S, T> w(a, true);
   const int64_t K = a.K, W = a.W, NS = a.nsub;
@@ -303,7 +310,7 @@ bool ml_backward_rows(const MlArgs& a, int64_t r0, int64_t r1) {
 
 // Vertical adjoint of head i for source rows [q0, q1) of the B*h_i source rows: a gather over the full-res rows
 // that read each source row (fixed order: increasing y), written to the gradient in its own strides.
-template <typename S, typename T>
+template <typename S, typename T = typename emcad::AccType<S>::type>
 void ml_gather_rows(const MlArgs& a, int i, int64_t q0, int64_t q1) {
   const MlHead& h = a.head[i];
   const int64_t K = a.K;
@@ -321,6 +328,18 @@ void ml_gather_rows(const MlArgs& a, int i, int64_t q0, int64_t q1) {
     }
     S* out = static_cast<S*>(h.grad) + b * h.g_sn + ys * h.g_sh;
     for (int64_t c = 0; c < K; ++c)
-      for (int64_t xs = 0; xs < h.w; ++xs) out[c * h.g_sc + xs * h.g_sw] = static_cast<S>(acc[c * h.w + xs]);
+      for (int64_t xs = 0; xs < h.w; ++xs) store_val(out + c * h.g_sc + xs * h.g_sw, acc[c * h.w + xs]);
   }
 }
+
+// the kernels of logits type S (MlKernels, mutation_loss.h)
+template <typename S>
+MlKernels ml_kernels() {
+  MlKernels k;
+  k.fwd = ml_forward_rows<S>;
+  k.bwd = ml_backward_rows<S>;
+  k.gather = ml_gather_rows<S>;
+  return k;
+}
+
+}  // namespace ml

@@ -1,4 +1,5 @@
 // upsample_dwconv on CPU: argument checks, allocation, pass orchestration and fixed-order reductions.
+// The kernels are in updw_impl.h (compiled once per instruction set by isa_<name>.cpp).
 #include <torch/library.h>
 
 #include "cpu/binding_utils.h"
@@ -55,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> updw_fwd(const at::Tensor& x, con
                                                         c10::string_view activation, int64_t scale) {
   UpdwSetup s = setup_updw(x, weight, mode, activation, scale);
   UpdwArgs& a = s.a;
-  const KernelTable& kt = active_table();
+  const UpdwKernels& kern = active_table().updw[s.dt];
   const int64_t C = a.C;
   const auto sd = stats_dtype(x.scalar_type());
   Vec m64, v64;
@@ -63,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> updw_fwd(const at::Tensor& x, con
     Vec p0(s.N * C), p1(s.N * C);
     a.p0 = p0.data();
     a.p1 = p1.data();
-    run_items(kt.updw_stats[s.dt], a, s.items);
+    run_items(kern.stats, a, s.items);
     std::tie(m64, v64) = merge_stats(p0, p1, s.N, C, (double)a.Ho * a.Wo);
   } else {
     m64 = host_f64(mean);
@@ -74,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> updw_fwd(const at::Tensor& x, con
   a.shift = bn.shift.data();
   at::Tensor y = empty_out(x, {s.N, C, a.Ho, a.Wo});
   a.y = view4(y);
-  run_items(kt.updw_apply[s.dt], a, s.items);
+  run_items(kern.apply, a, s.items);
   // eval: copies of the running statistics (custom-op outputs must not alias inputs)
   at::Tensor save_mean = from_host(m64, {C}, sd), save_var = from_host(v64, {C}, sd);
   return {y, save_mean, save_var};
@@ -92,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> updw_bwd(
               a.Wo, "]");
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "emcad_kernels cpu: grad dtype ", grad.scalar_type(),
               " differs from x dtype ", x.scalar_type());
-  const KernelTable& kt = active_table();
+  const UpdwKernels& kern = active_table().updw[s.dt];
   const int64_t C = a.C;
   const HostBn bn = host_bn(host_f64(bn_weight), host_f64(bn_bias), host_f64(save_mean), host_f64(save_var), eps);
   a.scale = bn.scale.data();
@@ -106,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> updw_bwd(
   Vec s1, s2, c2(C), c3(C);
   const double count = (double)s.N * a.Ho * a.Wo;
   if (training) {
-    run_items(kt.updw_bwd_reduce[s.dt], a, s.items);
+    run_items(kern.bwd_reduce, a, s.items);
     s1 = sum_items(p0.data(), s.N, C);
     s2 = sum_items(p1.data(), s.N, C);
     for (int64_t i = 0; i < C; ++i) {
@@ -122,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> updw_bwd(
   a.gx = view4(gx);
   Vec wpart(s.N * C * a.k * a.k, 0.0);
   a.wpart = wpart.data();
-  run_items(kt.updw_bwd_grad[s.dt], a, s.items);
+  run_items(kern.bwd_grad, a, s.items);
   if (!training) {
     s1 = sum_items(p0.data(), s.N, C);
     s2 = sum_items(p1.data(), s.N, C);

@@ -115,7 +115,7 @@ EMCAD_CU_HD A activate(A z, int act) {
     switch (act) {
         case EMCAD_ACT_RELU: return z > A(0) ? z : A(0);
         case EMCAD_ACT_RELU6: return m_min(m_max(z, A(0)), A(6));  // hardtanh(z, 0, 6)
-        case EMCAD_ACT_LEAKYRELU: return z > A(0) ? z : z * A(0.2);
+        case EMCAD_ACT_LEAKYRELU: return z > A(0) ? z : z * A(EMCAD_LEAKY_SLOPE);
         case EMCAD_ACT_GELU: return A(0.5) * z * (A(1) + m_erf(z * A(0.70710678118654752440)));
         case EMCAD_ACT_HSWISH: return z * m_min(m_max(z + A(3), A(0)), A(6)) / A(6);
         default: return z;
@@ -128,7 +128,7 @@ EMCAD_CU_HD A activate_backward(A g, A a, int act) {
     switch (act) {
         case EMCAD_ACT_RELU: return a > A(0) ? g : A(0);
         case EMCAD_ACT_RELU6: return (a > A(0) && a < A(6)) ? g : A(0);
-        case EMCAD_ACT_LEAKYRELU: return a > A(0) ? g : g * A(0.2);
+        case EMCAD_ACT_LEAKYRELU: return a > A(0) ? g : g * A(EMCAD_LEAKY_SLOPE);
         case EMCAD_ACT_GELU: {
             // aten gelu_backward: cdf + x * pdf
             const A cdf = A(0.5) * (A(1) + m_erf(a * A(0.70710678118654752440)));

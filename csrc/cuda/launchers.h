@@ -25,6 +25,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* EmcadDType, EmcadActivation (relative path: the binding is also compiled with only csrc/cuda on the include
+ * path) */
+#include "../common/codes.h"
+
 #ifdef EMCAD_CUDA_EMULATE
 #include "cuda_emulation.cuh"
 #else
@@ -34,18 +38,6 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-enum EmcadDType { EMCAD_DTYPE_F32 = 0, EMCAD_DTYPE_F16 = 1, EMCAD_DTYPE_BF16 = 2, EMCAD_DTYPE_F64 = 3 };
-
-/* activation names of emcad_kernels.functional.ACTIVATIONS, in that order */
-enum EmcadActivation {
-    EMCAD_ACT_RELU = 0,
-    EMCAD_ACT_RELU6 = 1,
-    EMCAD_ACT_LEAKYRELU = 2, /* negative slope 0.2 */
-    EMCAD_ACT_GELU = 3,      /* exact (erf) */
-    EMCAD_ACT_HSWISH = 4,
-    EMCAD_ACT_IDENTITY = 5
-};
 
 /* multi_scale_dwconv: nb depthwise convs (odd k <= 7, stride 1, padding k//2) on the same input, each followed by
  * BatchNorm and the activation; summed (concat == 0) or concatenated, then channel-shuffled (shuffle_groups > 0). */

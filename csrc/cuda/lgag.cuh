@@ -665,8 +665,8 @@ inline const char* check_args(const EmcadLgagArgs& a) {
     if (a.cg % a.groups != 0 || a.cx % a.groups != 0 || a.cg / a.groups > kMaxCpg || a.cx / a.groups > kMaxCpg)
         return "grouped_attention_gate: the cuda backend supports at most 4 input channels per group";
     if (a.add_gate_input && a.cg != a.cx) return "grouped_attention_gate: add_gate_input needs equal channels";
-    if (a.dtype < 0 || a.dtype > 3) return "grouped_attention_gate: unsupported dtype";
-    if (a.act < 0 || a.act > 5) return "grouped_attention_gate: unsupported activation";
+    if (a.dtype < 0 || a.dtype >= EMCAD_DTYPE_COUNT) return "grouped_attention_gate: unsupported dtype";
+    if (a.act < 0 || a.act >= EMCAD_ACT_COUNT) return "grouped_attention_gate: unsupported activation";
     if (a.n <= 0 || a.h <= 0 || a.w <= 0 || a.cg <= 0 || a.cx <= 0) return "grouped_attention_gate: empty input";
     if (a.n > 65535) return "grouped_attention_gate: batch larger than 65535";
     return nullptr;

@@ -528,8 +528,8 @@ inline const char* check_args(const EmcadMsdcArgs& a) {
     for (int b = 0; b < a.nb; ++b)
         if (a.ksize[b] < 1 || a.ksize[b] > 7 || a.ksize[b] % 2 == 0)
             return "multi_scale_dwconv: the cuda backend supports odd kernel sizes up to 7";
-    if (a.dtype < 0 || a.dtype > 3) return "multi_scale_dwconv: unsupported dtype";
-    if (a.act < 0 || a.act > 5) return "multi_scale_dwconv: unsupported activation";
+    if (a.dtype < 0 || a.dtype >= EMCAD_DTYPE_COUNT) return "multi_scale_dwconv: unsupported dtype";
+    if (a.act < 0 || a.act >= EMCAD_ACT_COUNT) return "multi_scale_dwconv: unsupported activation";
     if (a.n <= 0 || a.c <= 0 || a.h <= 0 || a.w <= 0) return "multi_scale_dwconv: empty input";
     if (a.n > 65535) return "multi_scale_dwconv: batch larger than 65535";
     const int64_t cout = a.concat ? a.nb * a.c : a.c;

@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/torch_codes.h"  // relative: also compiled with only csrc/cuda on the include path
 #include "launchers.h"
 
 #ifdef EMCAD_CUDA_EMULATE
@@ -44,26 +45,16 @@ namespace {
 using at::Tensor;
 
 int dtype_code(at::ScalarType t) {
-    switch (t) {
-        case at::kFloat: return EMCAD_DTYPE_F32;
-        case at::kHalf: return EMCAD_DTYPE_F16;
-        case at::kBFloat16: return EMCAD_DTYPE_BF16;
-        case at::kDouble: return EMCAD_DTYPE_F64;
-        default: TORCH_CHECK(false, "emcad_kernels cuda backend: unsupported dtype ", t);
-    }
-    return -1;
+    const int code = emcad::dtype_code(t);
+    TORCH_CHECK(code >= 0, "emcad_kernels cuda backend: unsupported dtype ", t);
+    return code;
 }
 
 int activation_code(c10::string_view name) {
-    const std::string s(name.data(), name.size());
-    if (s == "relu") return EMCAD_ACT_RELU;
-    if (s == "relu6") return EMCAD_ACT_RELU6;
-    if (s == "leakyrelu") return EMCAD_ACT_LEAKYRELU;
-    if (s == "gelu") return EMCAD_ACT_GELU;
-    if (s == "hswish") return EMCAD_ACT_HSWISH;
-    if (s == "identity") return EMCAD_ACT_IDENTITY;
-    TORCH_CHECK(false, "emcad_kernels cuda backend: unknown activation '", s, "'");
-    return -1;
+    const int code = emcad::activation_code(name);
+    TORCH_CHECK(code >= 0, "emcad_kernels cuda backend: unknown activation '", std::string(name.data(), name.size()),
+                "'");
+    return code;
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

@@ -393,8 +393,8 @@ inline const char* check_args(const EmcadUpdwArgs& a) {
     if (a.mode != 0) return "upsample_dwconv: the cuda backend supports mode='nearest' only";
     if (a.scale != 2) return "upsample_dwconv: the cuda backend supports scale=2 only";
     if (a.ksize != 3) return "upsample_dwconv: the cuda backend supports kernel size 3 only";
-    if (a.dtype < 0 || a.dtype > 3) return "upsample_dwconv: unsupported dtype";
-    if (a.act < 0 || a.act > 5) return "upsample_dwconv: unsupported activation";
+    if (a.dtype < 0 || a.dtype >= EMCAD_DTYPE_COUNT) return "upsample_dwconv: unsupported dtype";
+    if (a.act < 0 || a.act >= EMCAD_ACT_COUNT) return "upsample_dwconv: unsupported activation";
     if (a.n <= 0 || a.c <= 0 || a.h <= 0 || a.w <= 0) return "upsample_dwconv: empty input";
     if (a.n > 65535) return "upsample_dwconv: batch larger than 65535";
     return nullptr;

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
+from ..testing import ExampleInputs
 from ._args import (BatchNormLike, batch_norm_args, check_activation, check_batch_stats_count, check_input,
                     check_like, check_positive_int, check_tensor, dense_grad, empty_like_output, empty_stats,
                     same_batch_stats_mode, update_running_stats)
@@ -216,11 +217,30 @@ def _triton(call: Call) -> list[str]:
     return [f"kernel size {a.kernel_size} is not supported (odd sizes up to 7)"] if a.kernel_size > 7 else []
 
 
+def _examples(device, dtype) -> list:
+    """EMCAD's LGAG (one gate channel per group of two, 3x3, ``g + x·psi``) in training mode; a gate without the
+    aggregation, one bias left out, channels_last, in eval mode."""
+    t = ExampleInputs(device, dtype, seed=12)
+
+    def gate(shape, f_int, groups, channels_last, **kw):
+        c = shape[1]
+        g, x = t.randn(*shape, channels_last=channels_last), t.randn(*shape, channels_last=channels_last)
+        wg, bg = t.randn(f_int, c // groups, 3, 3, scale=0.3), t.randn(f_int, scale=0.1)
+        wx, bx = t.randn(f_int, c // groups, 3, 3, scale=0.3), t.randn(f_int, scale=0.1)
+        wpsi, bpsi = t.randn(1, f_int, 1, 1, scale=0.5), t.randn(1, scale=0.1)
+        return ((g, x, wg, bg, t.batch_norm(f_int), wx, bx, t.batch_norm(f_int), wpsi, bpsi, t.batch_norm(1)),
+                dict(groups=groups, **kw))
+
+    first = gate((2, 6, 7, 5), 3, 3, False, add_gate_input=True, training=True)
+    args, kwargs = gate((1, 4, 5, 9), 2, 2, True, training=False)
+    return [first, (args[:6] + (None,) + args[7:], kwargs)]
+
+
 LGAG = register_op(OpDescriptor(
     name="grouped_attention_gate", kernel="lgag", forward_schema=FORWARD_SCHEMA, backward_schema=BACKWARD_SCHEMA,
     prepare=prepare, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
     backward=_backward, flops_forward=_flops_forward, flops_backward=_flops_backward,
-    reference=(reference.lgag_forward, reference.lgag_backward), fvcore=_fvcore,
+    reference=(reference.lgag_forward, reference.lgag_backward), fvcore=_fvcore, examples=_examples,
     support={
         "cpu": Support(_cpu),
         "cuda": Support(_cuda),

@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
+from ..testing import ExampleInputs
 from ._args import check_activation, check_input, check_like, check_tensor, dense_grad, empty_like_output
 from .msdc import CPU_ACTIVATIONS
 
@@ -119,10 +120,19 @@ def _triton(call: Call) -> list[str]:
     return [f"SAB kernel size {k} is not supported (odd sizes up to 11)"] if k > 11 else []
 
 
+def _examples(device, dtype) -> list:
+    """EMCAD's attention (reduction 4, SAB 7x7); channels_last with a 3x3 SAB and one hidden channel."""
+    t = ExampleInputs(device, dtype, seed=13)
+    return [((t.randn(2, 8, 7, 5), t.randn(2, 8, 1, 1, scale=0.5), t.randn(8, 2, 1, 1, scale=0.5),
+              t.randn(1, 2, 7, 7, scale=0.2)), dict(activation="relu")),
+            ((t.randn(1, 6, 5, 9, channels_last=True), t.randn(1, 6, 1, 1, scale=0.5), t.randn(6, 1, 1, 1, scale=0.5),
+              t.randn(1, 2, 3, 3, scale=0.3)), dict(activation="relu"))]
+
+
 MSCAM = register_op(OpDescriptor(
     name="mscam", kernel="mscam", forward_schema=FORWARD_SCHEMA, backward_schema=BACKWARD_SCHEMA, prepare=prepare,
     fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
     flops_forward=_flops_forward, flops_backward=_flops_backward,
-    reference=(reference.mscam_forward, reference.mscam_backward),
+    reference=(reference.mscam_forward, reference.mscam_backward), examples=_examples,
     support={"cpu": Support(_cpu),
              "triton": Support(_triton, kernels=("emcad_kernels.triton.mscam", "mscam_forward", "mscam_backward"))}))

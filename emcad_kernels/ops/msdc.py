@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
+from ..testing import ExampleInputs
 from ._args import (BatchNormLike, batch_norm_args, check_activation, check_batch_stats_count,
                     check_depthwise_weight, check_input, check_positive_int, conv_out_size, dense_grad,
                     empty_like_output, empty_stats, same_batch_stats_mode, update_running_stats)
@@ -170,11 +171,24 @@ def _unsupported(call: Call, *, max_branches: int, max_kernel: int, strides: tup
 
 CPU_ACTIVATIONS = ("identity", "relu", "relu6", "leakyrelu", "hswish")
 
+def _examples(device, dtype) -> list:
+    """MSCB's 1/3/5 branches summed and shuffled (training mode); two branches concatenated and shuffled in eval
+    mode, channels_last."""
+    t = ExampleInputs(device, dtype, seed=10)
+    x = t.randn(2, 6, 7, 5)
+    ws = [t.randn(6, 1, k, k, scale=0.3) for k in (1, 3, 5)]
+    train = ((x, ws, [t.batch_norm(6) for _ in ws]), dict(activation="relu6", shuffle_groups=3, training=True))
+    x = t.randn(1, 5, 9, 6, channels_last=True)
+    ws = [t.randn(5, 1, k, k, scale=0.3) for k in (3, 7)]
+    return [train, ((x, ws, [t.batch_norm(5) for _ in ws]),
+                    dict(activation="hswish", combine="concat", shuffle_groups=2, training=False))]
+
+
 MSDC = register_op(OpDescriptor(
     name="multi_scale_dwconv", kernel="msdc", forward_schema=FORWARD_SCHEMA, backward_schema=BACKWARD_SCHEMA,
     prepare=prepare, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
     backward=_backward, flops_forward=_flops_forward, flops_backward=_flops_backward,
-    reference=(reference.msdc_forward, reference.msdc_backward), fvcore=_fvcore,
+    reference=(reference.msdc_forward, reference.msdc_backward), fvcore=_fvcore, examples=_examples,
     support={
         "cpu": Support(lambda call: _unsupported(call, max_branches=8, max_kernel=9, strides=(1, 2),
                                                  activations=CPU_ACTIVATIONS)),

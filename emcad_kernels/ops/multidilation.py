@@ -20,6 +20,7 @@ from torch import Tensor
 from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
+from ..testing import ExampleInputs
 from ._args import (MAX_KERNEL_SIZE, check_eps, check_input, check_like, check_tensor, dense_grad,
                     empty_like_output)
 
@@ -262,12 +263,35 @@ def _triton(call: Call) -> list[str]:
     return reasons
 
 
+def _lndw_examples(device, dtype) -> list:
+    """EGE-UNet's GAB shape in small: three groups (3, 3, 4 channels), 3x3, dilations 1, 2, 3; channels_last with
+    two 5x5 groups and default affine parameters and biases."""
+    t = ExampleInputs(device, dtype, seed=15)
+    sizes = (3, 3, 4)
+    first = ((t.randn(2, 10, 7, 5), [t.randn(g, scale=0.2, offset=1.0) for g in sizes],
+              [t.randn(g, scale=0.1) for g in sizes], [t.randn(g, 1, 3, 3, scale=0.3) for g in sizes],
+              [t.randn(g, scale=0.1) for g in sizes]), dict(dilations=(1, 2, 3)))
+    return [first, ((t.randn(1, 8, 6, 5, channels_last=True), None, None,
+                     [t.randn(4, 1, 5, 5, scale=0.3) for _ in range(2)]), dict(dilations=(1, 2)))]
+
+
+def _dwgn_examples(device, dtype) -> list:
+    """MALUNet's DGA in small: three groups of 3 channels, 3x3, dilations 1, 2, 5; channels_last with two 5x5
+    groups and default biases and GroupNorm affine parameters."""
+    t = ExampleInputs(device, dtype, seed=16)
+    first = ((t.randn(2, 9, 7, 5), [t.randn(3, 1, 3, 3, scale=0.3) for _ in range(3)],
+              [t.randn(3, scale=0.1) for _ in range(3)], t.randn(9, scale=0.2, offset=1.0), t.randn(9, scale=0.1)),
+             dict(dilations=(1, 2, 5)))
+    return [first, ((t.randn(1, 8, 5, 6, channels_last=True), [t.randn(4, 1, 5, 5, scale=0.3) for _ in range(2)],
+                     None, None, None), dict(dilations=(2, 1)))]
+
+
 LNDW = register_op(OpDescriptor(
     name="layernorm_dilated_dwconv", kernel="lndw", forward_schema=LNDW_FORWARD_SCHEMA,
     backward_schema=LNDW_BACKWARD_SCHEMA, prepare=prepare_lndw, fake_forward=_fake_forward,
     fake_backward=_fake_lndw_backward, setup_context=_lndw_setup_context, backward=_lndw_backward,
     flops_forward=_lndw_flops_forward, flops_backward=_lndw_flops_backward,
-    reference=(reference.lndw_forward, reference.lndw_backward), fvcore=_fvcore(3),
+    reference=(reference.lndw_forward, reference.lndw_backward), fvcore=_fvcore(3), examples=_lndw_examples,
     support={"cpu": Support(),
              "triton": Support(_triton, kernels=("emcad_kernels.triton.lndw", "lndw_forward", "lndw_backward"))}))
 
@@ -276,6 +300,6 @@ DWGN = register_op(OpDescriptor(
     backward_schema=DWGN_BACKWARD_SCHEMA, prepare=prepare_dwgn, fake_forward=_fake_forward,
     fake_backward=_fake_dwgn_backward, setup_context=_dwgn_setup_context, backward=_dwgn_backward,
     flops_forward=_dwgn_flops_forward, flops_backward=_dwgn_flops_backward,
-    reference=(reference.dwgn_forward, reference.dwgn_backward), fvcore=_fvcore(1),
+    reference=(reference.dwgn_forward, reference.dwgn_backward), fvcore=_fvcore(1), examples=_dwgn_examples,
     support={"cpu": Support(),
              "triton": Support(_triton, kernels=("emcad_kernels.triton.dwgn", "dwgn_forward", "dwgn_backward"))}))

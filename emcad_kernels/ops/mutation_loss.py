@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
+from ..testing import ExampleInputs
 from ..reference import stats_dtype
 from ._args import check_input, check_tensor, empty_like_output, empty_stats
 
@@ -155,11 +156,19 @@ def _no_flops(*args, **kwargs) -> int:
     return 0  # softmax and bilinear sampling; FlopCounterMode counts neither for the plain loss
 
 
+def _examples(device, dtype) -> list:
+    """Three heads of different sizes (7 subsets, 4 classes); one channels_last head (3 classes)."""
+    t = ExampleInputs(device, dtype, seed=14)
+    heads = [t.randn(2, 4, h, w) for h, w in ((3, 3), (5, 4), (9, 7))]
+    return [((heads, t.integers(4, 2, 11, 9)), {}),
+            (([t.randn(1, 3, 4, 5, channels_last=True)], t.integers(3, 1, 8, 10)), {})]
+
+
 MUTATION_STATS = register_op(OpDescriptor(
     name="mutation_stats", kernel="mutation_stats", forward_schema=FORWARD_SCHEMA, backward_schema=BACKWARD_SCHEMA,
     prepare=prepare, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
     backward=_backward, flops_forward=_no_flops, flops_backward=_no_flops,
-    reference=(reference.mutation_stats_forward, reference.mutation_stats_backward),
+    reference=(reference.mutation_stats_forward, reference.mutation_stats_backward), examples=_examples,
     support={"cpu": Support(),
              "triton": Support(kernels=("emcad_kernels.triton.mutation_loss", "mutation_stats_forward",
                                         "mutation_stats_backward"))}))

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
+from ..testing import ExampleInputs
 from ._args import (BatchNormLike, batch_norm_args, check_activation, check_batch_stats_count,
                     check_depthwise_weight, check_input, check_positive_int, dense_grad, empty_like_output,
                     empty_stats, update_running_stats)
@@ -150,11 +151,22 @@ def _triton(call: Call) -> list[str]:
     return reasons
 
 
+def _examples(device, dtype) -> list:
+    """EUCB's nearest x2 + 3x3 in training mode; channels_last in eval mode; bilinear with a 5x5 kernel."""
+    t = ExampleInputs(device, dtype, seed=11)
+    return [((t.randn(2, 5, 6, 7), t.randn(5, 1, 3, 3, scale=0.3), t.batch_norm(5)),
+             dict(activation="relu", training=True)),
+            ((t.randn(1, 4, 5, 3, channels_last=True), t.randn(4, 1, 3, 3, scale=0.3), t.batch_norm(4)),
+             dict(activation="relu6", training=False)),
+            ((t.randn(1, 3, 3, 5), t.randn(3, 1, 5, 5, scale=0.3), t.batch_norm(3)),
+             dict(mode="bilinear", activation="relu", training=True))]
+
+
 UPDW = register_op(OpDescriptor(
     name="upsample_dwconv", kernel="updw", forward_schema=FORWARD_SCHEMA, backward_schema=BACKWARD_SCHEMA,
     prepare=prepare, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup_context,
     backward=_backward, flops_forward=_flops_forward, flops_backward=_flops_backward,
-    reference=(reference.updw_forward, reference.updw_backward), fvcore=_fvcore,
+    reference=(reference.updw_forward, reference.updw_backward), fvcore=_fvcore, examples=_examples,
     support={
         "cpu": Support(_cpu),
         "cuda": Support(_cuda),

@@ -71,10 +71,16 @@ if INTERPRET:
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# activation codes (constexpr inside kernels)
+# activation codes (constexpr inside kernels): the EmcadActivation codes of csrc/common/codes.h, like the C++ and
+# CUDA kernels (tests/test_native_codes.py checks that they match)
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "relu6": 2, "leakyrelu": 3, "hswish": 4, "gelu": 5}
+_RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+_RELU6 = tl.constexpr(ACTIVATION_CODES["relu6"])
+_LEAKYRELU = tl.constexpr(ACTIVATION_CODES["leakyrelu"])
+_HSWISH = tl.constexpr(ACTIVATION_CODES["hswish"])
+_GELU = tl.constexpr(ACTIVATION_CODES["gelu"])
 
-LEAKY_SLOPE = 0.2  # EMCAD.md §2.1
+LEAKY_SLOPE = tl.constexpr(0.2)  # EMCAD.md §2.1; EMCAD_LEAKY_SLOPE of csrc/common/codes.h
 
 
 def next_pow2(n: int) -> int:
@@ -215,15 +221,15 @@ def empty_scratch(lead: int, n: int, c: int, h: int, w: int, channels_last: bool
 @triton.jit
 def activate(z, ACT: tl.constexpr):
     """Forward activation of fp32 ``z`` (codes: ACTIVATION_CODES)."""
-    if ACT == 1:
+    if ACT == _RELU:
         out = tl.maximum(z, 0.0)
-    elif ACT == 2:
+    elif ACT == _RELU6:
         out = tl.minimum(tl.maximum(z, 0.0), 6.0)
-    elif ACT == 3:
-        out = tl.where(z > 0.0, z, z * 0.2)
-    elif ACT == 4:
+    elif ACT == _LEAKYRELU:
+        out = tl.where(z > 0.0, z, z * LEAKY_SLOPE)
+    elif ACT == _HSWISH:
         out = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
-    elif ACT == 5:
+    elif ACT == _GELU:
         out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     else:
         out = z
@@ -233,15 +239,15 @@ def activate(z, ACT: tl.constexpr):
 @triton.jit
 def activate_grad(z, g, ACT: tl.constexpr):
     """``g · act'(z)`` with PyTorch's conventions at the kinks (relu: 0 at 0; hardtanh: 0 at both ends)."""
-    if ACT == 1:
+    if ACT == _RELU:
         out = tl.where(z > 0.0, g, 0.0)
-    elif ACT == 2:
+    elif ACT == _RELU6:
         out = tl.where((z > 0.0) & (z < 6.0), g, 0.0)
-    elif ACT == 3:
-        out = tl.where(z > 0.0, g, g * 0.2)
-    elif ACT == 4:
+    elif ACT == _LEAKYRELU:
+        out = tl.where(z > 0.0, g, g * LEAKY_SLOPE)
+    elif ACT == _HSWISH:
         out = tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, g * (z / 3.0 + 0.5), g))
-    elif ACT == 5:
+    elif ACT == _GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         out = g * (cdf + z * pdf)

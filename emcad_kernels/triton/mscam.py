@@ -58,7 +58,6 @@ from . import _reduce
 from ._utils import INTERPRET, activate, activate_grad, activation_code, cdiv, empty_4d, is_channels_last, next_pow2
 
 MAX_KERNEL_SIZE = 11
-NEG_INF = float("-inf")
 
 
 # --------------------------------------------------------------------------------------------------
