@@ -7,53 +7,19 @@
 // through a three-row ring buffer per item and writes dx; the weight and bias gradients are per-item partial rows
 // reduced here in item order (bitwise the same for any thread count, no atomics).
 //
-// Kernels: token_dwconv_gelu_impl.h, compiled below per instruction set; the choice follows active_table()
-// (emcad_kernels cpu_set_isa / EMCAD_CPU_ISA), like the mscam and mutation_loss kernels.
+// Kernels: token_dwconv_gelu_impl.h, compiled once per instruction set with all other CPU kernels
+// (isa_<name>.cpp); the build in use follows active_table() (emcad_kernels cpu_set_isa / EMCAD_CPU_ISA).
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "cpu/binding_utils.h"
-#include "cpu/kernels_prelude.h"
-#include "cpu/token_dwconv_gelu.h"
 
 namespace emcad_cpu {
 
-namespace tdg_default {
-constexpr int kTdgVecBytes = 16;
-#include "cpu/token_dwconv_gelu_impl.h"
-const TdgTable& table() { return tdg_table_impl("default"); }
-}  // namespace tdg_default
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace tdg_avx2 {
-constexpr int kTdgVecBytes = 32;
-#include "cpu/token_dwconv_gelu_impl.h"
-const TdgTable& table() { return tdg_table_impl("avx2"); }
-}  // namespace tdg_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
-namespace tdg_avx512 {
-constexpr int kTdgVecBytes = 64;
-#include "cpu/token_dwconv_gelu_impl.h"
-const TdgTable& table() { return tdg_table_impl("avx512"); }
-}  // namespace tdg_avx512
-#pragma GCC pop_options
-#endif
-
 namespace {
-
-const TdgTable& active_tdg_table() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const char* name = active_table().name;
-  if (std::strcmp(name, "avx512") == 0) return tdg_avx512::table();
-  if (std::strcmp(name, "avx2") == 0) return tdg_avx2::table();
-#endif
-  return tdg_default::table();
-}
 
 struct Setup {
   at::Tensor x;          // contiguous tokens
@@ -80,7 +46,7 @@ Setup setup(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bia
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, "emcad_kernels cpu: token_dwconv_gelu: bias must have shape [",
               C, "], got ", bias.sizes());
   s.x = x.contiguous();
-  const at::ScalarType acc = s.dt == kF64 ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = s.dt == EMCAD_DTYPE_F64 ? at::kDouble : at::kFloat;
   // [C, 1, 3, 3] -> [9][C]: each tap's weights contiguous over the channels
   s.w = weight.reshape({C, 9}).t().to(acc).contiguous();
   s.bias = bias.to(acc).contiguous();
@@ -107,7 +73,7 @@ at::Tensor token_dwconv_gelu_fwd(const at::Tensor& x, const at::Tensor& weight, 
   Setup s = setup(x, weight, bias, height, width);
   at::Tensor y = at::empty(s.x.sizes(), s.x.options());
   s.a.y = y.data_ptr();
-  run_items(active_tdg_table().f[s.dt].fwd, s.a, s.items);
+  run_items(active_table().token_dwconv_gelu[s.dt].fwd, s.a, s.items);
   return y;
 }
 
@@ -126,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_dwconv_gelu_bwd(const at::T
   s.a.g = g.data_ptr();
   s.a.gx = gx.data_ptr();
   s.a.part = part.data();
-  run_items(active_tdg_table().f[s.dt].bwd, s.a, s.items);
+  run_items(active_table().token_dwconv_gelu[s.dt].bwd, s.a, s.items);
   // partial rows [items][tap][C] + [items][C] -> weight [C][tap] and bias [C], summed in item order
   const Vec sums = sum_items(part.data(), s.items, 10 * C);
   Vec gw((size_t)(9 * C));

@@ -1,6 +1,6 @@
 // Interface between the torch binding of token_dwconv_gelu (token_dwconv_gelu.cpp) and its kernels
-// (token_dwconv_gelu_impl.h, compiled once per instruction set inside token_dwconv_gelu.cpp). Torch-free: raw
-// pointers into dense tensors.
+// (token_dwconv_gelu_impl.h, compiled once per instruction set by isa_<name>.cpp). Torch-free: raw pointers into
+// dense tensors.
 //
 // Layout: x, y, g, gx are contiguous tokens (N, H*W, C): element (n, c) of pixel (h, w) at ((n*H + h)*W + w)*C + c,
 // i.e. an NHWC map. Weights and partials use the accumulation type A (float; double for fp64 storage).
@@ -24,15 +24,10 @@ struct TdgArgs {
 
 using TdgFn = void (*)(const TdgArgs&, int64_t, int64_t);
 
-struct TdgFns {
+// the kernels of one storage dtype
+struct TdgKernels {
   TdgFn fwd;  // items (n, band): y
   TdgFn bwd;  // items (n, band): gx and the partial rows
-};
-
-// One entry per dtype (kF32, kF64, kBF16).
-struct TdgTable {
-  const char* name;
-  TdgFns f[3];
 };
 
 }  // namespace emcad_cpu

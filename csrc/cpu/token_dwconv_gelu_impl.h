@@ -1,9 +1,9 @@
 // Kernels of token_dwconv_gelu (PVTv2's Mix-FFN middle: GELU(dwconv3x3(x) + bias) on (N, H*W, C) tokens),
-// compiled once per instruction set: token_dwconv_gelu.cpp includes this file inside namespace
-// emcad_cpu::tdg_<isa> (under `#pragma GCC target(...)` for avx2 / avx512) after defining kTdgVecBytes, the
-// vector width of that build. No torch headers: raw pointers into contiguous tokens (an NHWC map).
+// compiled once per instruction set inside namespace emcad_cpu::isa_<name> (isa_target.h), whose kVecBytes is the
+// vector width of that build. Interface: TdgArgs, TdgKernels (token_dwconv_gelu.h). No torch headers: raw pointers
+// into contiguous tokens (an NHWC map).
 //
-// Vectorisation: one vector holds consecutive channels of one pixel (GCC vector types of kTdgVecBytes). Two
+// Vectorisation: one vector holds consecutive channels of one pixel (GCC vector types of kVecBytes). Two
 // traversal orders (see tdg_pixel_major): pixel-major, the nine taps of a pixel's channel block loaded from L1; or
 // strips, each channel vector sliding the 3x3 window along a few pixels in registers (three loads per pixel, the
 // weights and the weight-gradient sums in registers). Channels past the last full vector take a scalar path. GELU
@@ -17,13 +17,15 @@
 // bias-gradient terms to its own partial row; the binding reduces the rows in item order: bitwise the same for
 // any thread count.
 
+namespace tdg {
+
 using emcad::bf16;
 
-typedef float TdgVF __attribute__((vector_size(kTdgVecBytes)));
-typedef double TdgVD __attribute__((vector_size(kTdgVecBytes)));
-typedef int32_t TdgVI __attribute__((vector_size(kTdgVecBytes)));
-typedef uint32_t TdgVU __attribute__((vector_size(kTdgVecBytes)));
-typedef uint16_t TdgVH __attribute__((vector_size(kTdgVecBytes / 2)));
+typedef float TdgVF __attribute__((vector_size(kVecBytes)));
+typedef double TdgVD __attribute__((vector_size(kVecBytes)));
+typedef int32_t TdgVI __attribute__((vector_size(kVecBytes)));
+typedef uint32_t TdgVU __attribute__((vector_size(kVecBytes)));
+typedef uint16_t TdgVH __attribute__((vector_size(kVecBytes / 2)));
 
 // ---- exact GELU ---------------------------------------------------------------------------------------
 constexpr double kTdgSqrtHalf = 0.70710678118654752440;
@@ -141,7 +143,7 @@ template <>
 struct TdgT<double> {
   using A = double;
   using V = TdgVD;
-  static constexpr int kLanes = kTdgVecBytes / 8;
+  static constexpr int kLanes = kVecBytes / 8;
   static V load(const double* p) {
     V v;
     std::memcpy(&v, p, sizeof(v));
@@ -160,7 +162,7 @@ struct TdgT<double> {
 
 template <typename S>
 constexpr int64_t tdg_lanes() {
-  return kTdgVecBytes / static_cast<int64_t>(sizeof(typename TdgT<S>::A));
+  return kVecBytes / static_cast<int64_t>(sizeof(typename TdgT<S>::A));
 }
 
 // the nine weights (tap-major [9][C]) of the channel vector at c0
@@ -543,10 +545,13 @@ void tdg_bwd_items(const TdgArgs& a, int64_t b, int64_t e) {
   }
 }
 
-inline const TdgTable& tdg_table_impl(const char* name) {
-  static const TdgTable t = {name,
-                             {{&tdg_fwd_items<float>, &tdg_bwd_items<float>},
-                              {&tdg_fwd_items<double>, &tdg_bwd_items<double>},
-                              {&tdg_fwd_items<bf16>, &tdg_bwd_items<bf16>}}};
-  return t;
+// the kernels of storage type S (TdgKernels, token_dwconv_gelu.h)
+template <typename S>
+TdgKernels tdg_kernels() {
+  TdgKernels k;
+  k.fwd = tdg_fwd_items<S>;
+  k.bwd = tdg_bwd_items<S>;
+  return k;
 }
+
+}  // namespace tdg
