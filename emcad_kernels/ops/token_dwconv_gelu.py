@@ -20,6 +20,7 @@ from torch import Tensor
 from .. import flops, reference
 from ..backends import register_op, run
 from ..descriptor import Call, OpDescriptor, Support
+from ..testing import ExampleInputs
 from ._args import FLOAT_DTYPES, check_like, check_tensor
 
 KERNEL_SIZE = 3
@@ -116,11 +117,20 @@ def _fvcore(inputs, outputs) -> int:
     return flops.conv_macs([b, c, tokens, 1], flops.jit_shape(inputs[1]))
 
 
+def _examples(device, dtype) -> list:
+    """A 5x7 map of 13 channels (not a multiple of any vector width); a one-row 1x9 map (every tap row but the
+    middle one is padding) without bias."""
+    t = ExampleInputs(device, dtype, seed=17)
+    return [((t.randn(2, 5 * 7, 13), t.randn(13, 1, 3, 3, scale=0.3), t.randn(13, scale=0.5), (5, 7)), {}),
+            ((t.randn(1, 9, 6), t.randn(6, 1, 3, 3, scale=0.3), None, (1, 9)), {})]
+
+
 TOKEN_DWCONV_GELU = register_op(OpDescriptor(
     name="token_dwconv_gelu", kernel="token_dwconv_gelu", forward_schema=FORWARD_SCHEMA,
     backward_schema=BACKWARD_SCHEMA, prepare=prepare, fake_forward=_fake_forward, fake_backward=_fake_backward,
     setup_context=_setup_context, backward=_backward, flops_forward=_flops_forward, flops_backward=_flops_backward,
     reference=(reference.token_dwconv_gelu_forward, reference.token_dwconv_gelu_backward), fvcore=_fvcore,
+    examples=_examples,
     support={"cpu": Support(),
              "triton": Support(kernels=("emcad_kernels.triton.token_dwconv_gelu", "token_dwconv_gelu_forward",
                                         "token_dwconv_gelu_backward"))}))
