@@ -3,7 +3,7 @@
 
 For each fused op (``msdc``, ``updw``, ``lgag``, ``mscam`` at the EMCAD-B2 decoder shapes; ``mutation_loss`` on
 EMCADNet's four heads, 9 classes; ``lndw``, ``dwgn`` at the EGE-UNet GAB / MALUNet DGA shapes of the same
-strides, see ``op_problem``) at 224 px / batch 6 and
+strides; ``mixffn``, ``token_dwconv_gelu`` at the PVTv2-B2 encoder's Mix-FFN shapes; see ``op_problem``) at 224 px / batch 6 and
 352 px / batch 16 (four stages each), in bf16 and fp32, and each mode (``fwd_eval``: inference forward; ``fwd_train``:
 training forward; ``fwd_bwd``: training forward + backward) it times these providers side by side:
 
@@ -18,7 +18,7 @@ training forward; ``fwd_bwd``: training forward + backward) it times these provi
 
 The device's copy bandwidth is measured in the same run (``dst.copy_(src)``, bytes read + written); forward rows
 carry the achieved bandwidth of the ideal traffic (MSDC: read x + write y; EUCB front: read x + write 4x; LGAG:
-read g, x + write out; LNDW, DWGN: read x + write y; MSCAM: read x + write y, although it reads x three
+read g, x + write out; LNDW, DWGN, Mix-FFN middle: read x + write y; MSCAM: read x + write y, although it reads x three
 times) as a fraction of it. The whole decoder
 (``emcad.models.EMCAD``), EMCADNet-B2 (``emcad.create_model("emcad_b2")``), EGE-UNet and MALUNet (``--nets``) get
 training-step time (forward, loss, backward, AdamW step), peak training memory and inference latency per provider
@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="directory for the JSON / CSV / Markdown results")
     p.add_argument("--sizes", default="224:6,352:16", help="image_size:batch pairs (default: 224:6,352:16)")
     p.add_argument("--dtypes", default=None, help="comma list of bf16, fp16, fp32 (default: bf16,fp32; dry run: fp32)")
-    p.add_argument("--ops", default="msdc,updw,lgag,lndw,dwgn,mscam,mutation_loss")
+    p.add_argument("--ops", default="msdc,updw,lgag,lndw,dwgn,mscam,mutation_loss,mixffn")
     p.add_argument("--stages", default="0,1,2,3", help="decoder stages (0 = deepest, stride 32)")
     p.add_argument("--providers", default=",".join(p for p in PROVIDERS if p != "auto"))
     p.add_argument("--net-providers", default=None,
@@ -211,6 +211,28 @@ class MutationLossRef(nn.Module):
         return ek.mutation_loss(list(heads), self.target, backend=backend)
 
 
+class MixFFNMidRef(nn.Module):
+    """The middle of PVTv2's Mix-FFN on (B, H·W, C) tokens as the plain modules compose it (tokens -> NCHW map,
+    depthwise 3×3 with bias, -> tokens, GELU); ``fused`` is the ``token_dwconv_gelu`` op on the tokens."""
+
+    def __init__(self, c, size):
+        super().__init__()
+        self.size = size
+        self.dwconv = nn.Conv2d(c, c, 3, 1, 1, groups=c)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        m = x.transpose(1, 2).reshape(b, c, *self.size)
+        return nn.functional.gelu(self.dwconv(m).flatten(2).transpose(1, 2))
+
+    def fused(self, x):
+        return ek.token_dwconv_gelu(x, self.dwconv.weight, self.dwconv.bias, self.size, backend="triton")
+
+
+# PVTv2-B2 Mix-FFN hidden widths at strides 32, 16, 8, 4 (embed dims 512, 320, 128, 64 times mlp ratios 4, 4, 8, 8)
+MIXFFN_HIDDEN = (2048, 1280, 1024, 512)
+DRY_MIXFFN_HIDDEN = (12, 20, 8, 6)
+
 # per stage (strides 32, 16, 8, 4): EGE-UNet GAB5..GAB2 group width g (4 groups of g channels) and MALUNet DGA
 # channels (DGA(64) / DGA(32) / DGA(24) run at strides 32 / 16 / 8; MALUNet has no DGA at stride 4)
 LNDW_GROUP = (25, 17, 13, 9)
@@ -234,6 +256,9 @@ def op_problem(op: str, channels, stage: int, size: int, batch: int):
         k = 9
         shapes = [(batch, k, size // s, size // s) for s in STRIDES]
         return MutationLossRef(k, size, batch), shapes, sum(math.prod(sh) for sh in shapes) + batch * size * size
+    if op == "mixffn":  # the encoder's tokens at this stride: read x + write y
+        c = (DRY_MIXFFN_HIDDEN if dry else MIXFFN_HIDDEN)[stage]
+        return MixFFNMidRef(c, (r, r)), [(batch, r * r, c)], 2 * batch * c * r * r
     if op == "mscam":  # CAB · SAB on the stage's C channels: read x + write y (the kernels read x 3×)
         e = batch * c * r * r
         return MSCAMRef(c), [(batch, c, r, r)], 2 * e
@@ -424,7 +449,7 @@ def check_targets(rows, sizes):
     for r in rows:
         if r.get("kind") != "op" or r.get("provider") != "triton" or r.get("mode") != "fwd_bwd" or "ms_p50" not in r:
             continue
-        if r["op"] in ("mscam", "mutation_loss"):  # issue 8 sets decoder-level targets only: reported, not judged
+        if r["op"] in ("mscam", "mutation_loss", "mixffn"):  # their issues set CPU / network targets: reported only
             continue
         key = {k: r[k] for k in ("op", "image_size", "stage", "dtype")}
         eager = _find(rows, kind="op", provider="eager_nchw", mode="fwd_bwd", **key)

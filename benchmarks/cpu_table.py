@@ -4,7 +4,7 @@
     python benchmarks/cpu_table.py --quick              # fewer shapes / repeats
     python benchmarks/cpu_table.py --only msdc --res 352
 
-Baselines (issue 3): for each op the best of the plain PyTorch composition (what ``backend="torch"`` modules
+Baselines: for each op the best of the plain PyTorch composition (what ``backend="torch"`` modules
 run) in eager NCHW, eager channels_last and ``torch.compile`` (inductor, default mode) of the same composition.
 The fused provider is the public functional call with ``backend="cpu"`` (Python checks and dispatch included).
 Modes: forward in eval mode, and forward + backward in training mode (batch-statistics BN, running-stat
@@ -13,11 +13,11 @@ the fused decoder ("cpu" rows) is the default ``backend="auto"``: the cpu kernel
 ``mscam`` (csrc/cpu/mscam.cpp). Also: saved-activation bytes of a decoder training step (``saved_tensors_hooks``) and the fraction of the
 measured copy bandwidth that the eval-mode MSDC kernel reaches.
 
-Section ``mscam`` (issue 8): the MSCAM attention (CAB then SAB) of the four decoder stages: plain CAB + SAB modules
-(NCHW, channels_last), the reference backend's ``mscam`` op and the cpu kernel, forward and forward + backward; and
+Section ``mscam``: the MSCAM attention (CAB then SAB) of the four decoder stages: plain CAB + SAB modules
+(NCHW, channels_last, torch.compile), the reference backend's ``mscam`` op and the cpu kernel, forward and forward + backward; and
 the fused decoder with the ``mscam`` cpu kernel vs ``mscam`` on the reference backend (inference, training step).
 
-Section ``fusion`` (issue 8): decoder inference before / after eval-mode pointwise folding and the ``mscam`` op
+Section ``fusion``: decoder inference before / after eval-mode pointwise folding and the ``mscam`` op
 in one run, EMCADNet's heads (all four vs ``heads="last"``), and operator / compute-launch counts per decoder
 forward from ``torch.profiler`` (``op_counts``). On a machine shared with other jobs, two OpenMP threads wait for
 each other at every barrier while one of them is descheduled, so wall-clock times balloon; ``--threads 1 --clock
@@ -25,11 +25,25 @@ cpu`` (CPU time of one thread) is then the stable measure:
 
     python benchmarks/cpu_table.py --only fusion --threads 1 --clock cpu
 
-Section ``loss`` (issue 8): the MUTATION deep-supervision loss (9 classes, ce_dice, 15 subsets) forward +
+Section ``loss``: the MUTATION deep-supervision loss (9 classes, ce_dice, 15 subsets) forward +
 backward from EMCADNet's low-resolution head logits (strides 32, 16, 8, 4): the plain ``SegmentationLoss`` on
 the bilinearly upsampled heads (eager, and ``torch.compile`` of the same function) vs the fused
 ``emcad_kernels.mutation_loss`` (``cpu`` backend, and the ``reference`` backend); time and the peak of the bytes
 resident-set growth of one forward + backward (first call, fresh process).
+
+Section ``mixffn``: the middle of PVTv2's Mix-FFN (depthwise 3x3 + bias + exact GELU on ``(B, H*W, C)`` tokens) at
+the four PVTv2-B2 stages: PVTv2's modules in eager NCHW (what ``backend="torch"`` runs), on a channels_last view,
+and torch.compile of them, vs ``token_dwconv_gelu(backend="cpu")``; forward and forward + backward.
+
+Section ``e2e``: the B2 decoder and whole EMCADNet-B2 / -B0, inference and a training step (the fused models with
+the fused MUTATION loss), every row against the best of ``backend="torch"`` in NCHW, in channels_last and
+torch.compile of it; bf16-autocast inference where the CPU has avx512_bf16, and the demo model's Dice in bf16 vs
+fp32. The command of the end-to-end results (``benchmarks/results/cpu_end_to_end.md``):
+
+    python benchmarks/cpu_table.py --res 224 --only msdc --only eucb --only lgag --only mscam --only mixffn \\
+        --only e2e --rounds 3 --reps 2 --threads 1 --clock cpu --out benchmarks/results/cpu_end_to_end.md
+
+(one thread and CPU time because the machine was shared; on an idle machine drop ``--threads 1 --clock cpu``).
 
 Timing: every provider of a row is measured in interleaved rounds (round-robin, so a load change on a shared
 machine hits all of them alike); the reported time is the best over all rounds and repetitions.
@@ -162,7 +176,8 @@ class PlainLGAG(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------------
-SECTIONS = ("msdc", "eucb", "lgag", "mscam", "decoder", "memory", "bandwidth", "bnact", "isa", "fusion", "loss")
+SECTIONS = ("msdc", "eucb", "lgag", "mscam", "decoder", "memory", "bandwidth", "bnact", "isa", "fusion", "loss",
+            "mixffn", "e2e")
 
 
 def measure(providers: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict[str, float]:
@@ -234,12 +249,10 @@ def mscam_shapes(res):
     return [(n, c, res // s, res // s) for c, s in zip(B2_CHANNELS, (32, 16, 8, 4))]
 
 
-MSCAM_PROVIDERS = ("eager nchw", "eager cl", "reference (nchw)", "reference (cl)", "cpu (nchw)", "cpu (cl)")
-
-
-def mscam_providers(shape, mode: str) -> dict[str, Callable[[], None]]:
+def mscam_providers(shape, mode: str, with_compile: bool = True) -> dict[str, Callable[[], None]]:
     """One row of the ``mscam`` section: the plain CAB + SAB modules (``d = cab(x) * x; sab(d) * d``, what
-    ``backend="torch"`` runs) in NCHW and channels_last, the reference backend's ``mscam`` op and the cpu
+    ``backend="torch"`` runs) in NCHW and channels_last and torch.compile of them, the reference backend's
+    ``mscam`` op and the cpu
     kernel (the public ``ek.mscam`` call). ``eval``: forward under no_grad; ``train``: forward + backward (the
     gradients of x and of the three weights)."""
     from emcad.models import CAB, SAB
@@ -279,6 +292,7 @@ def mscam_providers(shape, mode: str) -> dict[str, Callable[[], None]]:
         return fwd
 
     return {"eager nchw": run(plain, x_nchw), "eager cl": run(plain, x_cl),
+            **({"compile": run(_compile(plain), x_nchw)} if with_compile else {}),
             "reference (nchw)": run(op("reference"), x_nchw), "reference (cl)": run(op("reference"), x_cl),
             "cpu (nchw)": run(op("cpu"), x_nchw), "cpu (cl)": run(op("cpu"), x_cl)}
 
@@ -354,6 +368,29 @@ def decoder_providers(res, mode):
     return providers
 
 
+def decoder_compile_provider(res, mode):
+    """torch.compile (inductor) of the ``backend="torch"`` decoder: inference, or the training step of
+    ``decoder_providers`` with forward + loss compiled."""
+    dec = make_decoder("torch")
+    x, skips = decoder_inputs(res)
+    if mode == "eval":
+        fn = _compile(dec.eval())
+
+        def fwd():
+            with torch.no_grad():
+                fn(x, skips)
+        return fwd
+    dec.train()
+    opt = torch.optim.SGD(dec.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = _compile(lambda a, b: sum(o.float().mean() for o in dec(a, b)))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(x, skips).backward()
+        opt.step()
+    return step
+
+
 def saved_activation_bytes(backend, res, channels_last=False):
     """Bytes of distinct tensors saved for backward during one decoder training forward."""
     dec = make_decoder(backend).train()
@@ -398,11 +435,11 @@ def copy_bandwidth_gbs(numel=64 * 2**20 // 4, rounds=5, reps=5):
 
 
 # --------------------------------------------------------------------------------------------------
-# issue 8: eval-mode pointwise folding, heads at inference, op counts
+# eval-mode pointwise folding, heads at inference, op counts
 # --------------------------------------------------------------------------------------------------
 def folding_providers(res):
-    """Decoder inference: torch baselines, and the fused cpu backend before issue 8 ("unfolded":
-    ``FOLD_EVAL_POINTWISE = False`` and plain CAB / SAB) and after it ("folded": folded pointwise convs, the
+    """Decoder inference: torch baselines, and the fused cpu backend without the eval-mode folding and the mscam op
+    ("unfolded": ``FOLD_EVAL_POINTWISE = False`` and plain CAB / SAB) and with them ("folded": folded pointwise convs, the
     ``mscam`` op), NCHW and channels_last, in one run. "folded" runs ``backend="auto"``: the cpu kernels for
     MSDC / EUCB / LGAG and ``mscam``."""
     from emcad.models import blocks
@@ -423,7 +460,7 @@ def folding_providers(res):
                                      ("cpu cl unfolded", "cpu", True, False),
                                      ("cpu nchw folded", "auto", False, True), ("cpu cl folded", "auto", True, True)):
         dec = make_decoder(backend).eval()
-        if not fold:  # the fused path before issue 8: plain CAB / SAB too (no mscam op)
+        if not fold:  # the fused path before the eval-mode folding and the mscam op: plain CAB / SAB too (no mscam op)
             for m in (dec.cab4, dec.cab3, dec.cab2, dec.cab1, dec.sab):
                 m.set_backend("torch")
         if cl:
@@ -454,7 +491,7 @@ def heads_providers(res, num_classes=9):
 
 
 def prologue_providers(shape):
-    """MSCAM's ``ca·sa`` into pconv1's input (issue 8) vs leaving it separate, channels_last, eval, for the part of
+    """MSCAM's ``ca·sa`` into pconv1's input vs leaving it separate, channels_last, eval, for the part of
     an MSCB that differs: attention maps given. "separate": write ``y = x·ca·sa``, pconv1 as one GEMM with BN
     folded (+ ReLU6), residual ``out += y``. "prologue": ``ca`` folded into per-image pconv1 weights
     ``W·diag(ca)`` (a batched GEMM), ``sa`` applied to the GEMM output (it commutes with the 1×1 conv) with the
@@ -542,6 +579,185 @@ def loss_peak_rss_mb(res, provider: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------------------------------------
+# end to end: PVTv2's Mix-FFN op, the decoder, whole EMCADNets, bf16
+# --------------------------------------------------------------------------------------------------
+# PVTv2-B2 Mix-FFN problems at 224 px: (tokens per image, hidden channels) at strides 4, 8, 16, 32
+PVT_B2_MIXFFN = ((56, 512), (28, 1024), (14, 1280), (7, 2048))
+
+
+def mixffn_providers(res, stage, mode, with_compile=True) -> dict[str, Callable[[], None]]:
+    """One row of the ``mixffn`` section: the middle of PVTv2's Mix-FFN (depthwise 3x3 + bias + GELU) on
+    ``(B, H*W, C)`` tokens. "eager nchw": PVTv2's modules (tokens -> NCHW copy, conv, -> tokens, GELU: what
+    ``backend="torch"`` runs); "eager cl": the same ops on a channels_last view of the tokens (no copies);
+    "compile": torch.compile of the modules; "cpu": ``token_dwconv_gelu(backend="cpu")``. eval: forward under
+    no_grad; train: forward + backward (grads of x, weight, bias)."""
+    from emcad.encoders.pvtv2 import TokenDepthwiseConv, map_as_tokens, tokens_as_map
+    torch.manual_seed(0)
+    side, c = PVT_B2_MIXFFN[stage]
+    side = side * res // 224
+    n = RESOLUTIONS[res]
+    dw = TokenDepthwiseConv(c)
+
+    def plain(t):
+        return F.gelu(dw(t, side, side))
+
+    def plain_cl(t):
+        return F.gelu(map_as_tokens(dw.dwconv(tokens_as_map(t, side, side))))
+
+    def fused(t):
+        return ek.token_dwconv_gelu(t, dw.dwconv.weight, dw.dwconv.bias, (side, side), backend="cpu")
+
+    x = torch.randn(n, side * side, c)
+    grad = torch.randn(n, side * side, c)
+    training = mode == "train"
+
+    def run(fn):
+        if training:
+            xr = x.detach().requires_grad_(True)
+
+            def step():
+                fn(xr).backward(grad)
+            return step
+
+        def fwd():
+            with torch.no_grad():
+                fn(x)
+        return fwd
+
+    providers = {"eager nchw": run(plain), "eager cl": run(plain_cl)}
+    if with_compile:
+        providers["compile"] = run(_compile(plain))
+    providers["cpu"] = run(fused)
+    return providers
+
+
+def peak_rss_growth_mb(fn: Callable[[], None]) -> float:
+    """Peak resident-set growth (MB) during one call, after the warm-up calls of ``measure`` (allocator and
+    thread pools initialised; freed tensors are returned to the system by the CPU allocator)."""
+    from emcad.training.bench import _PeakRSS
+
+    with _PeakRSS() as m:
+        fn()
+    return m.growth / 2**20
+
+
+def make_emcadnet(name, backend, channels_last=False, dtype=torch.float32):
+    from emcad.models import create_model
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=9, backend=backend).to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def model_providers(name, res, mode, with_compile=True) -> dict[str, Callable[[], None]]:
+    """Whole-network rows (EMCADNet ``name``, 9 classes, ``res`` px, batch RESOLUTIONS[res]). Baselines:
+    ``backend="torch"`` in NCHW, channels_last, and torch.compile of the torch model (forward and plain loss as
+    one compiled function); fused: ``backend="auto"`` (cpu kernels in the decoder and the PVTv2 encoder), NCHW
+    and channels_last. eval: ``model(x, heads="last")`` under no_grad (what evaluation runs). train: one step
+    with SGD: baselines run the four upsampled heads and the plain MUTATION loss (``SegmentationLoss(fused=
+    False)``), the fused models the low-resolution heads and the fused loss (what ``emcad train`` runs)."""
+    from emcad.losses import SegmentationLoss
+    n = RESOLUTIONS[res]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, res, res, generator=gen)
+    target = torch.randint(0, 9, (n, res, res), generator=gen)
+    plain_loss = SegmentationLoss(9, "mutation", "ce_dice", fused=False)
+    fused_loss = SegmentationLoss(9, "mutation", "ce_dice", fused="auto")
+    providers = {}
+    for label, backend, cl in (("torch nchw", "torch", False), ("torch cl", "torch", True),
+                               ("compile", "torch", False), ("cpu", "auto", False), ("cpu (cl)", "auto", True)):
+        if label == "compile" and not with_compile:
+            continue
+        model = make_emcadnet(name, backend, cl)
+        xin = x.contiguous(memory_format=torch.channels_last) if cl else x
+        fused = backend != "torch"
+        if mode == "eval":
+            model.eval()
+            fn = _compile(lambda t, m=model: m(t, heads="last")) if label == "compile" else \
+                (lambda t, m=model: m(t, heads="last"))
+
+            def fwd(fn=fn, xin=xin):
+                with torch.no_grad():
+                    fn(xin)
+            providers[label] = fwd
+            continue
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        if fused:
+            def loss_fn(t, y, m=model):
+                return fused_loss(m(t, heads="lowres"), y)
+        else:
+            def loss_fn(t, y, m=model):
+                return plain_loss(m(t), y)
+            if label == "compile":
+                loss_fn = _compile(loss_fn)
+
+        def step(loss_fn=loss_fn, xin=xin, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(xin, target).backward()
+            opt.step()
+        providers[label] = step
+    return providers
+
+
+def bf16_providers(name, res) -> dict[str, Callable[[], None]]:
+    """Inference (``heads="last"``, no_grad) of the fused model in fp32 and under bf16 autocast, and of the torch
+    model under bf16 autocast."""
+    n = RESOLUTIONS[res]
+    x = torch.randn(n, 3, res, res, generator=torch.Generator().manual_seed(0))
+    providers = {}
+    for label, backend, bf16 in (("torch bf16", "torch", True), ("cpu fp32", "auto", False),
+                                 ("cpu bf16", "auto", True)):
+        model = make_emcadnet(name, backend).eval()
+
+        def fwd(model=model, bf16=bf16):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                model(x, heads="last")
+        providers[label] = fwd
+    return providers
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any("avx512_bf16" in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def demo_dice(checkpoint: Optional[str]) -> tuple[dict[tuple[str, str], float], str]:
+    """Mean foreground Dice of the demo model (``emcad train -o runs/demo``: EMCAD-B0, 64x64 synthetic data, 200
+    steps) on its held-out synthetic test split (64 images), fp32 and under bf16 autocast, with the fused
+    (``auto``) and the plain (``torch``) backend: ``{(backend, "fp32" | "bf16"): dice}``. Without ``checkpoint``
+    the demo run is trained first, into a temporary folder."""
+    import tempfile
+
+    from emcad.data import SyntheticSegmentation
+    from emcad.training.evaluation import evaluate_dataset
+    from emcad.training.inference import load_for_inference
+
+    if checkpoint is None:
+        from emcad.cli import main as emcad_main
+        threads = torch.get_num_threads()
+        tmp = tempfile.mkdtemp(prefix="emcad_demo_")
+        if emcad_main(["train", "-o", tmp]) != 0:
+            raise RuntimeError("training the demo model failed")
+        torch.set_num_threads(threads)  # train may lower them on a busy machine
+        checkpoint = os.path.join(tmp, "checkpoints", "best")
+    dice = {}
+    for backend in ("auto", "torch"):
+        model, pre = load_for_inference(checkpoint, backend=backend, device="cpu")
+        size = tuple(pre.get("size") or (64, 64))
+        ds = SyntheticSegmentation(64, size, seed=0, split="test")
+        k = int(pre.get("num_classes") or model.num_classes)
+        for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            summary, _, _ = evaluate_dataset(model, ds, k, device="cpu", autocast_dtype=dtype, compute_hd95=False)
+            dice[(backend, label)] = float(summary["mean"]["dice"])
+    return dice, checkpoint
+
+
 # aten ops that only make views, allocate or reinterpret: not kernel launches
 NON_COMPUTE_OPS = {"aten::" + n for n in (
     "view", "reshape", "_reshape_alias", "_unsafe_view", "permute", "expand", "as_strided", "t", "transpose",
@@ -560,7 +776,7 @@ def op_counts(backend, res, channels_last, fold=True, train=False):
     from torch.profiler import ProfilerActivity, profile
     from emcad.models import blocks
     dec = make_decoder(backend).train(train)
-    if not fold:  # as in folding_providers: the fused path before issue 8
+    if not fold:  # as in folding_providers: the fused path before the eval-mode folding and the mscam op
         for m in (dec.cab4, dec.cab3, dec.cab2, dec.cab1, dec.sab):
             m.set_backend("torch")
     x, skips = decoder_inputs(res, channels_last)
@@ -659,6 +875,10 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_table.md"))
     ap.add_argument("--threads", type=int, default=THREADS, help=f"torch.set_num_threads [{THREADS}]")
+    ap.add_argument("--rounds", type=int, help="interleaved timing rounds per row [5; 3 with --quick]")
+    ap.add_argument("--reps", type=int, help="calls per provider and round [3; 2 with --quick]")
+    ap.add_argument("--demo-checkpoint", help="e2e: the demo model (runs/demo/checkpoints/best) for the bf16 Dice "
+                    "check; trained into a temporary folder when not given")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: time.perf_counter; cpu: time.process_time (all threads summed) [wall]")
     args = ap.parse_args(argv)
@@ -667,8 +887,10 @@ def main(argv=None):
     torch.set_num_threads(THREADS)
     _ext.require_cpu_ext()
     rounds, reps = (3, 2) if args.quick else (5, 3)
+    rounds, reps = args.rounds or rounds, args.reps or reps
     sections = args.only or list(SECTIONS)
     resolutions = args.res or sorted(RESOLUTIONS)
+    started = time.perf_counter()
     info = machine_info()
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch.set_num_threads({THREADS}), clock "
              f"{args.clock}; kernel build "
@@ -708,11 +930,12 @@ def main(argv=None):
         for mode in ("eval", "train"):
             title = {"eval": "forward (no_grad)", "train": "forward + backward (grads of x and the 3 weights)"}[mode]
             lines += [f"### MSCAM attention (CAB then SAB, `x · ca · sa`) {title} (fp32, ms; lower is better)", "",
-                      "Baselines: the plain CAB + SAB modules and the reference backend's `mscam` op.", ""]
+                      "Baselines: the plain CAB + SAB modules (eager NCHW, channels_last, torch.compile) and the reference "
+                      "backend's `mscam` op.", ""]
             header = None
             for res in resolutions:
                 for shape in mscam_shapes(res):
-                    times = measure(mscam_providers(shape, mode), rounds, reps)
+                    times = measure(mscam_providers(shape, mode, not args.no_compile), rounds, reps)
                     if header is None:
                         header = list(times)
                         lines += ["| shape (N, C, H, W) | " + " | ".join(header) +
@@ -849,8 +1072,8 @@ def main(argv=None):
             _ext.set_cpu_isa(before)
         lines.append("")
     if "fusion" in sections:
-        lines += ["### Issue 8: decoder inference with eval-mode pointwise folding (fp32, ms, no_grad, eval)", "",
-                  "`unfolded` = the fused path before issue 8 (`blocks.FOLD_EVAL_POINTWISE = False`, plain CAB/SAB), "
+        lines += ["### Decoder inference with eval-mode pointwise folding (fp32, ms, no_grad, eval)", "",
+                  "`unfolded` = the fused path before the eval-mode folding and the mscam op (`blocks.FOLD_EVAL_POINTWISE = False`, plain CAB/SAB), "
                   "`folded` = after it; same run, interleaved rounds.", ""]
         header = None
         for res in resolutions:
@@ -898,7 +1121,7 @@ def main(argv=None):
             print(lines[-1], flush=True)
         lines.append("")
     if "loss" in sections:
-        lines += ["### Issue 8: MUTATION loss forward + backward from the four low-res heads (9 classes, fp32)", "",
+        lines += ["### MUTATION loss forward + backward from the four low-res heads (9 classes, fp32)", "",
                   "Times in ms (best of interleaved rounds); memory: peak resident-set growth (MB) of one forward + "
                   "backward (first full-size call in a fresh process, after a tiny warm-up call; eager providers only).", ""]
         for res in resolutions:
@@ -916,6 +1139,91 @@ def main(argv=None):
                          f" | {bname} | **{bt / t['cpu fused']:.2f}×** |")
             print(lines[-1], flush=True)
         lines.append("")
+    if "mixffn" in sections:
+        for mode in ("eval", "train"):
+            title = {"eval": "forward (no_grad)", "train": "forward + backward (grads of x, weight, bias)"}[mode]
+            lines += [f"### PVTv2 Mix-FFN middle (depthwise 3x3 + bias + GELU on tokens) {title} (fp32, ms; "
+                      "lower is better)", "", "Tokens (N, H·W, C) of the four PVTv2-B2 stages; RSS: peak resident-set "
+                      "growth of one call (MB).", ""]
+            header = None
+            for res in resolutions:
+                for stage in range(4):
+                    providers = mixffn_providers(res, stage, mode, not args.no_compile)
+                    times = measure(providers, rounds, reps)
+                    rss = {k: peak_rss_growth_mb(fn) for k, fn in providers.items()}
+                    if header is None:
+                        header = list(times)
+                        lines += ["| tokens (N, H·W, C) | " + " | ".join(header) +
+                                  " | best baseline | best fused | speed-up | RSS MB (" + ", ".join(header) + ") |",
+                                  "|" + "---|" * (len(header) + 5)]
+                    side, c = PVT_B2_MIXFFN[stage]
+                    side = side * res // 224
+                    row, ratio = fmt_row(f"{res}: ({RESOLUTIONS[res]}, {side * side}, {c})", times,
+                                         4.0 if mode == "eval" else None)
+                    lines.append(row + " " + ", ".join(f"{v:.0f}" for v in rss.values()) + " |")
+                    summary.setdefault(("mixffn", mode), []).append(ratio)
+                    print(lines[-1], flush=True)
+            lines.append("")
+    if "e2e" in sections:
+        res = resolutions[0]
+        n = RESOLUTIONS[res]
+        lines += [f"### End to end ({res} px, batch {n}, fp32, ms; RSS: peak resident-set growth of one call, MB)", "",
+                  "Baselines: `backend=\"torch\"` (the plain modules) in NCHW and channels_last, and torch.compile "
+                  "(inductor) of it. Fused: `backend=\"auto\"` (cpu kernels in the decoder and, for PVTv2, the encoder's "
+                  "Mix-FFN `token_dwconv_gelu` and SDPA attention). Inference: `heads=\"last\"`, no_grad, eval. Training "
+                  "step: forward, MUTATION loss, backward, SGD; the baselines with the plain loss on the upsampled heads, "
+                  "the fused models with `heads=\"lowres\"` and the fused loss (as `emcad train`).", ""]
+        header = ["torch nchw", "torch cl", "compile", "cpu", "cpu (cl)"]
+        if args.no_compile:
+            header.remove("compile")
+        lines += ["| network, mode | " + " | ".join(header) + " | best baseline | best fused | speed-up | RSS MB ("
+                  + ", ".join(header) + ") |", "|" + "---|" * (len(header) + 5)]
+        rows_e2e = [("decoder", "eval", 2.0), ("decoder", "train", None), ("emcad_b2", "eval", 2.0),
+                    ("emcad_b2", "train", 1.7), ("emcad_b0", "eval", None), ("emcad_b0", "train", None)]
+        for net, mode, target in rows_e2e:
+            if net == "decoder":
+                providers = decoder_providers(res, mode)
+                providers = {"torch nchw": providers["torch nchw"], "torch cl": providers["torch cl"],
+                             **({} if args.no_compile else {"compile": decoder_compile_provider(res, mode)}),
+                             "cpu": providers["cpu (nchw)"], "cpu (cl)": providers["cpu (cl)"]}
+                label = "EMCAD-B2 decoder"
+            else:
+                providers = model_providers(net, res, mode, not args.no_compile)
+                label = {"emcad_b2": "EMCADNet-B2", "emcad_b0": "EMCADNet-B0"}[net]
+            times = measure(providers, max(2, rounds - 2), 1)
+            rss = {k: peak_rss_growth_mb(fn) for k, fn in providers.items()}
+            what = "inference" if mode == "eval" else "training step"
+            row, ratio = fmt_row(f"{label}, {what}", times, target)
+            lines.append(row + " " + ", ".join(f"{v:.0f}" for v in rss.values()) + " |")
+            summary.setdefault(("e2e", net, mode), []).append(ratio)
+            print(lines[-1], flush=True)
+            del providers
+        lines.append("")
+        if cpu_has_avx512_bf16():
+            lines += [f"bf16 inference under `torch.autocast(\"cpu\", torch.bfloat16)` (this CPU has avx512_bf16"
+                      + (" and AMX" if "amx_bf16" in open("/proc/cpuinfo").read() else "") + "), ms:", "",
+                      "| network | torch bf16 | cpu fp32 | cpu bf16 | cpu fp32 / cpu bf16 |", "|---|---|---|---|---|"]
+            for net in ("emcad_b2", "emcad_b0"):
+                t = measure(bf16_providers(net, res), max(2, rounds - 2), 1)
+                ratio = t["cpu fp32"] / t["cpu bf16"]
+                verdict = " ✓" if ratio >= 1.5 else " ✗ (target 1.5×)"
+                lines.append(f"| {net} | {t['torch bf16']:.1f} | {t['cpu fp32']:.1f} | {t['cpu bf16']:.1f} | "
+                             f"**{ratio:.2f}×**{verdict} |")
+                print(lines[-1], flush=True)
+            dice, ckpt = demo_dice(args.demo_checkpoint)
+            d32, d16 = dice[("auto", "fp32")], dice[("auto", "bf16")]
+            t32, t16 = dice[("torch", "fp32")], dice[("torch", "bf16")]
+            verdict = "✓" if abs(d32 - d16) <= 0.005 else "✗ (must agree within 0.005)"
+            lines += ["", f"Demo model (`{ckpt}`), mean foreground Dice on its synthetic test split (64 images): "
+                      f"fused (`auto`) fp32 {d32:.4f}, bf16 autocast {d16:.4f}, difference {abs(d32 - d16):.4f} "
+                      f"{verdict}; plain (`torch`) fp32 {t32:.4f}, bf16 autocast {t16:.4f}, difference "
+                      f"{abs(t32 - t16):.4f}.",
+                      ""]
+            print(lines[-2], flush=True)
+        else:
+            lines += ["bf16 inference: not measured, this CPU has no avx512_bf16 (bf16 would be emulated).", ""]
+    lines += [f"Load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min); "
+              f"wall time of the run {time.perf_counter() - started:.0f} s.", ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -206,7 +206,7 @@ def make_inputs(shapes, dtype, device, channels_last, requires_grad):
     out = []
     for s in shapes:
         t = torch.randn(s, device=device, dtype=dtype)
-        if channels_last:
+        if channels_last and t.dim() == 4:  # token inputs (B, N, C) are channels-last already
             t = t.contiguous(memory_format=torch.channels_last)
         out.append(t.requires_grad_(requires_grad))
     return out

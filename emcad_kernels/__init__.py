@@ -3,8 +3,8 @@
 Public API:
 
 * ``multi_scale_dwconv``, ``upsample_dwconv``, ``grouped_attention_gate``, ``mscam``, ``mutation_stats``,
-  ``mutation_loss``, ``layernorm_dilated_dwconv``, ``dilated_dwconv_groupnorm``: the fused ops (``ops/``, one file
-  each);
+  ``mutation_loss``, ``layernorm_dilated_dwconv``, ``dilated_dwconv_groupnorm``, ``token_dwconv_gelu`` (PVTv2's
+  Mix-FFN middle): the fused ops (``ops/``, one file each);
 * ``BatchNormParams``: BatchNorm state passed as explicit tensors;
 * ``use_backend``, ``available_backends``, ``registered_backends``, ``explain``, ``can_run``: backend control
   (``backends.py``; environment variable ``EMCAD_KERNELS_BACKEND``).
@@ -19,6 +19,7 @@ from .ops.mscam import mscam
 from .ops.msdc import multi_scale_dwconv
 from .ops.multidilation import dilated_dwconv_groupnorm, layernorm_dilated_dwconv
 from .ops.mutation_loss import mutation_loss, mutation_stats
+from .ops.token_dwconv_gelu import token_dwconv_gelu
 from .ops.updw import upsample_dwconv
 from .ops._args import ACTIVATIONS, BatchNormParams
 
@@ -27,5 +28,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS", "BatchNormParams", "BackendUnavailableError", "available_backends", "can_run",
     "dilated_dwconv_groupnorm", "explain", "grouped_attention_gate", "layernorm_dilated_dwconv", "mscam",
-    "multi_scale_dwconv", "mutation_loss", "mutation_stats", "registered_backends", "upsample_dwconv", "use_backend",
+    "multi_scale_dwconv", "mutation_loss", "mutation_stats", "registered_backends", "token_dwconv_gelu",
+    "upsample_dwconv", "use_backend",
 ]

@@ -609,3 +609,38 @@ def mutation_stats_backward(grad_ce: Tensor, grad_inter: Tensor, grad_psq: Tenso
             gz = torch.ops.aten.upsample_bilinear2d_backward(gz, list(size), list(z.shape), False, None, None)
         out.append(gz.to(z.dtype).contiguous(memory_format=output_memory_format(z)))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# PVTv2 Mix-FFN middle: depthwise 3×3 + bias + GELU on the token layout (B, H·W, C)
+# --------------------------------------------------------------------------------------------------
+def token_map(tokens: Tensor, height: int, width: int) -> Tensor:
+    """(B, H·W, C) tokens as a (B, C, H, W) map: a channels_last view when the tokens are contiguous."""
+    b, _, c = tokens.shape
+    return tokens.reshape(b, height, width, c).permute(0, 3, 1, 2)
+
+
+def map_tokens(z: Tensor) -> Tensor:
+    """(B, C, H, W) map back to contiguous (B, H·W, C) tokens."""
+    b, c, h, w = z.shape
+    return z.permute(0, 2, 3, 1).reshape(b, h * w, c).contiguous()
+
+
+def token_dwconv_gelu_forward(x: Tensor, weight: Tensor, bias: Tensor, height: int, width: int) -> Tensor:
+    """``GELU(dwconv3×3(x as an H×W map) + bias)`` (exact erf GELU, zero padding 1), as contiguous tokens."""
+    dt = _compute_dtype(x)
+    xs, w, b = _upcast([x, weight, bias], dt)
+    z = F.conv2d(token_map(xs, height, width), w, b, 1, 1, 1, w.shape[0])
+    return map_tokens(F.gelu(z)).to(x.dtype)
+
+
+def token_dwconv_gelu_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, height: int,
+                               width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias), recomputing the conv output from ``x``."""
+    dt = _compute_dtype(x)
+    xs, w, b, g = _upcast([x, weight, bias, grad], dt)
+    xm = token_map(xs, height, width)
+    z = F.conv2d(xm, w, b, 1, 1, 1, w.shape[0])
+    g_z = torch.ops.aten.gelu_backward(token_map(g, height, width).contiguous(memory_format=torch.channels_last), z)
+    g_x, g_w, g_b = conv_backward(g_z, xm, w, 1, w.shape[0], bias=True)
+    return map_tokens(g_x).to(x.dtype), g_w.to(weight.dtype), g_b.to(bias.dtype)

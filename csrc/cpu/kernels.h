@@ -11,6 +11,7 @@
 #include "cpu/msdc.h"
 #include "cpu/multidilation.h"
 #include "cpu/mutation_loss.h"
+#include "cpu/token_dwconv_gelu.h"
 #include "cpu/updw.h"
 
 namespace emcad_cpu {
@@ -24,6 +25,7 @@ struct KernelTable {
   DwgnKernels dwgn[kCpuDTypes];
   MscamKernels mscam[kCpuDTypes];
   MlKernels mutation_loss[kCpuDTypes];
+  TdgKernels token_dwconv_gelu[kCpuDTypes];
 };
 
 // Each fills the kernel entries of the table with the build for its instruction set (isa_<name>.cpp,

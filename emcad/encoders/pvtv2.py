@@ -11,6 +11,17 @@ specification (EMCAD.md section 2.12); no code is taken from SLDGroup/EMCAD.
 Differences from the classification model: there is no classifier head, and
 ``forward`` returns the four stage outputs (strides 4, 8, 16, 32) as
 contiguous NCHW maps.
+
+Backends (the ``backend`` attribute of :class:`emcad.models.blocks.BackendMixin`,
+set with ``set_backend`` / ``create_model(..., backend=...)`` like the decoder
+blocks): ``"torch"`` runs the plain composition above (module hooks see every
+submodule). Any other backend keeps the tokens in their ``(B, H*W, C)`` layout
+throughout: the Mix-FFN's depthwise conv + GELU is one
+``emcad_kernels.token_dwconv_gelu`` call on the tokens (no NCHW transposes),
+the patch embeddings and the attention's spatial reduction convolve
+channels_last views of the tokens, and the attention product is
+``F.scaled_dot_product_attention``. Same parameters, same state dict, the same
+values up to float round-off.
 """
 
 from __future__ import annotations
@@ -20,6 +31,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+import emcad_kernels
+from emcad.models.blocks import BackendMixin
 
 __all__ = [
     "DropPath",
@@ -42,6 +57,22 @@ __all__ = [
 PATCH_EMBED_NORM_EPS = 1e-5
 REDUCTION_NORM_EPS = 1e-5
 BLOCK_NORM_EPS = 1e-6
+
+
+def tokens_as_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H*W, C) tokens as a (B, C, H, W) map without a copy: a channels_last view."""
+    batch, _, channels = tokens.shape
+    return tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def map_as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) map as (B, H*W, C) tokens; a view when the map is channels_last."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A parameter in the input's dtype (under autocast the tokens may be bf16 while the weights are fp32)."""
+    return t if t.dtype == x.dtype else t.to(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -71,8 +102,11 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.4g}"
 
 
-class OverlapPatchEmbed(nn.Module):
-    """Overlapping strided convolution + LayerNorm; NCHW map -> tokens (B, H*W, C)."""
+class OverlapPatchEmbed(BackendMixin, nn.Module):
+    """Overlapping strided convolution + LayerNorm; NCHW map -> tokens (B, H*W, C).
+
+    Fused backends convolve in channels_last (the previous stage's tokens are a channels_last map already), so
+    the conv output is the token sequence without a transposing copy."""
 
     def __init__(self, in_channels: int, embed_dim: int, patch_size: int, stride: int) -> None:
         super().__init__()
@@ -82,19 +116,22 @@ class OverlapPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=PATCH_EMBED_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        if not self._use_torch():
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.proj(x)
         height, width = x.shape[-2:]
-        tokens = x.flatten(2).transpose(1, 2)
-        return self.norm(tokens), height, width
+        return self.norm(map_as_tokens(x)), height, width
 
 
-class SpatialReductionAttention(nn.Module):
+class SpatialReductionAttention(BackendMixin, nn.Module):
     """Multi-head self-attention whose keys/values come from a map reduced by ``sr_ratio``.
 
-    The attention product is written out with explicit matmuls instead of
-    ``F.scaled_dot_product_attention``: the result is numerically identical
-    to the official model, and FLOP counters see the work (fvcore has no
-    handle for SDPA and ``FlopCounterMode`` counts CPU SDPA as zero).
+    ``backend="torch"`` writes the attention product out with explicit
+    matmuls: the result is numerically identical to the official model, and
+    FLOP counters see the work (fvcore has no handle for SDPA and
+    ``FlopCounterMode`` counts CPU SDPA as zero). Fused backends call
+    ``F.scaled_dot_product_attention`` (no (N, N_kv) score tensor in memory)
+    and reduce a channels_last view of the tokens.
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True) -> None:
@@ -115,21 +152,28 @@ class SpatialReductionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, num_tokens, dim = x.shape
+        fused = not self._use_torch()
         q = self.q(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
         if self.sr_ratio > 1:
-            x_map = x.transpose(1, 2).reshape(batch, dim, height, width)
-            x = self.norm(self.sr(x_map).flatten(2).transpose(1, 2))
+            if fused:
+                x_map = tokens_as_map(x, height, width)
+            else:
+                x_map = x.transpose(1, 2).reshape(batch, dim, height, width)
+            x = self.norm(map_as_tokens(self.sr(x_map)))
         # (2, B, heads, N_kv, head_dim)
         # explicit token count, not -1: a reshape of an empty batch cannot infer it
         kv = self.kv(x)
         kv = kv.reshape(batch, kv.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
 
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(batch, num_tokens, dim)
-        return self.proj(out)
+        if fused:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            attn = attn.softmax(dim=-1)
+            out = attn @ v
+        return self.proj(out.transpose(1, 2).reshape(batch, num_tokens, dim))
 
 
 class TokenDepthwiseConv(nn.Module):
@@ -149,8 +193,14 @@ class TokenDepthwiseConv(nn.Module):
         return self.dwconv(x_map).flatten(2).transpose(1, 2)
 
 
-class ConvFeedForward(nn.Module):
-    """PVTv2 feed-forward: fc1 -> depthwise 3x3 -> GELU -> fc2 (no dropout)."""
+class ConvFeedForward(BackendMixin, nn.Module):
+    """PVTv2 feed-forward (Mix-FFN): fc1 -> depthwise 3x3 -> GELU -> fc2 (no dropout).
+
+    Fused backends run the depthwise conv + GELU as one
+    ``emcad_kernels.token_dwconv_gelu`` call on the tokens; a kernel backend
+    that cannot run it (e.g. ``"cuda"``, which has no such kernel) falls back
+    to the plain composition.
+    """
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -160,8 +210,16 @@ class ConvFeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = self.dwconv(self.fc1(x), height, width)
-        return self.fc2(self.act(x))
+        x = self.fc1(x)
+        conv = self.dwconv.dwconv
+        if not self._use_torch():
+            weight, bias = _like(conv.weight, x), _like(conv.bias, x)
+            backend = self._kernel_backend()
+            if backend is None or emcad_kernels.can_run("token_dwconv_gelu", x, weight, bias, (height, width),
+                                                        backend=backend):
+                return self.fc2(emcad_kernels.token_dwconv_gelu(x, weight, bias, (height, width),
+                                                                backend=backend))
+        return self.fc2(self.act(self.dwconv(x, height, width)))
 
 
 class PVTBlock(nn.Module):
@@ -189,7 +247,7 @@ class PVTBlock(nn.Module):
         return x
 
 
-class PyramidVisionTransformerV2(nn.Module):
+class PyramidVisionTransformerV2(BackendMixin, nn.Module):
     """PVTv2 feature encoder with the official parameter names.
 
     Stage ``i`` (1..4) consists of ``patch_embed{i}``, the blocks
@@ -280,8 +338,9 @@ class PyramidVisionTransformerV2(nn.Module):
             for block in blocks:
                 tokens = block(tokens, height, width)
             tokens = norm(tokens)
-            x = tokens.reshape(tokens.shape[0], height, width, tokens.shape[-1]).permute(0, 3, 1, 2).contiguous()
-            features.append(x)
+            features.append(tokens_as_map(tokens, height, width).contiguous())
+            # fused backends hand the next patch embedding the tokens themselves, as a channels_last map
+            x = features[-1] if self._use_torch() else tokens_as_map(tokens, height, width)
         return features
 
 

@@ -4,6 +4,6 @@ Importing this package registers every op (``backends.register_op``), which defi
 backend. The public functions are re-exported by ``emcad_kernels``.
 """
 
-from . import lgag, mscam, msdc, multidilation, mutation_loss, updw  # noqa: F401
+from . import lgag, mscam, msdc, multidilation, mutation_loss, token_dwconv_gelu, updw  # noqa: F401
 
-__all__ = ["lgag", "mscam", "msdc", "multidilation", "mutation_loss", "updw"]
+__all__ = ["lgag", "mscam", "msdc", "multidilation", "mutation_loss", "token_dwconv_gelu", "updw"]
