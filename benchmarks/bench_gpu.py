@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU benchmark of the triton backend (issues 4 and 7).
+"""GPU benchmark of the triton backend.
 
 For each fused op (``msdc``, ``updw``, ``lgag``, ``mscam`` at the EMCAD-B2 decoder shapes; ``mutation_loss`` on
 EMCADNet's four heads, 9 classes; ``lndw``, ``dwgn`` at the EGE-UNet GAB / MALUNet DGA shapes of the same
@@ -108,7 +108,8 @@ from gpu_common import (B2_CHANNELS, DRY_CHANNELS, DTYPES, STRIDES, LGAGRef, MSD
 
 
 class LayerNorm2dRef(nn.Module):
-    """Channels-first LayerNorm from elementwise ops, as EGE-UNet builds it (EGE-UNet_MALUNet.md §2.1)."""
+    """Channels-first LayerNorm from elementwise ops, as EGE-UNet builds it
+    (docs/models.md#channels-first-layernorm)."""
 
     def __init__(self, c, eps=1e-6):
         super().__init__()
@@ -439,7 +440,7 @@ def _find(rows, **match):
 
 
 def check_targets(rows, sizes):
-    """The issue's targets, each evaluated from measurements of this run (None where something is missing)."""
+    """The GPU targets, each evaluated from measurements of this run (None where something is missing)."""
     out = []
     big = max(sizes)
     r = _find(rows, kind="op", op="msdc", image_size=big[0], stage=3, dtype="bf16", provider="triton",

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the repository root (needs a C++17 "
-              "compiler with OpenMP; see docs/environment.md#building)")
+              "compiler with OpenMP; see docs/environment.md#cpu-extension)")
 CUDA_NOT_BUILT = ("CUDA extension not built (it is built when torch has CUDA and nvcc is found at install time, or "
                   "with FORCE_CUDA=1)")
 

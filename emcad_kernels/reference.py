@@ -2,8 +2,8 @@
 
 Every function here implements one kernel-op schema of an op descriptor (``ops/<op>.py``; every backend implements
 the same schemas) with ordinary PyTorch ops. The backward passes are written out with the aten backward ops and the
-BatchNorm backward formula (KERNELS.md §6.3): they recompute the forward from the saved input and statistics, which is
-the scheme every fused backend follows. (Autograd cannot be used
+BatchNorm backward formula (docs/kernels.md#training-mode-batchnorm): they recompute the forward from the saved input
+and statistics, which is the scheme every fused backend follows. (Autograd cannot be used
 inside a custom op's implementation: autograd dispatch keys are excluded there.) The tests check these
 gradients against autograd of the plain nn modules and with float64 ``gradcheck``.
 
@@ -27,7 +27,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 # shared pieces
 # --------------------------------------------------------------------------------------------------
 def activate(z: Tensor, activation: str) -> Tensor:
-    """The parameter-free activations EMCAD uses, by name (EMCAD.md §2.1)."""
+    """The parameter-free activations EMCAD uses, by name (docs/models.md#activations)."""
     if activation == "relu":
         return F.relu(z)
     if activation == "relu6":
@@ -69,7 +69,8 @@ def batch_norm(z: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tenso
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
-    """ShuffleNet channel shuffle: output channel o takes input (o mod g)·n + o div g (EMCAD.md §2.2)."""
+    """ShuffleNet channel shuffle: output channel o takes input (o mod g)·n + o div g
+    (docs/models.md#channel-shuffle)."""
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
@@ -462,7 +463,7 @@ def dwgn_backward(grad: Tensor, x: Tensor, weights: list[Tensor], biases: list[T
 
 
 # --------------------------------------------------------------------------------------------------
-# MSCAM attention: d · CAB(d) · SAB(d · CAB(d))  (EMCAD.md §2.5–2.7)
+# MSCAM attention: d · CAB(d) · SAB(d · CAB(d))  (docs/models.md#mscam)
 # --------------------------------------------------------------------------------------------------
 def _mscam_math(x, fc1, fc2, sab_weight, activation):
     """The plain CAB then SAB composition, with every intermediate the backward needs."""
@@ -536,7 +537,7 @@ def mscam_backward(grad: Tensor, x: Tensor, fc1: Tensor, fc2: Tensor, sab_weight
 
 
 # --------------------------------------------------------------------------------------------------
-# fused MUTATION loss statistics (issue 8): CE and Dice sums of every subset of the upsampled heads
+# fused MUTATION loss statistics: CE and Dice sums of every subset of the upsampled heads
 # --------------------------------------------------------------------------------------------------
 def mutation_subsets(n: int) -> list[tuple[int, ...]]:
     """The non-empty subsets of ``range(n)`` in the order of ``emcad.losses.combine_heads``."""

@@ -1,5 +1,5 @@
-"""Tests of the Triton kernels of the fused MUTATION loss statistics (``emcad_kernels/triton/mutation_loss.py``,
-issue 8): the kernels called directly, and the registered op (``emcad_kernels.mutation_stats`` /
+"""Tests of the Triton kernels of the fused MUTATION loss statistics (``emcad_kernels/triton/mutation_loss.py``):
+the kernels called directly, and the registered op (``emcad_kernels.mutation_stats`` /
 ``mutation_loss`` with ``backend="triton"``) against the reference backend, with opcheck.
 
 The oracle is written here in plain PyTorch: every head upsampled with ``F.interpolate(bilinear,

@@ -6,7 +6,7 @@ Wang et al., "PVT v2: Improved Baselines with Pyramid Vision Transformer",
 arXiv 2106.13797), so that the official ImageNet checkpoints load unchanged
 (their ``head.*`` classifier is dropped by :mod:`emcad.encoders.weights`).
 This file is an independent re-implementation written from the EMCAD
-specification (EMCAD.md section 2.12); no code is taken from SLDGroup/EMCAD.
+specification (docs/models.md#encoders); no code is taken from SLDGroup/EMCAD.
 
 Differences from the classification model: there is no classifier head, and
 ``forward`` returns the four stage outputs (strides 4, 8, 16, 32) as
@@ -344,7 +344,7 @@ class PyramidVisionTransformerV2(BackendMixin, nn.Module):
         return features
 
 
-# Variant table (EMCAD.md section 2.12). All variants use heads (1, 2, 5, 8)
+# Variant table (docs/models.md#encoders). All variants use heads (1, 2, 5, 8)
 # and spatial-reduction ratios (8, 4, 2, 1).
 _VARIANTS: dict[str, dict] = {
     "pvt_v2_b0": dict(embed_dims=(32, 64, 160, 256), mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2)),

@@ -1,4 +1,4 @@
-"""The grouped multi-dilation depthwise ops of EGE-UNet and MALUNet (docs/kernels.md#multi-dilation):
+"""The grouped multi-dilation depthwise ops of EGE-UNet and MALUNet (docs/kernels.md#multi-dilation-ops):
 
 * ``layernorm_dilated_dwconv``: per channel group a channels-first LayerNorm, then a dilated depthwise conv
   (EGE-UNet's GAB; with one group and dilation 1 also GHPA's ``norm2`` + ``ldw.0``);

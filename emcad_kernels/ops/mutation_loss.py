@@ -1,5 +1,5 @@
 """The fused MUTATION deep-supervision loss: ``mutation_stats`` (the op) and ``mutation_loss`` on top of it
-(docs/kernels.md#mutation-loss).
+(docs/kernels.md#mutation-loss-statistics).
 
 Read top to bottom: the public functions, the argument checks, the op descriptor. Kernels:
 ``reference.mutation_stats_forward/backward``, ``csrc/cpu/mutation_loss.cpp``, ``triton/mutation_loss.py``.

@@ -1,5 +1,5 @@
 """``token_dwconv_gelu``: the middle of PVTv2's Mix-FFN, depthwise 3×3 conv + bias + GELU, computed directly on the
-token layout ``(B, H·W, C)`` (docs/kernels.md#token-dwconv-gelu).
+token layout ``(B, H·W, C)`` (docs/kernels.md#token-depthwise-conv-and-gelu).
 
 The plain module turns the tokens into an NCHW map (a transposing copy), convolves, turns the result back into
 tokens (another copy) and applies GELU (a third pass). The tokens are the map in channels_last order already, so

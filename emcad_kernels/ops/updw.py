@@ -1,5 +1,5 @@
 """``upsample_dwconv``: EUCB's upsampling + depthwise conv + BatchNorm + activation as one op, without materialising
-the upsampled tensor in the fused kernels (docs/kernels.md#eucb).
+the upsampled tensor in the fused kernels (docs/kernels.md#eucb-upsample-and-depthwise-conv).
 
 Read top to bottom: the public function, its argument checks, the op descriptor. Kernels:
 ``reference.updw_forward/backward``, ``csrc/cpu/updw.cpp``, ``csrc/cuda/updw.cuh`` (bound in
