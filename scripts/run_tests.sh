@@ -23,7 +23,7 @@ if [ -n "$cuda_files" ]; then
     fi
 fi
 
-echo "run_tests.sh: running pytest $* (the default suite: about 10-25 minutes on 2 CPU cores, see README)"
+echo "run_tests.sh: running pytest $* (the default suite: about 7-8 minutes on 2 CPU cores, see README)"
 start=$(date +%s)
 "$PY" -m pytest "$@"
 rc=$?
