@@ -133,9 +133,9 @@ def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a model (default: EMCAD-B0 on the built-in synthetic data)",
         description="Train an EMCAD model. With no arguments: EMCAD-B0 on the built-in synthetic dataset (64x64, "
-                    "3 classes), 200 steps (2-3 minutes on 2 CPU cores); outputs (checkpoints, CSV/JSON metrics, "
-                    "PNG curves and overlays) go to runs/<model>-<data>-<time>/ (printed). Distributed: torchrun "
-                    "--nproc_per_node N -m emcad.cli train ...",
+                    "3 classes), 200 steps (about half a minute on 2 CPU cores); outputs (checkpoints, CSV/JSON "
+                    "metrics, PNG curves and overlays) go to runs/<model>-<data>-<time>/ (printed). Distributed: "
+                    "torchrun --nproc_per_node N -m emcad.cli train ...",
         argument_default=S, formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", type=model_name, help="a name from `emcad info` [emcad_b0]")
