@@ -83,7 +83,8 @@ def test_export_argument_errors(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
-    with pytest.raises(ImportError, match=r"needs onnxruntime: pip install 'emcad-kernels\[export\]'"):
+    # names onnxruntime among what is missing (with only part of the extra installed, the rest is named too)
+    with pytest.raises(ImportError, match=r"needs (\w+, )*onnxruntime: pip install 'emcad-kernels\[export\]'"):
         export_model(model, tmp_path / "model.onnx", size=(64, 64))
     assert not any(tmp_path.iterdir())  # nothing written
 

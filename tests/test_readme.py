@@ -21,6 +21,10 @@ def test_readme_has_the_blocks_this_test_checks():
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_readme_python_block_runs(index, tmp_path, monkeypatch, capsys):
+    if "import onnxruntime" in PYTHON_BLOCKS[index]:  # the deployment example needs the [export] extra
+        pytest.importorskip("onnxruntime", reason="needs the [export] extra (onnxruntime)")
+        pytest.importorskip("onnxscript", reason="needs the [export] extra (onnxscript)")
+        pytest.importorskip("onnx", reason="needs the [export] extra (onnx)")
     monkeypatch.chdir(tmp_path)  # the snippet writes my_model/ and a .pth file
     # 64x64 images instead of 224x224: the same code, a few seconds instead of half a minute on 2 cores
     code = compile(PYTHON_BLOCKS[index].replace("224", "64"), f"README.md python block {index + 1}", "exec")
