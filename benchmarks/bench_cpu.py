@@ -3,7 +3,7 @@
     pytest benchmarks/bench_cpu.py --benchmark-enable --benchmark-group-by=param:case
     pytest benchmarks/bench_cpu.py --benchmark-enable -k "msdc and 352"   # a subset
 
-Each case (op or whole decoder, resolution, shape, mode) is one benchmark group; the providers are the fused
+Each case (op, PVTv2's Mix-FFN middle or whole decoder, resolution, shape, mode) is one benchmark group; the providers are the fused
 ``cpu`` backend (NCHW and channels_last inputs) and the PyTorch baselines (eager NCHW, eager channels_last,
 ``torch.compile`` of the same composition; ``backend="torch"`` for the decoder). The ratio table with the
 targets is produced by ``python benchmarks/cpu_table.py`` (see benchmarks/RESULTS.md). Without
@@ -64,4 +64,17 @@ def test_decoder(benchmark, res, mode, provider):
     fn()
     benchmark.group = f"decoder {res} {mode}"
     benchmark.extra_info.update(res=res, mode=mode, provider=provider)
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("provider", ["eager nchw", "eager cl", "compile", "cpu"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("stage", range(len(ct.PVT_B2_MIXFFN)))
+def test_mixffn(benchmark, stage, mode, provider):
+    """PVTv2-B2's Mix-FFN middle at 224 px: the plain modules vs ``token_dwconv_gelu`` (``cpu_table.py --only
+    mixffn``)."""
+    fn = ct.mixffn_providers(224, stage, mode, with_compile=provider == "compile")[provider]
+    fn()
+    benchmark.group = f"mixffn 224 stage {stage + 1} {mode}"
+    benchmark.extra_info.update(stage=stage + 1, mode=mode, provider=provider)
     benchmark(fn)
