@@ -332,6 +332,24 @@ EMCAD_INLINE void tdg_dz_block(const S* const src[9], const typename TdgT<S>::A*
   for (int v = 0; v < NB; ++v) TA::store(d + c0 + v * L, T::load(g + c0 + v * L) * T::gelu_grad(z[v]));
 }
 
+// The ten weight- and bias-gradient sums of one channel vector along a strip, kept in registers: add() takes a dz
+// vector and the 3x3 x window it multiplies (columns l, m, r of rows 0, 1, 2); flush() adds them to the partial rows.
+template <typename V>
+struct TdgGradSums {
+  V sw[9] = {}, sb = {};
+  EMCAD_INLINE void add(V d, V l0, V m0, V r0, V l1, V m1, V r1, V l2, V m2, V r2) {
+    sb += d;
+    sw[0] += d * l0, sw[1] += d * m0, sw[2] += d * r0;
+    sw[3] += d * l1, sw[4] += d * m1, sw[5] += d * r1;
+    sw[6] += d * l2, sw[7] += d * m2, sw[8] += d * r2;
+  }
+  template <typename TA, typename A>
+  EMCAD_INLINE void flush(A* gw, A* gb, int64_t C, int64_t c0) const {
+    TA::store(gb + c0, TA::load(gb + c0) + sb);
+    for (int t = 0; t < 9; ++t) TA::store(gw + t * C + c0, TA::load(gw + t * C + c0) + sw[t]);
+  }
+};
+
 // the weight- and bias-gradient terms of one image row (vector channels) from its dz (drow) and the x rows
 // h - 1, h, h + 1: per channel vector the x window slides along a strip with the ten sums in registers
 template <typename S>
@@ -342,27 +360,20 @@ void tdg_gw_row(const S* const rows[3], const typename TdgT<S>::A* drow, int64_t
   using V = typename T::V;
   constexpr int64_t L = tdg_lanes<S>();
   const int64_t Cv = C - C % L;
-  const V zero = {};
   for (int64_t x0 = 0; x0 < W; x0 += kTdgStrip) {
     const int64_t x1 = std::min(W, x0 + kTdgStrip);
     for (int64_t c0 = 0; c0 < Cv; c0 += L) {
-      V sw[9], sb = zero;
-      for (int t = 0; t < 9; ++t) sw[t] = zero;
+      TdgGradSums<V> sums;
       V l0, l1, l2, m0, m1, m2, r0, r1, r2;
       tdg_column<T>(rows[0], rows[1], rows[2], x0 - 1, W, C, c0, l0, l1, l2);
       tdg_column<T>(rows[0], rows[1], rows[2], x0, W, C, c0, m0, m1, m2);
       for (int64_t xw = x0; xw < x1; ++xw) {
         tdg_column<T>(rows[0], rows[1], rows[2], xw + 1, W, C, c0, r0, r1, r2);
-        const V d = TA::load(drow + xw * C + c0);
-        sb += d;
-        sw[0] += d * l0, sw[1] += d * m0, sw[2] += d * r0;
-        sw[3] += d * l1, sw[4] += d * m1, sw[5] += d * r1;
-        sw[6] += d * l2, sw[7] += d * m2, sw[8] += d * r2;
+        sums.add(TA::load(drow + xw * C + c0), l0, m0, r0, l1, m1, r1, l2, m2, r2);
         l0 = m0, l1 = m1, l2 = m2;
         m0 = r0, m1 = r1, m2 = r2;
       }
-      TA::store(gb + c0, TA::load(gb + c0) + sb);
-      for (int t = 0; t < 9; ++t) TA::store(gw + t * C + c0, TA::load(gw + t * C + c0) + sw[t]);
+      sums.template flush<TA>(gw, gb, C, c0);
     }
   }
 }
@@ -390,14 +401,12 @@ void tdg_dz_row(const S* const rows[3], const S* grow, int64_t W, int64_t C, con
     }
     if (OWN) tdg_gw_row<S>(rows, drow, W, C, gw, gb);  // a second sweep: measured faster than sums in memory
   } else {
-    const V zero = {};
     for (int64_t x0 = 0; x0 < W; x0 += kTdgStrip) {
       const int64_t x1 = std::min(W, x0 + kTdgStrip);
       for (int64_t c0 = 0; c0 < Cv; c0 += L) {
         const TdgW<S> k = tdg_weights<S>(w, C, c0);
         const V b = TA::load(bias + c0);
-        V sw[9], sb = zero;
-        for (int t = 0; t < 9; ++t) sw[t] = zero;
+        TdgGradSums<V> sums;
         V l0, l1, l2, m0, m1, m2, r0, r1, r2;
         tdg_column<T>(rows[0], rows[1], rows[2], x0 - 1, W, C, c0, l0, l1, l2);
         tdg_column<T>(rows[0], rows[1], rows[2], x0, W, C, c0, m0, m1, m2);
@@ -407,19 +416,11 @@ void tdg_dz_row(const S* const rows[3], const S* grow, int64_t W, int64_t C, con
                       k.t[6] * l2 + k.t[7] * m2 + k.t[8] * r2;
           const V d = T::load(grow + xw * C + c0) * T::gelu_grad(z);
           TA::store(drow + xw * C + c0, d);
-          if (OWN) {
-            sb += d;
-            sw[0] += d * l0, sw[1] += d * m0, sw[2] += d * r0;
-            sw[3] += d * l1, sw[4] += d * m1, sw[5] += d * r1;
-            sw[6] += d * l2, sw[7] += d * m2, sw[8] += d * r2;
-          }
+          if (OWN) sums.add(d, l0, m0, r0, l1, m1, r1, l2, m2, r2);
           l0 = m0, l1 = m1, l2 = m2;
           m0 = r0, m1 = r1, m2 = r2;
         }
-        if (OWN) {
-          TA::store(gb + c0, TA::load(gb + c0) + sb);
-          for (int t = 0; t < 9; ++t) TA::store(gw + t * C + c0, TA::load(gw + t * C + c0) + sw[t]);
-        }
+        if (OWN) sums.template flush<TA>(gw, gb, C, c0);
       }
     }
   }
