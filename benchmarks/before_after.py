@@ -147,7 +147,7 @@ def main() -> int:
     import platform
 
     import torch
-    head = [f"Trees: " + "; ".join(f"`{label}` = {directory}" for label, directory, _ in trees),
+    head = ["Trees: " + "; ".join(f"`{label}` = {directory}" for label, directory, _ in trees),
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; load average (1 min) "
             + " -> ".join(f"{v:.2f}" for v in loads), ""]
